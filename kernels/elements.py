@@ -1,0 +1,215 @@
+"""Element statistics of SPEC section 4: one fused pass of sums and histograms, then summaries.
+
+A pass over a batch of blocks ``x`` of shape (H, rows, cols) accumulates, per head, the finite
+count, the power sums of ``x - shift`` (orders 1..4), min, max, the non-finite count and both
+histograms. ``shift`` and ``scale`` are the mean and std the caller expects; the z-histogram
+bins ``(x - shift) / scale``. The summaries then recover the exact central moments from the
+shifted sums, so a slightly-off shift costs no accuracy; a caller checks with
+:func:`needs_refinement` that the scale used for binning was the final std.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import bins
+
+_LOG_2PI_E = float(np.log(2.0 * np.pi * np.e))
+
+
+class Sums(NamedTuple):
+    """Per-head running sums of one element pass; every field has leading dim H."""
+
+    n: jax.Array  # int32, finite entries
+    s1: jax.Array  # sum (x - shift)
+    s2: jax.Array
+    s3: jax.Array
+    s4: jax.Array
+    min: jax.Array
+    max: jax.Array
+    n_nonfinite: jax.Array  # int32
+    zhist: jax.Array  # int32 (H, NZ)
+    hist: jax.Array  # int32 (H, NB)
+
+
+def empty_sums(n_heads: int) -> Sums:
+    """The identity of :func:`add_block`."""
+    zf = jnp.zeros((n_heads,), jnp.float32)
+    zi = jnp.zeros((n_heads,), jnp.int32)
+    return Sums(
+        n=zi, s1=zf, s2=zf, s3=zf, s4=zf,
+        min=jnp.full((n_heads,), jnp.inf, jnp.float32),
+        max=jnp.full((n_heads,), -jnp.inf, jnp.float32),
+        n_nonfinite=zi,
+        zhist=jnp.zeros((n_heads, bins.NZ), jnp.int32),
+        hist=jnp.zeros((n_heads, bins.NB), jnp.int32),
+    )  # fmt: skip
+
+
+def zbin_index(z: jax.Array) -> jax.Array:
+    """Index into ``bins.zbin_edges()`` of each z (bin i is [e_i, e_{i+1}))."""
+    dz = 2.0 * bins.ZMAX / (bins.NZ - 2)
+    inner = jnp.floor((z + bins.ZMAX) / dz)
+    return (jnp.clip(inner, -1, bins.NZ - 2) + 1).astype(jnp.int32)
+
+
+def raw_bin_index(w: jax.Array) -> jax.Array:
+    """Index into ``bins.bin_edges()`` of each raw value (log-spaced magnitudes, mirrored)."""
+    lo = 10.0**bins.RAW_LO_DECADE
+    mag = jnp.maximum(jnp.abs(w), lo)
+    j = jnp.floor(bins.RAW_PER_DECADE * (jnp.log10(mag) - bins.RAW_LO_DECADE))
+    j = jnp.clip(j, 0, bins.RAW_PER_SIDE).astype(jnp.int32)
+    centre = bins.RAW_PER_SIDE + 1
+    return jnp.where(w >= lo, centre + 1 + j, jnp.where(w <= -lo, centre - 1 - j, centre))
+
+
+def _per_head_counts(idx: jax.Array, keep: jax.Array, n_bins: int) -> jax.Array:
+    """Histogram of ``idx`` (H, ...) per head; entries with ``keep`` false are dropped."""
+    h = idx.shape[0]
+    flat = idx.reshape(h, -1) + (n_bins * jnp.arange(h, dtype=jnp.int32))[:, None]
+    flat = jnp.where(keep.reshape(h, -1), flat, h * n_bins)  # out-of-range slot, dropped
+    return jnp.bincount(flat.ravel(), length=h * n_bins + 1)[:-1].reshape(h, n_bins)
+
+
+def add_block(
+    acc: Sums, x: jax.Array, shift: jax.Array, scale: jax.Array, row_valid: jax.Array | None = None
+) -> Sums:
+    """Adds a block ``x`` (H, rows, cols) to the running sums.
+
+    ``row_valid`` (rows,) marks padding rows that are not part of the matrix.
+    """
+    finite = jnp.isfinite(x)
+    inside = jnp.ones(x.shape, bool) if row_valid is None else row_valid[None, :, None]
+    keep = finite & inside
+    axes = (1, 2)
+    xs = jnp.where(keep, x - shift[:, None, None], 0.0)
+    xs2 = xs * xs
+    z = xs / scale[:, None, None]
+    return Sums(
+        n=acc.n + keep.sum(axes, dtype=jnp.int32),
+        s1=acc.s1 + xs.sum(axes),
+        s2=acc.s2 + xs2.sum(axes),
+        s3=acc.s3 + (xs2 * xs).sum(axes),
+        s4=acc.s4 + (xs2 * xs2).sum(axes),
+        min=jnp.minimum(acc.min, jnp.where(keep, x, jnp.inf).min(axes)),
+        max=jnp.maximum(acc.max, jnp.where(keep, x, -jnp.inf).max(axes)),
+        n_nonfinite=acc.n_nonfinite + (~finite & inside).sum(axes, dtype=jnp.int32),
+        zhist=acc.zhist + _per_head_counts(zbin_index(z), keep, bins.NZ),
+        hist=acc.hist + _per_head_counts(raw_bin_index(x), keep, bins.NB),
+    )
+
+
+def central_moments(acc: Sums, shift: jax.Array):
+    """(mean, m2, m3, m4) from sums taken about ``shift``; NaN where no entry is finite."""
+    n = acc.n.astype(jnp.float32)
+    n = jnp.where(n > 0, n, jnp.nan)
+    d = acc.s1 / n  # offset of the true mean from the shift
+    a2, a3, a4 = acc.s2 / n, acc.s3 / n, acc.s4 / n
+    m2 = jnp.maximum(a2 - d * d, 0.0)
+    m3 = a3 - 3.0 * d * a2 + 2.0 * d**3
+    m4 = a4 - 4.0 * d * a3 + 6.0 * d * d * a2 - 3.0 * d**4
+    # All finite entries equal: exactly zero spread, whatever rounding the sums carry.
+    flat = acc.min == acc.max
+    zero = jnp.zeros_like(m2)
+    mean = jnp.where(flat, acc.min, shift + d)
+    return mean, jnp.where(flat, zero, m2), jnp.where(flat, zero, m3), jnp.where(flat, zero, m4)
+
+
+def needs_refinement(acc: Sums, shift: jax.Array, scale: jax.Array, rtol: float = 1e-6):
+    """True per head when the pass binned with a scale or shift off the final std or mean.
+
+    Then the z-histogram must be redone with the final values (the moments are exact anyway).
+    """
+    mean, m2, _, _ = central_moments(acc, shift)
+    std = jnp.sqrt(m2)
+    off = (jnp.abs(std - scale) > rtol * std) | (jnp.abs(mean - shift) > rtol * std)
+    return off & (std > 0)
+
+
+def log_bin_mass(m: jax.Array, s: jax.Array) -> jax.Array:
+    """ln of the N(m, s^2) mass of every z bin, for per-head m, s (H,) -> (H, NZ)."""
+    e = jnp.asarray(bins.zbin_edges(), jnp.float32)
+    lo = (e[None, :-1] - m[:, None]) / s[:, None]
+    hi = (e[None, 1:] - m[:, None]) / s[:, None]
+    return bins.log_normal_bin_mass(lo, hi, xp=jnp)
+
+
+def _kl(p: jax.Array, log_q: jax.Array) -> jax.Array:
+    """sum p ln(p/q) with 0 ln 0 = 0 (a bin with p > 0 always has finite ln q)."""
+    safe = jnp.where(p > 0, p, 1.0)
+    return jnp.where(p > 0, p * (jnp.log(safe) - log_q), 0.0).sum(-1)
+
+
+def _core_fit(p_inner: jax.Array, counts_inner: jax.Array):
+    """Weighted least squares of ln(density) = a + b z + c z^2 over |centre| <= 2 (SPEC 4).
+
+    Returns (m, s) in z units, NaN where c >= 0 or fewer than 3 bins qualify.
+    """
+    dz = 2.0 * bins.ZMAX / (bins.NZ - 2)
+    centres = -bins.ZMAX + dz * (jnp.arange(bins.NZ - 2, dtype=jnp.float32) + 0.5)
+    use = (jnp.abs(centres) <= 2.0)[None, :] & (counts_inner > 0)
+    w = jnp.where(use, counts_inner, 0).astype(jnp.float32)
+    y = jnp.log(jnp.where(use, p_inner, 1.0) / dz)
+    basis = jnp.stack([jnp.ones_like(centres), centres, centres**2], -1)  # (B, 3)
+    normal = jnp.einsum("hb,bi,bj->hij", w, basis, basis, precision="highest")
+    rhs = jnp.einsum("hb,bi,hb->hi", w, basis, y, precision="highest")
+    coef = jnp.linalg.solve(normal, rhs[..., None])[..., 0]
+    b, c = coef[:, 1], coef[:, 2]
+    ok = (use.sum(-1) >= 3) & (c < 0)
+    s = jnp.sqrt(jnp.where(ok, -0.5 / jnp.where(ok, c, -1.0), jnp.nan))
+    return b * s * s, s
+
+
+def summarize(acc: Sums, shift: jax.Array) -> dict[str, jax.Array]:
+    """Every element statistic of SPEC section 4 from one pass's sums, per head."""
+    mean, m2, m3, m4 = central_moments(acc, shift)
+    std = jnp.sqrt(m2)
+    flat = m2 == 0
+    skew = jnp.where(flat, 0.0, m3 / jnp.where(flat, 1.0, m2) ** 1.5)
+    kurt = jnp.where(flat, 0.0, m4 / jnp.where(flat, 1.0, m2) ** 2 - 3.0)
+    usable = ~flat & (acc.n > 0)
+    nan = jnp.float32(jnp.nan)
+    n = acc.n.astype(jnp.float32)[:, None]
+    zhist = jnp.where(usable[:, None], acc.zhist, 0)
+    p = zhist / n
+    p_inner, c_inner = p[:, 1:-1], zhist[:, 1:-1]
+    dz = 2.0 * bins.ZMAX / (bins.NZ - 2)
+    safe = jnp.where(p_inner > 0, p_inner, 1.0)
+    h_z = -jnp.where(p_inner > 0, p_inner * jnp.log(safe / dz), 0.0).sum(-1)
+    entropy = jnp.log(std) + h_z
+    mm_inner = ((c_inner > 0).sum(-1) - 1) / (2.0 * n[:, 0])
+    mm_all = ((zhist > 0).sum(-1) - 1) / (2.0 * n[:, 0])
+    log_q = jnp.asarray(bins.log_normal_bin_mass(bins.zbin_edges()[:-1], bins.zbin_edges()[1:]))
+    kl_gauss = _kl(p, log_q.astype(jnp.float32)[None, :])
+    m_fit, s_fit = _core_fit(p_inner, c_inner)
+    fit_ok = jnp.isfinite(s_fit)
+    log_q_fit = log_bin_mass(jnp.where(fit_ok, m_fit, 0.0), jnp.where(fit_ok, s_fit, 1.0))
+    kl_fit = jnp.where(fit_ok, _kl(p, log_q_fit), nan)
+
+    def hist_based(v):
+        return jnp.where(usable, v, nan)
+
+    return {
+        "mean": mean,
+        "std": std,
+        "skew": skew,
+        "kurt": kurt,
+        "min": jnp.where(acc.n > 0, acc.min, nan),
+        "max": jnp.where(acc.n > 0, acc.max, nan),
+        "entropy": hist_based(entropy),
+        "entropy_residual": hist_based(h_z - 0.5 * _LOG_2PI_E),
+        "entropy_mm": hist_based(entropy + mm_inner),
+        "kl_gauss": hist_based(kl_gauss),
+        "kl_gauss_mm": hist_based(kl_gauss - mm_all),
+        "mu_fit": hist_based(mean + std * m_fit),
+        "sigma_fit": hist_based(std * s_fit),
+        "kl_fit": hist_based(kl_fit),
+        "tail_mass": hist_based((zhist[:, 0] + zhist[:, -1]) / n[:, 0]),
+        "zhist": zhist.astype(jnp.uint32),
+        "hist": acc.hist.astype(jnp.uint32),
+        "n_nonfinite": acc.n_nonfinite,
+    }

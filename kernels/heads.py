@@ -1,0 +1,142 @@
+"""All statistics of every head of one layer: the per-layer entry point of the kernels.
+
+Inputs are the per-head factors of one layer, float32:
+  wq (n_heads, d_head, d_model), wk (n_kv_heads, d_head, d_model).
+Query head h uses key head h // (n_heads // n_kv_heads) (SPEC section 1).
+Outputs are arrays with leading dims (n_heads, 3) over the matrices (W_Q, W_K, W_QK).
+
+W_QK's d_model x d_model entries exist only one block of rows at a time, inside a compiled
+loop: peak memory is set by ``block_rows``, which :func:`block_rows_for_budget` derives from a
+byte budget.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import elements, spectra
+
+MATRICES = ("W_Q", "W_K", "W_QK")
+_HIGHEST = jax.lax.Precision.HIGHEST
+# Bytes live per W_QK entry of a block while it is summarised: the float32 block, its shifted
+# copy and powers, z and two bin indices; a deliberate over-estimate so the budget holds.
+BYTES_PER_BLOCK_ENTRY = 32
+
+
+def block_rows_for_budget(n_heads: int, d_model: int, budget_bytes: int) -> int:
+    """Rows of W_QK formed at once so that a block of all heads fits in ``budget_bytes``."""
+    per_row = BYTES_PER_BLOCK_ENTRY * n_heads * d_model
+    return int(max(1, min(d_model, budget_bytes // per_row)))
+
+
+def expand_kv(wk: jax.Array, n_heads: int) -> jax.Array:
+    """Key factor per query head: kv head h // (n_heads // n_kv), i.e. repeat, not tile."""
+    return jnp.repeat(wk, n_heads // wk.shape[0], axis=0)
+
+
+@jax.jit
+def _factor_sums(w: jax.Array) -> tuple[elements.Sums, jax.Array]:
+    """One exact pass over small factor matrices (H, d_head, d_model): mean, std, then sums."""
+    finite = jnp.isfinite(w)
+    n = finite.sum((1, 2))
+    mean = jnp.where(finite, w, 0.0).sum((1, 2)) / n
+    dev = jnp.where(finite, w - mean[:, None, None], 0.0)
+    std = jnp.sqrt((dev * dev).sum((1, 2)) / n)
+    scale = jnp.where(std > 0, std, 1.0)
+    return elements.add_block(elements.empty_sums(w.shape[0]), w, mean, scale), mean
+
+
+@jax.jit
+def qk_moments_from_factors(wq: jax.Array, wk: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean and std of every W_QK = wq^T wk (H, d, d) from d_head x d_head products only.
+
+    sum(W_QK) = (wq 1) . (wk 1) and ||W_QK||_F^2 = <wq wq^T, wk wk^T>. NaN when a factor has
+    non-finite entries; the caller then falls back to a pass that measures them.
+    """
+    d = wq.shape[-1]
+    total = jnp.einsum("ha,ha->h", wq.sum(-1), wk.sum(-1), precision=_HIGHEST)
+    gram_q = jnp.einsum("hai,hbi->hab", wq, wq, precision=_HIGHEST)
+    gram_k = jnp.einsum("hai,hbi->hab", wk, wk, precision=_HIGHEST)
+    mean = total / (d * d)
+    var = jnp.maximum((gram_q * gram_k).sum((1, 2)) / (d * d) - mean * mean, 0.0)
+    return mean, jnp.sqrt(var)
+
+
+@partial(jax.jit, static_argnames=("block_rows",))
+def qk_sums(
+    wq: jax.Array, wk: jax.Array, shift: jax.Array, scale: jax.Array, *, block_rows: int
+) -> elements.Sums:
+    """One pass over every W_QK^h = wq[h]^T wk[h], formed ``block_rows`` rows at a time."""
+    n_heads, _, d = wq.shape
+    n_blocks = -(-d // block_rows)
+    pad = n_blocks * block_rows - d
+    wq = jnp.pad(wq, ((0, 0), (0, 0), (0, pad)))
+    scale = jnp.where(scale > 0, scale, 1.0)
+
+    def body(i, acc):
+        start = i * block_rows
+        q_rows = jax.lax.dynamic_slice_in_dim(wq, start, block_rows, axis=2)
+        block = jnp.einsum("har,hac->hrc", q_rows, wk, precision=_HIGHEST)
+        rows = (start + jnp.arange(block_rows) < d) if pad else None
+        return elements.add_block(acc, block, shift, scale, rows)
+
+    return jax.lax.fori_loop(0, n_blocks, body, elements.empty_sums(n_heads))
+
+
+@jax.jit
+def _summaries(
+    q: tuple[elements.Sums, jax.Array],
+    k: tuple[elements.Sums, jax.Array],
+    qk: tuple[elements.Sums, jax.Array],
+    kv_of_head: jax.Array,
+    svals: jax.Array,
+) -> dict[str, jax.Array]:
+    per_matrix = [elements.summarize(*q), elements.summarize(*k), elements.summarize(*qk)]
+    per_matrix[1] = {name: v[kv_of_head] for name, v in per_matrix[1].items()}
+    out = {name: jnp.stack([m[name] for m in per_matrix], axis=1) for name in per_matrix[0]}
+    out["singular_values"] = svals
+    out.update(spectra.spectral_summaries(svals))
+    return out
+
+
+def layer_statistics(wq, wk, *, block_rows: int) -> dict[str, np.ndarray]:
+    """Every statistic of SPEC section 4 for every query head of one layer.
+
+    Args:
+      wq: (n_heads, d_head, d_model) query factors.
+      wk: (n_kv_heads, d_head, d_model) key factors; n_heads must be a multiple of n_kv_heads.
+      block_rows: rows of each W_QK formed at once (see :func:`block_rows_for_budget`).
+
+    Returns:
+      name -> array with leading dims (n_heads, 3) over ``MATRICES``: the scalar statistics,
+      ``zhist`` (.., NZ), ``hist`` (.., NB), ``singular_values`` (.., d_head), ``n_nonfinite``.
+    """
+    wq = jnp.asarray(wq, jnp.float32)
+    wk = jnp.asarray(wk, jnp.float32)
+    n_heads = wq.shape[0]
+    if wk.shape[1:] != wq.shape[1:] or n_heads % wk.shape[0]:
+        raise ValueError(f"incompatible factors: wq {wq.shape}, wk {wk.shape}")
+    kv_of_head = jnp.arange(n_heads) // (n_heads // wk.shape[0])
+    wk_per_head = expand_kv(wk, n_heads)
+
+    shift, scale = qk_moments_from_factors(wq, wk_per_head)
+    guessed = jnp.isfinite(shift) & jnp.isfinite(scale)
+    shift = jnp.where(guessed, shift, 0.0)
+    scale = jnp.where(guessed, scale, 1.0)
+    sums = qk_sums(wq, wk_per_head, shift, scale, block_rows=block_rows)
+    if bool(elements.needs_refinement(sums, shift, scale).any()):
+        # The guess was off (non-finite factors, or cancellation in the Gram formula): bin
+        # again with the measured mean and std, which are exact whatever the shift was.
+        shift, m2, _, _ = elements.central_moments(sums, shift)
+        scale = jnp.sqrt(m2)
+        sums = qk_sums(wq, wk_per_head, shift, scale, block_rows=block_rows)
+
+    out = _summaries(
+        _factor_sums(wq), _factor_sums(wk), (sums, shift), kv_of_head,
+        spectra.factor_singular_values(wq, wk_per_head),
+    )  # fmt: skip
+    return jax.device_get(out)

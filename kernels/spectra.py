@@ -1,0 +1,56 @@
+"""Singular values of W_Q, W_K and W_QK = W_Q^T W_K from the factors, and their summaries.
+
+W_QK is never decomposed as a d_model x d_model matrix: with W_Q^T = Q_q R_q and
+W_K^T = Q_k R_k (thin QR, orthonormal Q), W_QK = Q_q (R_q R_k^T) Q_k^T, so its singular
+values are those of the d_head x d_head matrix R_q R_k^T (SPEC section 4).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _r_factor(w: jax.Array) -> jax.Array:
+    """R of the thin QR of w^T, for w (..., d_head, d_model) with d_model >= d_head."""
+    return jnp.linalg.qr(jnp.swapaxes(w, -1, -2), mode="r")
+
+
+def factor_singular_values(wq: jax.Array, wk: jax.Array) -> jax.Array:
+    """Singular values, descending, of W_Q, W_K and W_QK per head.
+
+    Args:
+      wq, wk: (H, d_head, d_model) per-head factors (K already repeated for GQA).
+        Non-finite entries are treated as zero.
+
+    Returns:
+      (H, 3, d_head) for the matrices (W_Q, W_K, W_QK) in that order.
+    """
+    wq = jnp.where(jnp.isfinite(wq), wq, 0.0)
+    wk = jnp.where(jnp.isfinite(wk), wk, 0.0)
+    rq, rk = _r_factor(wq), _r_factor(wk)
+    core = jnp.matmul(rq, jnp.swapaxes(rk, -1, -2), precision=_HIGHEST)
+    svals = [jnp.linalg.svd(m, compute_uv=False) for m in (rq, rk, core)]
+    return jnp.stack(svals, axis=-2)
+
+
+def spectral_summaries(s: jax.Array) -> dict[str, jax.Array]:
+    """SPEC section 4 spectral statistics of descending singular values ``s`` (..., k)."""
+    lam = s * s
+    total = lam.sum(-1)
+    p = lam / total[..., None]
+    plogp = jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
+    entropy = jnp.where(total > 0, -plogp.sum(-1), jnp.nan)  # all-zero spectrum: undefined
+    s_min = s[..., -1]
+    condition = jnp.where(s_min > 0, s[..., 0] / jnp.where(s_min > 0, s_min, 1.0), jnp.inf)
+    return {
+        "spectral_norm": s[..., 0],
+        "frobenius_norm": jnp.sqrt(total),
+        "stable_rank": total / lam[..., 0],
+        "spectral_entropy": entropy,
+        "effective_rank": jnp.exp(entropy),
+        "participation_ratio": total * total / (lam * lam).sum(-1),
+        "condition_number": jnp.where(total > 0, condition, jnp.nan),
+    }
