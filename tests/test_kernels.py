@@ -1,0 +1,174 @@
+"""The kernels against the float64 reference (tests/reference.py), within SPEC tolerances."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from reference import MATRICES, SPECTRAL_KEYS, head_reference
+from spinjax.kernels import bin_edges, bins, layer_statistics, zbin_edges
+from spinjax.kernels.spectra import spectral_summaries
+
+MOMENTS = ("std", "skew", "kurt", "min", "max")
+BINNED = ("entropy", "entropy_residual", "entropy_mm", "kl_gauss", "kl_gauss_mm",
+          "mu_fit", "sigma_fit", "kl_fit", "tail_mass")  # fmt: skip
+
+
+def _factors(kind: str, rng, n_heads=6, n_kv=2, d_head=16, d=96):
+    shape_q, shape_k = (n_heads, d_head, d), (n_kv, d_head, d)
+    if kind == "gaussian":
+        return rng.normal(0.01, 0.2, shape_q), rng.normal(-0.02, 0.3, shape_k)
+    if kind == "heavy":  # Student t with 2.5 dof: heavy tails in the factors and W_QK
+        return rng.standard_t(2.5, shape_q), rng.standard_t(2.5, shape_k) * 1e-3
+    if kind == "two_point":  # W_Q entries take two values only
+        return np.where(rng.random(shape_q) < 0.3, 1.5, -0.5), rng.normal(0, 1, shape_k)
+    if kind == "tiny_scale":
+        return rng.normal(0, 3e-4, shape_q), rng.normal(0, 2e-3, shape_k)
+    if kind == "large_scale":
+        return rng.normal(5, 40, shape_q), rng.normal(0, 20, shape_k)
+    raise ValueError(kind)
+
+
+def _ambiguous(values, slack, edges) -> int:
+    """Entries whose bin could change within +-slack (float32 rounding of an edge)."""
+    lo = np.searchsorted(edges, values - slack, side="right")
+    hi = np.searchsorted(edges, values + slack, side="right")
+    return int((lo != hi).sum())
+
+
+def _count_diff(got, ref) -> int:
+    return int(np.abs(got.astype(np.int64) - ref).sum())
+
+
+def _check_head(out, h, wq, wk_head):
+    ref = head_reference(wq.astype(np.float64), wk_head.astype(np.float64))
+    zedges, redges = zbin_edges(), bin_edges()
+    for m, name in enumerate(MATRICES):
+        r = ref[name]
+        got = {k: out[k][h, m] for k in out}
+        where = f"head {h} {name}"
+        assert got["n_nonfinite"] == r["n_nonfinite"], where
+        # mean: relative to the spread (means near zero have no useful relative error)
+        assert abs(got["mean"] - r["mean"]) <= 1e-4 * (abs(r["mean"]) + r["std"]) + 1e-30, where
+        for k in MOMENTS:
+            scale = r["std"] if k in ("min", "max") else 1.0
+            assert got[k] == pytest.approx(r[k], rel=1e-4, abs=1e-4 * scale), f"{where} {k}"
+        for k in BINNED:  # the fit's location and scale in units of std (scale-free)
+            tol = 1e-3 * (r["std"] if k in ("mu_fit", "sigma_fit") else 1.0)
+            assert got[k] == pytest.approx(r[k], abs=tol, nan_ok=True), f"{where} {k}"
+        s_ref = r["singular_values"]
+        assert np.allclose(got["singular_values"], s_ref, rtol=0, atol=1e-4 * s_ref[0]), where
+        for k in SPECTRAL_KEYS:
+            if k == "condition_number":  # s_k / s_1 is known to 1e-4 (like every s_i / s_1)
+                assert 1 / got[k] == pytest.approx(1 / r[k], abs=1e-4, nan_ok=True), where
+            else:
+                assert got[k] == pytest.approx(r[k], rel=2e-4, nan_ok=True), f"{where} {k}"
+        # histograms: identical except entries within float32 rounding of an edge, where an
+        # entry's rounding is bounded by eps * sum_a |q_ai k_aj| (cancellation in W_QK)
+        q64, k64 = wq.astype(np.float64), wk_head.astype(np.float64)
+        w, bound = {
+            "W_Q": (q64, np.abs(q64)), "W_K": (k64, np.abs(k64)),
+            "W_QK": (q64.T @ k64, np.abs(q64).T @ np.abs(k64)),
+        }[name]  # fmt: skip
+        finite = np.isfinite(w)
+        w, slack = w[finite], 1e-6 * bound[finite] + 1e-6 * np.abs(w[finite])
+        assert _count_diff(got["hist"], r["hist"]) <= 2 * _ambiguous(w, slack, redges), where
+        if r["std"] > 0:
+            z = (w - r["mean"]) / r["std"]
+            z_slack = slack / r["std"] + 1e-5 * (1 + np.abs(z))
+            assert _count_diff(got["zhist"], r["zhist"]) <= 2 * _ambiguous(z, z_slack, zedges), where
+        assert got["zhist"].sum() == (len(w) if r["std"] > 0 else 0)
+        assert got["hist"].sum() == len(w)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "heavy", "two_point", "tiny_scale", "large_scale"])
+def test_layer_statistics_match_float64_reference(kind):
+    rng = np.random.default_rng(abs(hash(kind)) % 2**32)
+    wq, wk = (a.astype(np.float32) for a in _factors(kind, rng))
+    group = wq.shape[0] // wk.shape[0]
+    out = layer_statistics(wq, wk, block_rows=20)  # 96 rows: 5 blocks, the last one padded
+    for h in range(wq.shape[0]):
+        _check_head(out, h, wq[h], wk[h // group])
+
+
+def test_nonfinite_entries_are_counted_and_excluded():
+    rng = np.random.default_rng(1)
+    wq, wk = (a.astype(np.float32) for a in _factors("gaussian", rng))
+    wq[1, 3, 5] = np.nan
+    wk[0, 2, 7] = np.inf
+    wk[1, 0, 0] = -np.inf
+    out = layer_statistics(wq, wk, block_rows=32)
+    assert out["n_nonfinite"][1, 0] == 1 and out["n_nonfinite"][0, 1] == 1
+    # a NaN in W_Q[1] spoils row 5 of W_QK[1]; an Inf in W_K spoils a whole column
+    assert out["n_nonfinite"][1, 2] == 96 + 96 - 1
+    for h in range(6):
+        _check_head(out, h, wq[h], wk[h // 3])
+
+
+def test_constant_and_zero_matrices():
+    d_head, d = 4, 24
+    wq = np.full((2, d_head, d), 0.25, np.float32)
+    wk = np.random.default_rng(2).normal(size=(2, d_head, d)).astype(np.float32)
+    wk[1] = 0.0
+    out = layer_statistics(wq, wk, block_rows=7)
+    assert out["std"][0, 0] == 0 and out["skew"][0, 0] == 0 and out["kurt"][0, 0] == 0
+    assert out["mean"][0, 0] == np.float32(0.25)
+    assert np.isnan(out["entropy"][0, 0]) and np.isnan(out["kl_gauss"][0, 0])
+    assert out["zhist"][0, 0].sum() == 0 and out["hist"][0, 0].sum() == d_head * d
+    # W_Q is rank one: one non-zero singular value
+    assert out["singular_values"][0, 0, 1:].max() <= 1e-6 * out["singular_values"][0, 0, 0]
+    # an all-zero W_K: zero norms, undefined ratios
+    assert out["spectral_norm"][1, 1] == 0 and np.isnan(out["stable_rank"][1, 1])
+    for h in range(2):
+        _check_head(out, h, wq[h], wk[h])
+
+
+def test_block_size_does_not_change_results():
+    rng = np.random.default_rng(3)
+    wq, wk = (a.astype(np.float32) for a in _factors("heavy", rng))
+    a = layer_statistics(wq, wk, block_rows=96)
+    b = layer_statistics(wq, wk, block_rows=7)
+    for k in a:
+        if k in ("zhist", "hist", "n_nonfinite"):
+            assert np.abs(a[k].astype(np.int64) - b[k]).sum() <= 4, k
+        else:
+            np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-6, err_msg=k)
+
+
+def test_random_product_matches_analytic_moments():
+    # W_QK^ij = sum_a q_ai k_aj with i.i.d. unit normals: variance d_head, excess kurtosis
+    # 6 / d_head (a product of two normals has excess kurtosis 6), zero skew.
+    d_head, d = 16, 384
+    rng = np.random.default_rng(4)
+    wq = rng.normal(size=(4, d_head, d)).astype(np.float32)
+    wk = rng.normal(size=(4, d_head, d)).astype(np.float32)
+    out = layer_statistics(wq, wk, block_rows=128)
+    assert np.allclose(out["std"][:, 2], np.sqrt(d_head), rtol=0.03)
+    assert np.allclose(out["kurt"][:, 2], 6 / d_head, atol=0.1)
+    assert np.allclose(out["skew"][:, 2], 0, atol=0.05)
+    # W_Q (d_head x d, d >> d_head): squared singular values near d (Marchenko-Pastur edge
+    # (sqrt(d) +- sqrt(d_head))^2), so the stable rank is close to d_head.
+    s = out["singular_values"][:, 0]
+    assert s.max() <= (np.sqrt(d) + np.sqrt(d_head)) * 1.05
+    assert s.min() >= (np.sqrt(d) - np.sqrt(d_head)) * 0.95
+
+
+def test_spectral_summaries_hand_computed():
+    got = {k: float(v) for k, v in spectral_summaries(np.array([2.0, 1.0, 0.0], np.float32)).items()}
+    assert got["spectral_norm"] == 2.0
+    assert got["frobenius_norm"] == pytest.approx(np.sqrt(5))
+    assert got["stable_rank"] == pytest.approx(1.25)
+    assert got["participation_ratio"] == pytest.approx(25 / 17)
+    p = np.array([0.8, 0.2])
+    assert got["spectral_entropy"] == pytest.approx(-(p * np.log(p)).sum(), rel=1e-6)
+    assert got["effective_rank"] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-6)
+    assert got["condition_number"] == np.inf
+
+
+def test_raw_grid_resolves_every_scale():
+    edges = bin_edges()
+    assert edges[0] == -np.inf and edges[-1] == np.inf and len(edges) == bins.NB + 1
+    finite = edges[1:-1]
+    pos = finite[finite > 0]
+    assert pos.min() <= 1e-6 and pos.max() >= 1e3
+    assert (pos[1:] / pos[:-1] - 1).max() <= 0.05
+    assert np.all(np.diff(finite) > 0)
