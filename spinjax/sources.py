@@ -1,0 +1,173 @@
+"""Checkpoint sources: a directory in Hugging Face layout, opened lazily (SPEC section 5).
+
+A :class:`Checkpoint` knows its config and where every tensor lives; it hands out
+:class:`layouts.Tensor` handles that read only the indexed rows from disk. Nothing is read
+until a layout asks for a tensor, and only the attention Q/K tensors are ever asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+
+from .errors import InputError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: file not found") from exc
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return data
+
+
+class _SafetensorsFile:
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._handle = safe_open(str(path), framework="numpy")
+        except Exception as exc:  # safetensors raises its own error types for bad headers
+            raise InputError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+    def keys(self) -> list[str]:
+        return list(self._handle.keys())
+
+    def tensor(self, name: str) -> _SafetensorsTensor:
+        return _SafetensorsTensor(self, name)
+
+
+@dataclass
+class _SafetensorsTensor:
+    file: _SafetensorsFile
+    name: str
+
+    def __post_init__(self):
+        self._slice = self.file._handle.get_slice(self.name)
+        self.shape = tuple(self._slice.get_shape())
+        self.dtype = _SAFETENSORS_DTYPES.get(self._slice.get_dtype(), self._slice.get_dtype())
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        try:
+            return self._slice[rows]
+        except Exception as exc:
+            raise InputError(f"{self.file.path}: cannot read tensor {self.name!r} ({exc})") from exc
+
+
+_SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+class _TorchBinFile:
+    """Adapter of the safe pickle reader to the file interface used here."""
+
+    def __init__(self, path: Path):
+        from .torchbin import TorchBinFile
+
+        self.path = path
+        self._file = TorchBinFile(path)
+
+    def keys(self) -> list[str]:
+        return self._file.keys()
+
+    def tensor(self, name: str) -> _TorchBinTensor:
+        return _TorchBinTensor(self, name)
+
+
+@dataclass
+class _TorchBinTensor:
+    file: _TorchBinFile
+    name: str
+
+    def __post_init__(self):
+        self.shape = tuple(self.file._file.shape(self.name))
+        self.dtype = str(self.file._file.dtype(self.name))
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self.file._file.get(self.name)[rows]
+
+
+def _open_weights(path: Path):
+    return _TorchBinFile(path) if path.suffix == ".bin" else _SafetensorsFile(path)
+
+
+class Checkpoint:
+    """One checkpoint directory in Hugging Face layout: config.json plus weight files.
+
+    Weights are ``*.safetensors`` (preferred) or ``pytorch_model*.bin``, single or sharded
+    with an index json. Tensor names resolve exactly or by suffix, so that prefixes such as
+    ``transformer.`` (GPT2LMHeadModel) or ``bert.`` match the layouts' canonical names.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, step: int = -1, revision: str | None = None):
+        self.directory = Path(directory)
+        self.step = step
+        self.revision = revision if revision is not None else str(self.directory)
+        if not self.directory.is_dir():
+            raise InputError(f"{self.directory}: not a checkpoint directory")
+        self.config = _read_json(self.directory / "config.json")
+        self._files: dict[str, Any] = {}
+        self._where = self._index_tensors()
+
+    def _weight_files(self) -> tuple[dict[str, str] | None, list[str]]:
+        """(weight map from an index json or None, weight file names)."""
+        for index_name in (SAFETENSORS_INDEX, TORCH_INDEX):
+            index = self.directory / index_name
+            if index.exists():
+                weight_map = _read_json(index).get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise InputError(f"{index}: no 'weight_map' object")
+                return weight_map, sorted(set(weight_map.values()))
+        for pattern in ("*.safetensors", "pytorch_model*.bin"):
+            names = sorted(p.name for p in self.directory.glob(pattern))
+            if names:
+                return None, names
+        raise InputError(f"{self.directory}: no weights found (*.safetensors or pytorch_model*.bin)")
+
+    def _index_tensors(self) -> dict[str, str]:
+        weight_map, names = self._weight_files()
+        if weight_map is not None:
+            return dict(weight_map)
+        where = {}
+        for name in names:
+            for key in self._file(name).keys():
+                where[key] = name
+        return where
+
+    def _file(self, name: str):
+        if name not in self._files:
+            path = self.directory / name
+            if not path.exists():
+                raise InputError(f"{path}: weight file listed in the index is missing")
+            self._files[name] = _open_weights(path)
+        return self._files[name]
+
+    def _resolve(self, name: str) -> str:
+        if name in self._where:
+            return name
+        matches = [k for k in self._where if k.endswith("." + name)]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise InputError(f"{self.directory}: tensor {name!r} is ambiguous: {matches}")
+        raise InputError(f"{self.directory}: tensor {name!r} not found in the checkpoint")
+
+    def tensor(self, name: str):
+        """A lazily-read handle on the stored tensor ``name`` (canonical or full key)."""
+        key = self._resolve(name)
+        file = self._file(self._where[key])
+        if key not in file.keys():
+            raise InputError(f"{file.path}: tensor {key!r} listed in the index is missing")
+        return file.tensor(key)
