@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,56 +104,89 @@ def _open_weights(path: Path):
     return _TorchBinFile(path) if path.suffix == ".bin" else _SafetensorsFile(path)
 
 
+Fetch = Callable[[str], Path]
+"""Maps a file name of the checkpoint to a local path; FileNotFoundError if it has none."""
+
+WEIGHT_CANDIDATES = (SAFETENSORS_INDEX, "model.safetensors", TORCH_INDEX, "pytorch_model.bin")
+
+
+def local_fetch(directory: Path) -> Fetch:
+    def fetch(name: str) -> Path:
+        path = directory / name
+        if not path.is_file():
+            raise FileNotFoundError(f"file {name!r} not found")
+        return path
+
+    return fetch
+
+
 class Checkpoint:
-    """One checkpoint directory in Hugging Face layout: config.json plus weight files.
+    """One checkpoint in Hugging Face layout: config.json plus weight files.
 
     Weights are ``*.safetensors`` (preferred) or ``pytorch_model*.bin``, single or sharded
-    with an index json. Tensor names resolve exactly or by suffix, so that prefixes such as
-    ``transformer.`` (GPT2LMHeadModel) or ``bert.`` match the layouts' canonical names.
+    with an index json. Files come through ``fetch`` (a local directory by default, or a
+    hub download), and only when a tensor in them is asked for. Tensor names resolve exactly
+    or by suffix, so that prefixes such as ``transformer.`` (GPT2LMHeadModel) or ``bert.``
+    match the layouts' canonical names.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, step: int = -1, revision: str | None = None):
-        self.directory = Path(directory)
+    def __init__(
+        self, directory: str | os.PathLike | None = None, *, step: int = -1, revision: str | None = None,
+        fetch: Fetch | None = None, label: str | None = None,
+    ):  # fmt: skip
+        if fetch is None:
+            directory = Path(directory)
+            if not directory.is_dir():
+                raise InputError(f"{directory}: not a checkpoint directory")
+            fetch = local_fetch(directory)
+        self.label = label or str(directory)
         self.step = step
-        self.revision = revision if revision is not None else str(self.directory)
-        if not self.directory.is_dir():
-            raise InputError(f"{self.directory}: not a checkpoint directory")
-        self.config = _read_json(self.directory / "config.json")
+        self.revision = revision if revision is not None else self.label
+        self._fetch = fetch
+        self.config = _read_json(self._path("config.json"))
         self._files: dict[str, Any] = {}
         self._where = self._index_tensors()
 
-    def _weight_files(self) -> tuple[dict[str, str] | None, list[str]]:
-        """(weight map from an index json or None, weight file names)."""
-        for index_name in (SAFETENSORS_INDEX, TORCH_INDEX):
-            index = self.directory / index_name
-            if index.exists():
-                weight_map = _read_json(index).get("weight_map")
-                if not isinstance(weight_map, dict):
-                    raise InputError(f"{index}: no 'weight_map' object")
-                return weight_map, sorted(set(weight_map.values()))
+    def _path(self, name: str) -> Path:
+        try:
+            return self._fetch(name)
+        except FileNotFoundError as exc:
+            raise InputError(f"{self.label}: {exc}") from None
+
+    def _weight_map(self) -> dict[str, str] | list[str]:
+        """Tensor -> file from an index json, or the list of unindexed weight files."""
+        for name in WEIGHT_CANDIDATES:
+            try:
+                path = self._fetch(name)
+            except FileNotFoundError:
+                continue
+            if not name.endswith(".json"):
+                return [name]
+            weight_map = _read_json(path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise InputError(f"{path}: no 'weight_map' object")
+            return weight_map
+        directory = self._fetch("config.json").parent  # unindexed shards in a local directory
         for pattern in ("*.safetensors", "pytorch_model*.bin"):
-            names = sorted(p.name for p in self.directory.glob(pattern))
+            names = sorted(p.name for p in directory.glob(pattern))
             if names:
-                return None, names
-        raise InputError(f"{self.directory}: no weights found (*.safetensors or pytorch_model*.bin)")
+                return names
+        raise InputError(f"{self.label}: no weights found (*.safetensors or pytorch_model*.bin)")
 
     def _index_tensors(self) -> dict[str, str]:
-        weight_map, names = self._weight_files()
-        if weight_map is not None:
-            return dict(weight_map)
-        where = {}
-        for name in names:
-            for key in self._file(name).keys():
-                where[key] = name
-        return where
+        found = self._weight_map()
+        if isinstance(found, dict):
+            return dict(found)
+        return {key: name for name in found for key in self._file(name).keys()}
 
     def _file(self, name: str):
         if name not in self._files:
-            path = self.directory / name
-            if not path.exists():
-                raise InputError(f"{path}: weight file listed in the index is missing")
-            self._files[name] = _open_weights(path)
+            self._files[name] = _open_weights(self._path(name))
         return self._files[name]
+
+    def files(self) -> list[Path]:
+        """Local paths of the weight files opened so far (what a run read or downloaded)."""
+        return [f.path for f in self._files.values()]
 
     def _resolve(self, name: str) -> str:
         if name in self._where:
@@ -161,8 +195,8 @@ class Checkpoint:
         if len(matches) == 1:
             return matches[0]
         if matches:
-            raise InputError(f"{self.directory}: tensor {name!r} is ambiguous: {matches}")
-        raise InputError(f"{self.directory}: tensor {name!r} not found in the checkpoint")
+            raise InputError(f"{self.label}: tensor {name!r} is ambiguous: {matches}")
+        raise InputError(f"{self.label}: tensor {name!r} not found in the checkpoint")
 
     def tensor(self, name: str):
         """A lazily-read handle on the stored tensor ``name`` (canonical or full key)."""

@@ -1,0 +1,182 @@
+"""The ``spinjax`` command line (SPEC section 2): parse, call the pipeline, print.
+
+Exit codes: 0 success; 2 bad usage or bad input (the message says what and where);
+1 internal failure (traceback only with --debug).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from spinjax import DEFAULT_STORE, __version__
+from spinjax.errors import InputError
+
+
+@contextmanager
+def _errors(debug: bool):
+    """Turn bad input into exit 2 and anything else into exit 1, without a traceback."""
+    try:
+        yield
+    except InputError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        sys.exit(0)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the CLI boundary
+        if debug:
+            traceback.print_exc()
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug)", err=True)
+        sys.exit(1)
+
+
+def _parse_size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size like 2GB or 512MiB") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="spinjax")
+def main() -> None:
+    """Statistics and spectra of every attention head's W_QK, into a Zarr store."""
+
+
+@main.command()
+@click.option("--model", required=True, help="Known name (see `spinjax models`), local directory, or hub id.")
+@click.option(
+    "--steps",
+    default="last",
+    show_default=True,
+    help="all | last | a,b,c | start:stop:stride | a mix (see `spinjax steps NAME`).",
+)
+@click.option(
+    "--store", "store_path", default=DEFAULT_STORE, show_default=True, type=click.Path(path_type=Path)
+)
+@click.option(
+    "--memory-budget",
+    default=None,
+    help="Peak bytes for W_QK blocks, e.g. 2GB [default: 1/4 of free memory].",
+)
+@click.option("--recompute", is_flag=True, help="Recompute steps that are already done.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def run(model: str, steps: str, store_path: Path, memory_budget: str | None, recompute: bool,
+        quiet: bool, debug: bool) -> None:  # fmt: skip
+    """Compute every head's statistics for the requested steps of MODEL."""
+    from spinjax.pipeline import run as run_pipeline
+
+    budget = _parse_size(memory_budget) if memory_budget else None
+    with _errors(debug), _progress(quiet) as progress:
+        result = run_pipeline(model, steps=steps, store_path=store_path, memory_budget=budget,
+                              recompute=recompute, progress=progress)  # fmt: skip
+    if not quiet:
+        click.echo(
+            f"{result.key}: {len(result.computed)} step(s) computed, {len(result.skipped)} already "
+            f"done, in {result.store}"
+        )
+
+
+@contextmanager
+def _progress(quiet: bool):
+    """A rich progress bar (steps, layers) on a terminal; nothing in pipes, CI or --quiet."""
+    from spinjax.pipeline import Progress
+
+    if quiet or not sys.stderr.isatty():
+        yield Progress()
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress as Bar
+
+    with Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+             TimeElapsedColumn(), transient=True) as bar:  # fmt: skip
+        tasks = {}
+
+        def on_plan(n_steps: int, n_layers: int) -> None:
+            tasks["steps"] = bar.add_task("steps", total=n_steps)
+            tasks["layers"] = bar.add_task("layers", total=n_layers)
+
+        def on_layer(step: int, layer: int) -> None:
+            bar.update(tasks["layers"], completed=layer + 1, description=f"step {step} layers")
+
+        def on_step(step: int) -> None:
+            bar.advance(tasks["steps"])
+
+        yield Progress(on_plan=on_plan, on_layer=on_layer, on_step=on_step)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def models(as_json: bool) -> None:
+    """Known model names with their attention geometry and checkpoint count."""
+    from spinjax.models import KNOWN
+
+    rows = [{"name": m.name, "repo": m.repo, "d_model": m.d_model, "n_heads": m.n_heads,
+             "n_kv_heads": m.n_kv_heads, "d_head": m.d_head, "n_layers": m.n_layers,
+             "steps": len(m.steps)} for m in KNOWN.values()]  # fmt: skip
+    rows.append({"name": "tiny-pythia", "repo": "(embedded, trained locally)", "d_model": 64,
+                 "n_heads": 4, "n_kv_heads": 4, "d_head": 16, "n_layers": 4, "steps": None})  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    cols = ["name", "d_model", "n_heads", "n_kv_heads", "d_head", "n_layers", "steps", "repo"]
+    click.echo(_table([[str(r[c]) if r[c] is not None else "-" for c in cols] for r in rows], cols))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--debug", is_flag=True)
+def steps(name: str, debug: bool) -> None:
+    """The checkpoint steps NAME offers, one per line."""
+    from spinjax.models import resolve
+
+    with _errors(debug):
+        for step, revision in resolve(name).offered:
+            click.echo(f"{step}\t{revision}")
+
+
+@main.command()
+@click.argument("store_path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--debug", is_flag=True)
+def show(store_path: Path, as_json: bool, debug: bool) -> None:
+    """Models in a store, steps done / requested, variables and sizes."""
+    from spinjax.store import summary
+
+    with _errors(debug):
+        info = summary(store_path)
+    if as_json:
+        click.echo(json.dumps(info, indent=1, default=str))
+        return
+    click.echo(f"{store_path}: spinjax store, schema {info['schema']}, written by {info['version']}")
+    for key, m in info["models"].items():
+        click.echo(f"\n[{key}] {m['architecture']} from {m['source']} (dtype {m['dtype']})")
+        click.echo(f"  d_model={m['d_model']} layers={m['n_layers']} heads={m['n_heads']} "
+                   f"kv_heads={m['n_kv_heads']} d_head={m['d_head']}")  # fmt: skip
+        click.echo(f"  steps done {m['steps_done']} / requested {m['steps_requested']}: {m['steps']}")
+        click.echo(f"  {len(m['variables'])} variables, {m['bytes'] / 1e6:.2f} MB on disk: "
+                   + ", ".join(m["variables"]))  # fmt: skip
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
+    lines = [header, ["-" * w for w in widths], *rows]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)) for r in lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""The Zarr v3 store of schema 1 (SPEC section 3): layout, writing one step, resuming.
+
+Every array carries ``dimension_names``; coordinates are arrays named after their dimension
+(plus ``revision`` along ``step``), so ``xarray.open_zarr(path, group=key)`` gives a labelled
+Dataset. Data are chunked one step per chunk, and ``done[step]`` is written only after every
+array of that step, so a step with ``done`` false holds no trusted data.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import socket
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.codecs
+
+from . import SCHEMA, __version__
+from .errors import InputError
+from .kernels import bins
+from .layouts import Geometry
+
+MATRICES = ("W_Q", "W_K", "W_QK")
+BASE_DIMS = ("step", "layer", "head", "matrix")
+SCALARS = (
+    "mean", "std", "skew", "kurt", "min", "max",
+    "entropy", "entropy_residual", "entropy_mm", "kl_gauss", "kl_gauss_mm",
+    "mu_fit", "sigma_fit", "kl_fit", "tail_mass",
+    "spectral_norm", "frobenius_norm", "stable_rank", "spectral_entropy",
+    "effective_rank", "participation_ratio", "condition_number",
+)  # fmt: skip
+# name -> (extra trailing dimension or None, dtype, fill value)
+VARIABLES: dict[str, tuple[str | None, str, Any]] = {
+    **{name: (None, "float32", np.nan) for name in SCALARS},
+    "n_nonfinite": (None, "int64", 0),
+    "zhist": ("zbin", "uint32", 0),
+    "hist": ("bin", "uint32", 0),
+    "singular_values": ("sv", "float32", np.nan),
+}
+_COMPRESSORS = (zarr.codecs.ZstdCodec(level=3),)
+
+
+def model_key(model: str) -> str:
+    """Group name of a ``--model`` value: a local path's directory name, '/' -> '__'."""
+    path = Path(model)
+    name = path.resolve().name if path.exists() else model
+    return name.replace("/", "__")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _consolidate(path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # consolidated metadata is a zarr-python extension
+        zarr.consolidate_metadata(str(path))
+
+
+def open_store(path: str | Path, *, create: bool) -> zarr.Group:
+    """Open (or create) the store's root group, refusing anything that is not schema 1."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path}: exists and is not a Zarr store directory")
+    if not (path / "zarr.json").exists():
+        if not create:
+            raise InputError(f"{path}: not a Zarr store (no zarr.json)")
+        if path.exists() and any(path.iterdir()):
+            raise InputError(f"{path}: directory is not empty and is not a Zarr store")
+        root = zarr.open_group(str(path), mode="w", zarr_format=3)
+        root.attrs["spinjax"] = {"version": __version__, "schema": SCHEMA}
+        return root
+    try:
+        root = zarr.open_group(str(path), mode="r+" if create else "r", zarr_format=3)
+    except Exception as exc:
+        raise InputError(f"{path}: cannot open as a Zarr v3 group ({exc})") from exc
+    meta = root.attrs.get("spinjax")
+    if not isinstance(meta, dict) or "schema" not in meta:
+        raise InputError(f"{path}: a Zarr store, but not written by spinjax (no 'spinjax' attribute)")
+    if meta["schema"] != SCHEMA:
+        raise InputError(
+            f"{path}: store has schema {meta['schema']}, this spinjax (v{__version__}) reads "
+            f"and writes schema {SCHEMA}; use another --store"
+        )
+    return root
+
+
+class ModelGroup:
+    """One model's dataset inside the store."""
+
+    def __init__(self, root: zarr.Group, key: str):
+        self.root = root
+        self.key = key
+        self.group = root[key]
+
+    @property
+    def steps(self) -> list[int]:
+        return [int(s) for s in self.group["step"][:]]
+
+    @property
+    def done(self) -> np.ndarray:
+        return np.asarray(self.group["done"][:], dtype=bool)
+
+    @classmethod
+    def create_or_check(
+        cls,
+        root: zarr.Group,
+        key: str,
+        *,
+        geometry: Geometry,
+        attrs: dict[str, Any],
+        n_sv: int,
+    ) -> ModelGroup:
+        """The model group ``key``, created with coordinates if new, else checked to match."""
+        if key in root:
+            group = root[key]
+            stored = {k: group.attrs.get(k) for k in asdict(geometry)}
+            if stored != asdict(geometry):
+                raise InputError(
+                    f"store group {key!r} holds a model of geometry {stored}, not {asdict(geometry)}"
+                )
+            return cls(root, key)
+        group = root.create_group(key)
+        group.attrs.update({**attrs, **asdict(geometry), "spinjax_version": __version__, "runs": []})
+        g = geometry
+        coords = {
+            "layer": np.arange(g.n_layers, dtype=np.int32),
+            "head": np.arange(g.n_heads, dtype=np.int32),
+            "matrix": np.array(MATRICES, dtype=object),
+            "sv": np.arange(n_sv, dtype=np.int32),
+            "zbin": np.arange(bins.NZ, dtype=np.int32),
+            "bin": np.arange(bins.NB, dtype=np.int32),
+        }
+        for name, values in coords.items():
+            dtype = str if values.dtype == object else values.dtype
+            arr = group.create_array(name, shape=values.shape, dtype=dtype, dimension_names=[name])
+            arr[:] = values
+        for name, edges in (("zbin_edges", bins.zbin_edges()), ("bin_edges", bins.bin_edges())):
+            arr = group.create_array(
+                name, shape=edges.shape, dtype="float64", dimension_names=[f"{name[:-1]}"]
+            )
+            arr[:] = edges
+        group.create_array("step", shape=(0,), chunks=(1,), dtype="int64", dimension_names=["step"])
+        group.create_array("revision", shape=(0,), chunks=(1,), dtype=str, dimension_names=["step"])
+        group.create_array(
+            "done", shape=(0,), chunks=(1,), dtype="bool", fill_value=False, dimension_names=["step"]
+        )
+        sizes = {"layer": g.n_layers, "head": g.n_heads, "matrix": len(MATRICES),
+                 "zbin": bins.NZ, "bin": bins.NB, "sv": n_sv}  # fmt: skip
+        for name, (extra, dtype, fill) in VARIABLES.items():
+            dims = BASE_DIMS + ((extra,) if extra else ())
+            shape = (0,) + tuple(sizes[d] for d in dims[1:])
+            arr = group.create_array(
+                name, shape=shape, chunks=(1,) + shape[1:], dtype=dtype, fill_value=fill,
+                compressors=_COMPRESSORS, dimension_names=list(dims),
+            )  # fmt: skip
+            arr.attrs["coordinates"] = "revision"
+        return cls(root, key)
+
+    def plan(self, requested: Sequence[tuple[int, str]], *, recompute: bool) -> list[tuple[int, int, str]]:
+        """Indices to compute for the requested (step, revision) pairs, appending new steps.
+
+        Finished steps are skipped unless ``recompute``; unfinished ones are redone in place.
+        Returns (index, step, revision) in the requested order.
+        """
+        steps, done = self.steps, self.done
+        position = {s: i for i, s in enumerate(steps)}
+        new = [(s, r) for s, r in requested if s not in position]
+        if new:
+            n_old = len(steps)
+            for name in ("step", "revision", "done", *VARIABLES):
+                arr = self.group[name]
+                arr.resize((n_old + len(new),) + arr.shape[1:])
+            self.group["step"][n_old:] = np.array([s for s, _ in new], dtype=np.int64)
+            self.group["revision"][n_old:] = np.array([r for _, r in new], dtype=object)
+            for i, (s, _) in enumerate(new):
+                position[s] = n_old + i
+            done = np.concatenate([done, np.zeros(len(new), bool)])
+        todo = []
+        for s, r in requested:
+            i = position[s]
+            if recompute or not done[i]:
+                todo.append((i, s, r))
+        return todo
+
+    def write_step(self, index: int, results: dict[str, np.ndarray]) -> None:
+        """Write every variable of one step (arrays shaped (layer, head, matrix, ...)), then done."""
+        self.group["done"][index] = False
+        for name, (_, dtype, _) in VARIABLES.items():
+            self.group[name][index] = np.asarray(results[name], dtype=dtype)
+        self.group["done"][index] = True
+
+    def start_run(self, steps: Sequence[int]) -> None:
+        runs = list(self.group.attrs.get("runs", []))
+        runs.append({"started": _now(), "finished": None, "host": socket.gethostname(),
+                     "version": __version__, "steps": [int(s) for s in steps]})  # fmt: skip
+        self.group.attrs["runs"] = runs
+
+    def finish_run(self) -> None:
+        runs = list(self.group.attrs.get("runs", []))
+        if runs:
+            runs[-1] = {**runs[-1], "finished": _now()}
+            self.group.attrs["runs"] = runs
+
+
+def consolidate(root: zarr.Group) -> None:
+    """Refresh the consolidated metadata after shapes or attributes changed."""
+    _consolidate(Path(str(root.store.root)))
+
+
+def summary(path: str | Path) -> dict[str, Any]:
+    """What ``spinjax show`` prints: per model, geometry, steps done / requested, sizes."""
+    root = open_store(path, create=False)
+    meta = root.attrs["spinjax"]
+    models = {}
+    for key in sorted(root.group_keys()):
+        group = ModelGroup(root, key)
+        attrs = dict(group.group.attrs)
+        steps, done = group.steps, group.done
+        size = sum(f.stat().st_size for f in (Path(path) / key).rglob("*") if f.is_file())
+        models[key] = {
+            **{
+                k: attrs.get(k)
+                for k in (
+                    "source",
+                    "architecture",
+                    "dtype",
+                    "d_model",
+                    "n_layers",
+                    "n_heads",
+                    "n_kv_heads",
+                    "d_head",
+                )
+            },  # fmt: skip
+            "steps_done": int(done.sum()),
+            "steps_requested": len(steps),
+            "steps": [s for s, d in zip(steps, done, strict=True) if d],
+            "variables": sorted(VARIABLES),
+            "bytes": size,
+            "runs": attrs.get("runs", []),
+        }
+    return {"schema": meta["schema"], "version": meta.get("version"), "models": models}
