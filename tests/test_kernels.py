@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from reference import MATRICES, SPECTRAL_KEYS, head_reference
+
 from spinjax.kernels import bin_edges, bins, layer_statistics, zbin_edges
 from spinjax.kernels.spectra import spectral_summaries
 

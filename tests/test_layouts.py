@@ -52,7 +52,7 @@ def test_extraction_reproduces_reference_logits(arch):
 def test_wrong_splits_do_not_reproduce_logits():
     # NeoX read as three contiguous blocks instead of interleaved per head
     ckpt, layout, g, ref = _load("gpt_neox")
-    fused = ckpt.tensor(f"gpt_neox.layers.0.attention.query_key_value.weight")[:].astype(np.float32)
+    fused = ckpt.tensor("gpt_neox.layers.0.attention.query_key_value.weight")[:].astype(np.float32)
     wq = fused[: g.d_model].reshape(g.n_heads, g.d_head, g.d_model)
     wk = fused[g.d_model : 2 * g.d_model].reshape(g.n_heads, g.d_head, g.d_model)
     assert not np.allclose(_logits(wq, wk, ref["x"], float(ref["scale"])), ref["logits"][0], atol=1e-2)
