@@ -73,21 +73,41 @@ def main() -> None:
     help="Peak bytes for W_QK blocks, e.g. 2GB [default: 1/4 of free memory].",
 )
 @click.option("--recompute", is_flag=True, help="Recompute steps that are already done.")
+@click.option(
+    "--keep-downloads", is_flag=True, help="Keep hub files of finished steps in the cache (default: evict)."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def run(model: str, steps: str, store_path: Path, memory_budget: str | None, recompute: bool,
-        quiet: bool, debug: bool) -> None:  # fmt: skip
+def run(
+    model: str,
+    steps: str,
+    store_path: Path,
+    memory_budget: str | None,
+    recompute: bool,
+    keep_downloads: bool,
+    quiet: bool,
+    debug: bool,
+) -> None:
     """Compute every head's statistics for the requested steps of MODEL."""
     from spinjax.pipeline import run as run_pipeline
 
     budget = _parse_size(memory_budget) if memory_budget else None
     with _errors(debug), _progress(quiet) as progress:
-        result = run_pipeline(model, steps=steps, store_path=store_path, memory_budget=budget,
-                              recompute=recompute, progress=progress)  # fmt: skip
+        result = run_pipeline(
+            model,
+            steps=steps,
+            store_path=store_path,
+            memory_budget=budget,
+            recompute=recompute,
+            keep_downloads=keep_downloads,
+            progress=progress,
+        )
     if not quiet:
+        busy = result.io_wait_s + result.compute_s
+        waited = f", {100 * result.io_wait_s / busy:.0f}% of it waiting for reads" if busy else ""
         click.echo(
-            f"{result.key}: {len(result.computed)} step(s) computed, {len(result.skipped)} already "
-            f"done, in {result.store}"
+            f"{result.key}: {len(result.computed)} step(s) computed in {busy:.1f} s{waited}; "
+            f"{len(result.skipped)} already done; store {result.store}"
         )
 
 

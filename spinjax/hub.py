@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from huggingface_hub import errors as hf_errors
-from huggingface_hub import hf_hub_download
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
 from .errors import InputError
 from .models import KNOWN, Source
@@ -22,12 +22,19 @@ _BAD_REFERENCE = (
 )  # fmt: skip
 
 
-def hub_fetch(repo: str, revision: str):
-    """A ``Fetch`` that downloads (or finds in the cache) one file of ``repo`` at ``revision``."""
+def hub_fetch(repo: str, revision: str, downloaded: list[Path]):
+    """A ``Fetch`` that downloads (or finds in the cache) one file of ``repo`` at ``revision``.
+
+    Files that were not in the cache before are appended to ``downloaded`` (for eviction).
+    """
 
     def fetch(name: str) -> Path:
         try:
-            return Path(hf_hub_download(repo, name, revision=revision))
+            cached = try_to_load_from_cache(repo, name, revision=revision)
+            path = Path(hf_hub_download(repo, name, revision=revision))
+            if not isinstance(cached, str):
+                downloaded.append(path)
+            return path
         except _MISSING_FILE as exc:
             raise FileNotFoundError(f"file {name!r} is not on the hub or not in the local cache") from exc
         except _BAD_REFERENCE as exc:
@@ -48,8 +55,29 @@ def hub_source(model: str) -> Source:
         offered = [(-1, "main")]
 
     def open_checkpoint(step: int, revision: str) -> Checkpoint:
-        label = f"{repo}@{revision}"
-        return Checkpoint(fetch=hub_fetch(repo, revision), step=step, revision=revision, label=label)
+        downloaded: list[Path] = []
+        fetch = hub_fetch(repo, revision, downloaded)
+        ckpt = Checkpoint(fetch=fetch, step=step, revision=revision, label=f"{repo}@{revision}")
+        ckpt.downloaded = downloaded
+        return ckpt
 
-    return Source(key=(known.name if known else repo).replace("/", "__"), source=repo,
-                  offered=offered, open=open_checkpoint)  # fmt: skip
+    key = (known.name if known else repo).replace("/", "__")
+    return Source(
+        key=key, source=repo, offered=offered, open=open_checkpoint,
+        evict=lambda ckpt: evict_downloads(ckpt.downloaded),
+    )  # fmt: skip
+
+
+def evict_downloads(paths: list[Path]) -> None:
+    """Remove files this run downloaded from the hub cache: the snapshot link, and the blob
+    unless another snapshot still links to it. Files that were cached before stay."""
+    for link in paths:
+        if not link.is_symlink():
+            link.unlink(missing_ok=True)
+            continue
+        blob = link.resolve()
+        link.unlink()
+        snapshots = link.parents[1]  # <cache>/models--owner--name/snapshots/<commit>/<file>
+        if not any(p.is_symlink() and p.resolve() == blob for p in snapshots.rglob("*")):
+            blob.unlink(missing_ok=True)
+    paths.clear()

@@ -45,7 +45,15 @@ class Layout:
 
     architecture: str
     config_keys: tuple[str, str, str]  # d_model, n_layers, n_heads
-    extract: Callable[[TensorLookup, int, Geometry], tuple[np.ndarray, np.ndarray]]
+    names: tuple[str, ...]  # stored tensors a layer needs, "{}" = layer index
+    split: Callable[[list[Tensor], Geometry], tuple[np.ndarray, np.ndarray]]
+
+    def tensor_names(self, layer: int) -> list[str]:
+        return [n.format(layer) for n in self.names]
+
+    def extract(self, tensor: TensorLookup, layer: int, g: Geometry) -> tuple[np.ndarray, np.ndarray]:
+        """Float32 ``wq (n_heads, d_head, d_model)``, ``wk (n_kv_heads, d_head, d_model)``."""
+        return self.split([tensor(n) for n in self.tensor_names(layer)], g)
 
     def geometry(self, config: Mapping[str, Any], where: str) -> Geometry:
         try:
@@ -71,9 +79,9 @@ def _f32(a: np.ndarray) -> np.ndarray:
     return np.asarray(a, dtype=np.float32)
 
 
-def _gpt2(tensor: TensorLookup, layer: int, g: Geometry):
+def _split_gpt2(tensors: list[Tensor], g: Geometry):
     # Conv1D stores (in, out) = (d, 3d); transposed, rows are [Q; K; V] blocks of d rows.
-    t = tensor(f"h.{layer}.attn.c_attn.weight")
+    (t,) = tensors
     _expect(t, (g.d_model, 3 * g.d_model))
     qk = _f32(t[:]).T[: 2 * g.d_model]
     wq = qk[: g.d_model].reshape(g.n_heads, g.d_head, g.d_model)
@@ -81,10 +89,10 @@ def _gpt2(tensor: TensorLookup, layer: int, g: Geometry):
     return wq, wk
 
 
-def _gpt_neox(tensor: TensorLookup, layer: int, g: Geometry):
+def _split_gpt_neox(tensors: list[Tensor], g: Geometry):
     # Fused rows are interleaved per head: (n_heads, [q, k, v], d_head, d). Read only each
     # head's q and k rows (2/3 of the tensor).
-    t = tensor(f"gpt_neox.layers.{layer}.attention.query_key_value.weight")
+    (t,) = tensors
     _expect(t, (3 * g.d_model, g.d_model))
     rows = 3 * g.d_head
     heads = [_f32(t[h * rows : h * rows + 2 * g.d_head]) for h in range(g.n_heads)]
@@ -92,30 +100,30 @@ def _gpt_neox(tensor: TensorLookup, layer: int, g: Geometry):
     return qk[:, 0], qk[:, 1]
 
 
-def _separate(q_name: str, k_name: str):
-    def extract(tensor: TensorLookup, layer: int, g: Geometry):
-        tq, tk = tensor(q_name.format(layer)), tensor(k_name.format(layer))
-        _expect(tq, (g.n_heads * g.d_head, g.d_model))
-        _expect(tk, (g.n_kv_heads * g.d_head, g.d_model))
-        wq = _f32(tq[:]).reshape(g.n_heads, g.d_head, g.d_model)
-        wk = _f32(tk[:]).reshape(g.n_kv_heads, g.d_head, g.d_model)
-        return wq, wk
-
-    return extract
+def _split_separate(tensors: list[Tensor], g: Geometry):
+    tq, tk = tensors
+    _expect(tq, (g.n_heads * g.d_head, g.d_model))
+    _expect(tk, (g.n_kv_heads * g.d_head, g.d_model))
+    wq = _f32(tq[:]).reshape(g.n_heads, g.d_head, g.d_model)
+    wk = _f32(tk[:]).reshape(g.n_kv_heads, g.d_head, g.d_model)
+    return wq, wk
 
 
 _HF = ("hidden_size", "num_hidden_layers", "num_attention_heads")
 _LLAMA_ATTN = "model.layers.{}.self_attn."
 _BERT_ATTN = "encoder.layer.{}.attention.self."
-_LLAMA = Layout("llama", _HF, _separate(_LLAMA_ATTN + "q_proj.weight", _LLAMA_ATTN + "k_proj.weight"))
+_LLAMA_NAMES = (_LLAMA_ATTN + "q_proj.weight", _LLAMA_ATTN + "k_proj.weight")
+_LLAMA = Layout("llama", _HF, _LLAMA_NAMES, _split_separate)
 
 LAYOUTS: dict[str, Layout] = {
-    "gpt2": Layout("gpt2", ("n_embd", "n_layer", "n_head"), _gpt2),
-    "gpt_neox": Layout("gpt_neox", _HF, _gpt_neox),
+    "gpt2": Layout("gpt2", ("n_embd", "n_layer", "n_head"), ("h.{}.attn.c_attn.weight",), _split_gpt2),
+    "gpt_neox": Layout(
+        "gpt_neox", _HF, ("gpt_neox.layers.{}.attention.query_key_value.weight",), _split_gpt_neox
+    ),
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
-    "bert": Layout("bert", _HF, _separate(_BERT_ATTN + "query.weight", _BERT_ATTN + "key.weight")),
+    "bert": Layout("bert", _HF, (_BERT_ATTN + "query.weight", _BERT_ATTN + "key.weight"), _split_separate),
 }
 
 

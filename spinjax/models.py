@@ -75,6 +75,8 @@ class Source:
     source: str
     offered: list[tuple[int, str]]
     open: Callable[[int, str], Any]
+    # Frees what opening a checkpoint downloaded (hub sources); local files are never touched.
+    evict: Callable[[Any], None] = lambda checkpoint: None
 
 
 def _local(path: Path) -> Source:

@@ -1,5 +1,10 @@
 """One run: source -> per-layer Q/K factors -> kernels -> store, one step at a time.
 
+A reader thread extracts layer factors ahead of the compute (and opens, for hub sources
+downloads, the next checkpoint while the current one computes); the main thread runs the
+kernels and writes each finished step. Hub files of a finished step are evicted from the cache
+unless ``keep_downloads``, so a trajectory needs disk for about two checkpoints.
+
 The first step to compute is computed before the store is touched, so that bad input (a
 missing tensor, a wrong shape, an unknown architecture) leaves the store exactly as it was.
 Later steps are written as they finish; a failure leaves earlier steps done and the failed
@@ -9,7 +14,11 @@ step's ``done`` false, to be redone by a rerun.
 from __future__ import annotations
 
 import os
+import queue
+import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,31 +55,95 @@ class RunResult:
     store: Path
     computed: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
+    io_wait_s: float = 0.0  # time the compute waited for reads (and downloads)
+    compute_s: float = 0.0
 
 
-def compute_step(
-    checkpoint,
-    layout: Layout,
-    geometry: Geometry,
-    *,
-    block_rows: int,
-    on_layer: Callable[[int], None] = lambda layer: None,
-) -> tuple[dict[str, np.ndarray], str]:
-    """Every statistic of one checkpoint, (layer, head, matrix, ...) arrays; and its dtype."""
-    dtypes: set[str] = set()
+@dataclass
+class _Layer:
+    step: int
+    layer: int
+    wq: np.ndarray
+    wk: np.ndarray
+    geometry: Geometry
 
-    def lookup(name: str):
-        tensor = checkpoint.tensor(name)
-        dtypes.add(str(tensor.dtype))
-        return tensor
 
-    per_layer = []
-    for layer in range(geometry.n_layers):
-        wq, wk = layout.extract(lookup, layer, geometry)
-        per_layer.append(layer_statistics(wq, wk, block_rows=block_rows))
-        on_layer(layer)
-    results = {name: np.stack([r[name] for r in per_layer]) for name in per_layer[0]}
-    return results, ",".join(sorted(dtypes))
+@dataclass
+class _StepEnd:
+    step: int
+    checkpoint: object
+    layout: Layout
+    dtype: str
+
+
+_FINISHED = object()
+
+
+class _Reader(threading.Thread):
+    """Reads layer factors ahead of the compute, across step boundaries.
+
+    The queue holds at most ``depth`` layers, so memory stays bounded; the next checkpoint
+    is opened (and its Q/K files fetched, for hub sources) while the current one computes.
+    Errors travel through the queue and are raised in the consumer, in step order.
+    """
+
+    def __init__(self, source: models.Source, todo: list[int], depth: int = 2):
+        super().__init__(daemon=True, name="spinjax-reader")
+        self.source, self.todo = source, todo
+        self.revision_of = dict(source.offered)
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _open(self, step: int):
+        revision = self.revision_of[step]
+        checkpoint = self.source.open(step, revision)
+        where = f"{self.source.source} ({revision})"
+        layout = layout_for(checkpoint.config, where)
+        geometry = layout.geometry(checkpoint.config, where)
+        for layer in range(geometry.n_layers):  # resolve names, open (download) their files
+            for name in layout.tensor_names(layer):
+                checkpoint.tensor(name)
+        return checkpoint, layout, geometry, where
+
+    def run(self) -> None:
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                opening = pool.submit(self._open, self.todo[0])
+                first = None
+                for i, step in enumerate(self.todo):
+                    checkpoint, layout, geometry, where = opening.result()
+                    if i + 1 < len(self.todo):
+                        opening = pool.submit(self._open, self.todo[i + 1])
+                    first = first or (layout.architecture, geometry)
+                    if (layout.architecture, geometry) != first:
+                        raise InputError(
+                            f"{where}: architecture or geometry differs from the run's first step"
+                        )
+                    dtypes: set[str] = set()
+
+                    def lookup(name: str, checkpoint=checkpoint, dtypes=dtypes):
+                        tensor = checkpoint.tensor(name)
+                        dtypes.add(str(tensor.dtype))
+                        return tensor
+
+                    for layer in range(geometry.n_layers):
+                        wq, wk = layout.extract(lookup, layer, geometry)
+                        if not self._put(_Layer(step, layer, wq, wk, geometry)):
+                            return
+                    if not self._put(_StepEnd(step, checkpoint, layout, ",".join(sorted(dtypes)))):
+                        return
+            self._put(_FINISHED)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._put(exc)
 
 
 def _done_steps(store_path: Path, key: str) -> set[int]:
@@ -91,6 +164,7 @@ def run(
     store_path: str | Path = DEFAULT_STORE,
     memory_budget: int | None = None,
     recompute: bool = False,
+    keep_downloads: bool = False,
     progress: Progress | None = None,
 ) -> RunResult:
     """Compute every requested step of ``model`` into the store; skip finished steps."""
@@ -106,35 +180,54 @@ def run(
         return result
 
     budget = memory_budget or default_memory_budget()
-    group = None
-    geometry = layout = None
-    for step in todo:
-        checkpoint = source.open(step, revision_of[step])
-        where = f"{source.source} ({revision_of[step]})"
-        this_layout = layout_for(checkpoint.config, where)
-        this_geometry = this_layout.geometry(checkpoint.config, where)
-        if geometry is None:
-            layout, geometry = this_layout, this_geometry
-            block_rows = block_rows_for_budget(geometry.n_heads, geometry.d_model, budget)
-            progress.on_plan(len(todo), geometry.n_layers)
-        elif (this_layout.architecture, this_geometry) != (layout.architecture, geometry):
-            raise InputError(f"{where}: architecture or geometry differs from the run's first step")
-        results, dtype = compute_step(
-            checkpoint, layout, geometry, block_rows=block_rows,
-            on_layer=lambda layer, step=step: progress.on_layer(step, layer),
-        )  # fmt: skip
-        if group is None:  # first step computed: the input is good, now touch the store
-            root = store.open_store(store_path, create=True)
-            group = store.ModelGroup.create_or_check(
-                root, source.key, geometry=geometry, n_sv=geometry.d_head,
-                attrs={"source": source.source, "architecture": layout.architecture, "dtype": dtype},
-            )  # fmt: skip
-            slots = {s: i for i, s, _ in group.plan([(s, revision_of[s]) for s in todo], recompute=recompute)}
-            group.start_run(todo)
-            store.consolidate(root)
-        group.write_step(slots[step], results)
-        result.computed.append(step)
-        progress.on_step(step)
+    reader = _Reader(source, todo)
+    reader.start()
+    group, per_layer, block_rows = None, [], None
+    try:
+        while True:
+            waited = time.perf_counter()
+            item = reader.queue.get()
+            result.io_wait_s += time.perf_counter() - waited
+            if item is _FINISHED:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            computing = time.perf_counter()
+            if isinstance(item, _Layer):
+                if block_rows is None:
+                    block_rows = block_rows_for_budget(item.geometry.n_heads, item.geometry.d_model, budget)
+                    progress.on_plan(len(todo), item.geometry.n_layers)
+                per_layer.append(layer_statistics(item.wq, item.wk, block_rows=block_rows))
+                progress.on_layer(item.step, item.layer)
+            else:
+                results = {name: np.stack([r[name] for r in per_layer]) for name in per_layer[0]}
+                per_layer = []
+                if group is None:  # first step computed: the input is good, now touch the store
+                    group, slots = _open_group(store_path, source, item, todo, recompute)
+                group.write_step(slots[item.step], results)
+                if not keep_downloads:
+                    source.evict(item.checkpoint)
+                result.computed.append(item.step)
+                progress.on_step(item.step)
+            result.compute_s += time.perf_counter() - computing
+    finally:
+        reader.stop.set()
+        reader.join()
     group.finish_run()
     store.consolidate(group.root)
     return result
+
+
+def _open_group(store_path: Path, source: models.Source, end: _StepEnd, todo: list[int], recompute: bool):
+    """Create or check the model group and plan the step slots; the store is written here first."""
+    geometry = end.layout.geometry(end.checkpoint.config, source.source)
+    root = store.open_store(store_path, create=True)
+    group = store.ModelGroup.create_or_check(
+        root, source.key, geometry=geometry, n_sv=geometry.d_head,
+        attrs={"source": source.source, "architecture": end.layout.architecture, "dtype": end.dtype},
+    )  # fmt: skip
+    revision_of = dict(source.offered)
+    planned = group.plan([(s, revision_of[s]) for s in todo], recompute=recompute)
+    group.start_run(todo)
+    store.consolidate(root)
+    return group, {s: i for i, s, _ in planned}
