@@ -171,7 +171,11 @@ class Checkpoint:
             names = sorted(p.name for p in directory.glob(pattern))
             if names:
                 return names
-        raise InputError(f"{self.label}: no weights found (*.safetensors or pytorch_model*.bin)")
+        raise InputError(
+            f"{self.label}: no weights found: none of {', '.join(WEIGHT_CANDIDATES)} "
+            "(nor other *.safetensors / pytorch_model*.bin) exists; for a hub repo, they are not on "
+            "the hub or not in the local cache"
+        )
 
     def _index_tensors(self) -> dict[str, str]:
         found = self._weight_map()
