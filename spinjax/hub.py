@@ -18,8 +18,11 @@ from .sources import Checkpoint
 
 _MISSING_FILE = (hf_errors.EntryNotFoundError, hf_errors.LocalEntryNotFoundError)
 _BAD_REFERENCE = (
-    hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError, hf_errors.GatedRepoError,
-)  # fmt: skip
+    hf_errors.RepositoryNotFoundError,
+    hf_errors.RevisionNotFoundError,
+    hf_errors.GatedRepoError,
+    hf_errors.HFValidationError,  # a malformed repo id
+)
 
 
 def hub_fetch(repo: str, revision: str, downloaded: list[Path]):

@@ -109,10 +109,13 @@ def resolve(model: str) -> Source:
         source.key = "tiny-pythia"
         source.source = "tiny-pythia (embedded, trained by spinjax)"
         return source
-    if model in KNOWN or "/" in model:
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1
+    if model in KNOWN or ("/" in model and not looks_like_path):
         from .hub import hub_source
 
         return hub_source(model)
+    if looks_like_path:
+        raise InputError(f"--model {model!r}: no such directory")
     close = difflib.get_close_matches(model, [*KNOWN, "tiny-pythia"], n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see `spinjax models`"
     raise InputError(f"--model {model!r}: no such directory and not a known model name{hint}")

@@ -146,15 +146,12 @@ class _Reader(threading.Thread):
             self._put(exc)
 
 
-def _done_steps(store_path: Path, key: str) -> set[int]:
-    """Finished steps of ``key`` in an existing store (checks the schema); empty if none."""
-    if not store_path.exists():
-        return set()
+def _existing_group(store_path: Path, key: str) -> store.ModelGroup | None:
+    """The model group ``key`` of an existing store (its schema checked), or None."""
+    if not store_path.exists() or (store_path.is_dir() and not any(store_path.iterdir())):
+        return None
     root = store.open_store(store_path, create=False)
-    if key not in root:
-        return set()
-    group = store.ModelGroup(root, key)
-    return {s for s, d in zip(group.steps, group.done, strict=True) if d}
+    return store.ModelGroup(root, key) if key in root else None
 
 
 def run(
@@ -173,7 +170,12 @@ def run(
     source = models.resolve(model)
     revision_of = dict(source.offered)
     chosen = select_steps(steps, list(revision_of))
-    finished = set() if recompute else _done_steps(store_path, source.key)
+    existing = _existing_group(store_path, source.key)
+    finished = set()
+    if existing is not None:
+        existing.check_source(source.source)  # never call another model's results "done"
+        if not recompute:
+            finished = {s for s, d in zip(existing.steps, existing.done, strict=True) if d}
     todo = [s for s in chosen if s not in finished]
     result = RunResult(source.key, store_path, skipped=[s for s in chosen if s in finished])
     if not todo:
@@ -223,8 +225,8 @@ def _open_group(store_path: Path, source: models.Source, end: _StepEnd, todo: li
     geometry = end.layout.geometry(end.checkpoint.config, source.source)
     root = store.open_store(store_path, create=True)
     group = store.ModelGroup.create_or_check(
-        root, source.key, geometry=geometry, n_sv=geometry.d_head,
-        attrs={"source": source.source, "architecture": end.layout.architecture, "dtype": end.dtype},
+        root, source.key, geometry=geometry, architecture=end.layout.architecture, n_sv=geometry.d_head,
+        attrs={"source": source.source, "dtype": end.dtype},
     )  # fmt: skip
     revision_of = dict(source.offered)
     planned = group.plan([(s, revision_of[s]) for s in todo], recompute=recompute)

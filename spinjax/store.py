@@ -113,20 +113,25 @@ class ModelGroup:
         key: str,
         *,
         geometry: Geometry,
+        architecture: str,
         attrs: dict[str, Any],
         n_sv: int,
     ) -> ModelGroup:
         """The model group ``key``, created with coordinates if new, else checked to match."""
         if key in root:
-            group = root[key]
-            stored = {k: group.attrs.get(k) for k in asdict(geometry)}
-            if stored != asdict(geometry):
-                raise InputError(
-                    f"store group {key!r} holds a model of geometry {stored}, not {asdict(geometry)}"
-                )
-            return cls(root, key)
+            existing = cls(root, key)
+            existing.check_holds(geometry, architecture)
+            return existing
         group = root.create_group(key)
-        group.attrs.update({**attrs, **asdict(geometry), "spinjax_version": __version__, "runs": []})
+        group.attrs.update(
+            {
+                **attrs,
+                "architecture": architecture,
+                **asdict(geometry),
+                "spinjax_version": __version__,
+                "runs": [],
+            }
+        )
         g = geometry
         coords = {
             "layer": np.arange(g.n_layers, dtype=np.int32),
@@ -161,6 +166,24 @@ class ModelGroup:
             )  # fmt: skip
             arr.attrs["coordinates"] = "revision"
         return cls(root, key)
+
+    def check_source(self, source: str) -> None:
+        """Refuse a run of another source under this key (e.g. two directories of one name)."""
+        stored = self.group.attrs.get("source")
+        if stored != source:
+            raise InputError(
+                f"store group {self.key!r} holds results of {stored!r}, not of {source!r}; "
+                "use another --store"
+            )
+
+    def check_holds(self, geometry: Geometry, architecture: str) -> None:
+        """Refuse to mix another model into this group (same key, other architecture or shape)."""
+        want = {"architecture": architecture, **asdict(geometry)}
+        stored = {k: self.group.attrs.get(k) for k in want}
+        if stored != want:
+            raise InputError(
+                f"store group {self.key!r} holds another architecture or geometry: {stored}, not {want}"
+            )
 
     def plan(self, requested: Sequence[tuple[int, str]], *, recompute: bool) -> list[tuple[int, int, str]]:
         """Indices to compute for the requested (step, revision) pairs, appending new steps.

@@ -1,0 +1,325 @@
+"""The command line (SPEC section 2): commands, exit codes, messages, and a store left intact."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+from safetensors.numpy import load_file, save_file
+
+from spinjax.cli import main
+from spinjax.models import PYTHIA_STEPS
+
+KEY = "gpt_neox"
+NEOX = Path(__file__).parent / "fixtures" / "extraction" / KEY  # also in conftest
+
+
+def _spinjax_command() -> list[str]:
+    """The installed console script (next to this interpreter, or on PATH), else ``-m``."""
+    beside = Path(sys.executable).parent / "spinjax"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
+    found = shutil.which("spinjax")
+    if found:
+        return [found]
+    try:
+        import spinjax.cli  # noqa: F401
+    except ImportError:
+        pytest.skip("neither a spinjax console script nor an importable spinjax.cli")
+    return [sys.executable, "-m", "spinjax.cli"]
+
+
+def _subprocess(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [*_spinjax_command(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+# ---- the installed script, in a pipe ----------------------------------------------------
+
+
+def test_console_script_run_then_show(tmp_path):
+    store = tmp_path / "cli.zarr"
+    done = _subprocess("run", "--model", str(NEOX), "--store", str(store), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # no progress bar (nor anything else) in a pipe
+    assert re.search(rf"^{KEY}: 1 step\(s\) computed\b.*\b0 already done", done.stdout, re.M)
+    root = zarr.open_group(str(store), mode="r", zarr_format=3)
+    assert root.attrs["spinjax"]["schema"] == 1
+    assert root[KEY]["done"][:].tolist() == [True]
+
+    shown = _subprocess("show", str(store), cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stderr == ""
+    assert f"[{KEY}] gpt_neox" in shown.stdout
+    assert "steps done 1 / requested 1" in shown.stdout
+    assert "d_model=96 layers=2 heads=6 kv_heads=6 d_head=16" in shown.stdout
+    assert "schema 1" in shown.stdout
+
+
+def test_console_script_bad_input_exits_2_without_traceback(tmp_path):
+    done = _subprocess("steps", "pythya-70m", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "pythia-70m" in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == ""
+
+
+# ---- run, show, models, steps in process -------------------------------------------------
+
+
+def test_run_prints_a_summary_and_quiet_prints_nothing(tmp_path):
+    store = tmp_path / "s.zarr"
+    result = invoke("run", "--model", str(NEOX), "--store", str(store), "--quiet")
+    assert result.exit_code == 0
+    assert result.stdout == "" and result.stderr == ""
+    assert zarr.open_group(str(store), mode="r")[KEY]["done"][:].tolist() == [True]
+
+    again = invoke("run", "--model", str(NEOX), "--store", str(store))
+    assert again.exit_code == 0
+    assert re.search(rf"^{KEY}: 0 step\(s\) computed\b.*\b1 already done\b.*{store}$", again.stdout, re.M)
+    assert again.stderr == ""
+
+
+def test_run_recompute_and_memory_budget(store_copy, neox_store):
+    result = invoke(
+        "run", "--model", str(NEOX), "--store", str(store_copy), "--recompute", "--memory-budget", "1MiB"
+    )
+    assert result.exit_code == 0, result.output
+    assert re.search(r"1 step\(s\) computed\b.*\b0 already done", result.stdout)
+    a = zarr.open_group(str(store_copy), mode="r")[KEY]
+    b = zarr.open_group(str(neox_store), mode="r")[KEY]
+    assert a["done"][:].tolist() == [True]
+    for name in ("mean", "std", "singular_values", "kl_gauss", "entropy"):  # other W_QK blocking
+        np.testing.assert_allclose(a[name][:], b[name][:], rtol=1e-5, atol=1e-6, err_msg=name)
+    for name in ("zhist", "hist"):  # only entries within float32 rounding of an edge may move
+        assert np.array_equal(a[name][:].sum(-1), b[name][:].sum(-1))
+        assert np.abs(a[name][:].astype(int) - b[name][:].astype(int)).sum() <= 4
+    assert len(a.attrs["runs"]) == 2
+
+
+def test_bad_memory_budget_is_usage_error(tmp_path):
+    result = invoke(
+        "run", "--model", str(NEOX), "--store", str(tmp_path / "s.zarr"), "--memory-budget", "lots"
+    )
+    assert result.exit_code == 2
+    assert "lots" in result.stderr
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_show(neox_store):
+    result = invoke("show", str(neox_store))
+    assert result.exit_code == 0
+    assert f"[{KEY}] gpt_neox from {NEOX.resolve()} (dtype float16)" in result.stdout
+    assert "steps done 1 / requested 1: [-1]" in result.stdout
+    info = json.loads(invoke("show", str(neox_store), "--json").stdout)
+    assert info["schema"] == 1
+    m = info["models"][KEY]
+    assert (m["steps_done"], m["steps_requested"], m["steps"]) == (1, 1, [-1])
+    assert m["d_model"] == 96 and m["n_heads"] == 6 and m["dtype"] == "float16"
+
+
+def test_show_of_no_store_exits_2(tmp_path):
+    result = invoke("show", str(tmp_path / "missing.zarr"))
+    assert result.exit_code == 2
+    assert "missing.zarr" in result.stderr and "not a Zarr store" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_models_table_and_json():
+    result = invoke("models")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    header = lines[0].split()
+    rows = {line.split()[0]: dict(zip(header, line.split(), strict=False)) for line in lines[2:]}
+    row = rows["pythia-12b"]
+    assert (row["d_model"], row["n_heads"], row["n_kv_heads"], row["d_head"], row["steps"]) == (
+        "5120", "40", "40", "128", "154"
+    )  # fmt: skip
+    assert "pythia-70m-deduped" in rows and "gpt2" in rows
+
+    data = json.loads(invoke("models", "--json").stdout)
+    by_name = {m["name"]: m for m in data}
+    p = by_name["pythia-12b"]
+    assert (p["d_model"], p["n_heads"], p["n_kv_heads"], p["d_head"], p["n_layers"], p["steps"]) == (
+        5120, 40, 40, 128, 36, 154
+    )  # fmt: skip
+    assert p["repo"] == "EleutherAI/pythia-12b"
+    assert by_name["pythia-70m"]["d_model"] == 512 and by_name["pythia-70m"]["n_heads"] == 8
+    assert by_name["llama-3.1-8b"]["n_kv_heads"] == 8
+
+
+def test_steps_of_pythia():
+    result = invoke("steps", "pythia-70m")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert len(lines) == 154
+    assert lines[0] == "0\tstep0" and lines[1] == "1\tstep1" and lines[11] == "1000\tstep1000"
+    assert [int(line.split("\t")[0]) for line in lines] == list(PYTHIA_STEPS)
+    assert lines[-1].startswith("143000\t")
+
+
+def test_steps_of_a_local_checkpoint():
+    result = invoke("steps", str(NEOX))
+    assert result.exit_code == 0
+    assert result.stdout.splitlines() == [f"-1\t{NEOX.resolve()}"]
+
+
+def test_version_and_help():
+    assert invoke("--version").exit_code == 0
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("run", "models", "steps", "show"):
+        assert command in result.stdout
+
+
+# ---- bad input: exit 2, message names the culprit, store untouched -----------------------
+
+
+def _write_without(directory: Path, tensor: str) -> None:
+    path = directory / "model.safetensors"
+    tensors = load_file(str(path))
+    del tensors[tensor]
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+@pytest.fixture
+def broken(tmp_path) -> dict[str, tuple[list[str], list[str]]]:
+    """case -> (run arguments, texts the message must contain)."""
+    missing = tmp_path / "missing_tensor"
+    shutil.copytree(NEOX, missing)
+    tensor = "gpt_neox.layers.1.attention.query_key_value.weight"
+    _write_without(missing, tensor)
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(NEOX, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    mamba = tmp_path / "mamba"
+    shutil.copytree(NEOX, mamba)
+    config = json.loads((mamba / "config.json").read_text())
+    config["model_type"] = "mamba"
+    (mamba / "config.json").write_text(json.dumps(config))
+
+    return {
+        "unknown name": (["--model", "pythya-70m"], ["pythya-70m", "pythia-70m"]),
+        "missing tensor": (["--model", str(missing)], [tensor, str(missing)]),
+        "truncated file": (["--model", str(truncated)], [str(weights)]),
+        "unknown architecture": (
+            ["--model", str(mamba)],
+            ["mamba", "gpt2", "gpt_neox", "llama", "mistral", "qwen2", "bert"],
+        ),
+        "step not offered": (["--model", str(NEOX), "--steps", "5"], ["5", "nearest: -1"]),
+        "range selecting nothing": (["--model", str(NEOX), "--steps", "0:100"], ["0:100"]),
+        "garbage steps": (["--model", str(NEOX), "--steps", "last,x"], ["'x'"]),
+    }
+
+
+CASES = [
+    "unknown name",
+    "missing tensor",
+    "truncated file",
+    "unknown architecture",
+    "step not offered",
+    "range selecting nothing",
+    "garbage steps",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_exits_2_and_leaves_store_as_it_was(case, broken, store_copy, snapshot, tmp_path):
+    args, texts = broken[case]
+    before = snapshot(store_copy)
+    result = invoke("run", *args, "--store", str(store_copy))
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: ")
+    assert "Traceback" not in result.output
+    for text in texts:
+        assert text in result.stderr, (text, result.stderr)
+    assert snapshot(store_copy) == before
+
+    fresh = tmp_path / "fresh.zarr"  # a store that does not exist yet is not created
+    assert invoke("run", *args, "--store", str(fresh)).exit_code == 2
+    assert not fresh.exists()
+
+
+def test_bad_input_with_debug_shows_traceback(broken, tmp_path):
+    args, _ = broken["missing tensor"]
+    result = invoke("run", *args, "--store", str(tmp_path / "s.zarr"), "--debug")
+    assert result.exit_code == 2
+    assert "Traceback" in result.stderr and "InputError" in result.stderr
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_nonexistent_path_exits_2(relative, store_copy, snapshot, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = "./no/such/checkpoint" if relative else str(tmp_path / "no" / "such" / "checkpoint")
+    before = snapshot(store_copy)
+    result = invoke("run", "--model", path, "--store", str(store_copy))
+    assert snapshot(store_copy) == before
+    assert "Traceback" not in result.output
+    assert result.exit_code == 2, result.output
+    assert path in result.stderr
+
+
+def test_store_of_another_schema_exits_2(store_copy, snapshot):
+    root = zarr.open_group(str(store_copy), mode="r+", zarr_format=3)
+    root.attrs["spinjax"] = {"version": "9.9.9", "schema": 2}
+    before = snapshot(store_copy)
+    result = invoke("run", "--model", str(NEOX), "--store", str(store_copy))
+    assert result.exit_code == 2
+    assert "schema 2" in result.stderr and str(store_copy) in result.stderr
+    assert "Traceback" not in result.output
+    assert snapshot(store_copy) == before
+    shown = invoke("show", str(store_copy))
+    assert shown.exit_code == 2 and "schema 2" in shown.stderr
+
+
+def test_store_that_is_not_a_store_exits_2(tmp_path, snapshot):
+    path = tmp_path / "notes"
+    path.mkdir()
+    (path / "a.txt").write_text("keep")
+    result = invoke("run", "--model", str(NEOX), "--store", str(path))
+    assert result.exit_code == 2
+    assert str(path) in result.stderr and "Traceback" not in result.output
+    assert snapshot(path) == {"a.txt": b"keep"}
+
+
+# ---- internal failure: exit 1 ------------------------------------------------------------
+
+
+def test_internal_failure_exits_1(monkeypatch, store_copy, snapshot):
+    import spinjax.pipeline
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(spinjax.pipeline, "layer_statistics", boom)
+    before = snapshot(store_copy)
+    args = ["run", "--model", str(NEOX), "--store", str(store_copy), "--recompute"]
+    result = invoke(*args)
+    assert result.exit_code == 1
+    assert "internal error: RuntimeError: kernel exploded" in result.stderr
+    assert "--debug" in result.stderr
+    assert "Traceback" not in result.output
+    assert snapshot(store_copy) == before
+
+    debug = invoke(*args, "--debug")
+    assert debug.exit_code == 1
+    assert "Traceback" in debug.stderr and "kernel exploded" in debug.stderr
+    assert snapshot(store_copy) == before
