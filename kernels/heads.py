@@ -28,9 +28,15 @@ BYTES_PER_BLOCK_ENTRY = 32
 
 
 def block_rows_for_budget(n_heads: int, d_model: int, budget_bytes: int) -> int:
-    """Rows of W_QK formed at once so that a block of all heads fits in ``budget_bytes``."""
+    """Rows of W_QK formed at once so that a block of all heads fits in ``budget_bytes``.
+
+    A divisor of d_model when one is at least half the affordable rows: then no block needs
+    padding rows, which would force the slower masked pass.
+    """
     per_row = BYTES_PER_BLOCK_ENTRY * n_heads * d_model
-    return int(max(1, min(d_model, budget_bytes // per_row)))
+    rows = int(max(1, min(d_model, budget_bytes // per_row)))
+    divisor = max(r for r in range(1, rows + 1) if d_model % r == 0)
+    return divisor if 2 * divisor >= rows else rows
 
 
 def expand_kv(wk: jax.Array, n_heads: int) -> jax.Array:
@@ -66,11 +72,14 @@ def qk_moments_from_factors(wq: jax.Array, wk: jax.Array) -> tuple[jax.Array, ja
     return mean, jnp.sqrt(var)
 
 
-@partial(jax.jit, static_argnames=("block_rows",))
+@partial(jax.jit, static_argnames=("block_rows", "masked"))
 def qk_sums(
-    wq: jax.Array, wk: jax.Array, shift: jax.Array, scale: jax.Array, *, block_rows: int
+    wq: jax.Array, wk: jax.Array, shift: jax.Array, scale: jax.Array, *, block_rows: int, masked: bool
 ) -> elements.Sums:
-    """One pass over every W_QK^h = wq[h]^T wk[h], formed ``block_rows`` rows at a time."""
+    """One pass over every W_QK^h = wq[h]^T wk[h], formed ``block_rows`` rows at a time.
+
+    ``masked=False`` assumes every entry finite (see :func:`elements.add_block`).
+    """
     n_heads, _, d = wq.shape
     n_blocks = -(-d // block_rows)
     pad = n_blocks * block_rows - d
@@ -82,7 +91,7 @@ def qk_sums(
         q_rows = jax.lax.dynamic_slice_in_dim(wq, start, block_rows, axis=2)
         block = jnp.einsum("har,hac->hrc", q_rows, wk, precision=_HIGHEST)
         rows = (start + jnp.arange(block_rows) < d) if pad else None
-        return elements.add_block(acc, block, shift, scale, rows)
+        return elements.add_block(acc, block, shift, scale, rows, masked=masked or bool(pad))
 
     return jax.lax.fori_loop(0, n_blocks, body, elements.empty_sums(n_heads))
 
@@ -127,13 +136,18 @@ def layer_statistics(wq, wk, *, block_rows: int) -> dict[str, np.ndarray]:
     guessed = jnp.isfinite(shift) & jnp.isfinite(scale)
     shift = jnp.where(guessed, shift, 0.0)
     scale = jnp.where(guessed, scale, 1.0)
-    sums = qk_sums(wq, wk_per_head, shift, scale, block_rows=block_rows)
+    # Finite factors (the rule) make finite products unless they overflow: try unmasked first.
+    masked = not bool(guessed.all())
+    sums = qk_sums(wq, wk_per_head, shift, scale, block_rows=block_rows, masked=masked)
+    if not masked and bool(elements.saw_nonfinite(sums).any()):
+        masked = True
+        sums = qk_sums(wq, wk_per_head, shift, scale, block_rows=block_rows, masked=True)
     if bool(elements.needs_refinement(sums, shift, scale).any()):
         # The guess was off (non-finite factors, or cancellation in the Gram formula): bin
         # again with the measured mean and std, which are exact whatever the shift was.
         shift, m2, _, _ = elements.central_moments(sums, shift)
         scale = jnp.sqrt(m2)
-        sums = qk_sums(wq, wk_per_head, shift, scale, block_rows=block_rows)
+        sums = qk_sums(wq, wk_per_head, shift, scale, block_rows=block_rows, masked=masked)
 
     out = _summaries(
         _factor_sums(wq), _factor_sums(wk), (sums, shift), kv_of_head,

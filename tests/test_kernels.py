@@ -81,12 +81,14 @@ def _check_head(out, h, wq, wk_head):
         assert got["hist"].sum() == len(w)
 
 
+# 20 rows: 5 blocks, the last padded (masked pass); 32 rows divide 96 (unmasked fast pass)
+@pytest.mark.parametrize("block_rows", [20, 32])
 @pytest.mark.parametrize("kind", ["gaussian", "heavy", "two_point", "tiny_scale", "large_scale"])
-def test_layer_statistics_match_float64_reference(kind):
-    rng = np.random.default_rng(abs(hash(kind)) % 2**32)
+def test_layer_statistics_match_float64_reference(kind, block_rows):
+    rng = np.random.default_rng(sum(map(ord, kind)))
     wq, wk = (a.astype(np.float32) for a in _factors(kind, rng))
     group = wq.shape[0] // wk.shape[0]
-    out = layer_statistics(wq, wk, block_rows=20)  # 96 rows: 5 blocks, the last one padded
+    out = layer_statistics(wq, wk, block_rows=block_rows)
     for h in range(wq.shape[0]):
         _check_head(out, h, wq[h], wk[h // group])
 
@@ -163,6 +165,26 @@ def test_spectral_summaries_hand_computed():
     assert got["spectral_entropy"] == pytest.approx(-(p * np.log(p)).sum(), rel=1e-6)
     assert got["effective_rank"] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-6)
     assert got["condition_number"] == np.inf
+
+
+def test_overflow_to_inf_in_w_qk_is_caught_by_the_fast_pass():
+    # finite factors whose product overflows float32: the unmasked pass must notice and redo
+    wq = np.full((1, 2, 8), 1e20, np.float32)
+    wk = np.full((1, 2, 8), 1e20, np.float32)
+    out = layer_statistics(wq, wk, block_rows=4)
+    assert out["n_nonfinite"][0, 2] == 64 and out["n_nonfinite"][0, 0] == 0
+    assert np.isnan(out["mean"][0, 2]) and out["hist"][0, 2].sum() == 0
+
+
+def test_budget_prefers_block_sizes_that_divide_d_model():
+    from spinjax.kernels import block_rows_for_budget
+    from spinjax.kernels.heads import BYTES_PER_BLOCK_ENTRY
+
+    per_row = BYTES_PER_BLOCK_ENTRY * 16 * 2048
+    assert block_rows_for_budget(16, 2048, 300 * per_row) == 256  # 2048 = 8 * 256
+    assert block_rows_for_budget(16, 2048, 10**15) == 2048
+    assert block_rows_for_budget(4, 97, 60 * BYTES_PER_BLOCK_ENTRY * 4 * 97) == 60  # 97 is prime
+    assert block_rows_for_budget(16, 2048, 1) == 1
 
 
 def test_raw_grid_resolves_every_scale():
