@@ -192,6 +192,31 @@ def show(store_path: Path, as_json: bool, debug: bool) -> None:
                    + ", ".join(m["variables"]))  # fmt: skip
 
 
+@main.command()
+@click.option("--shapes", default="160m,1.4b", show_default=True, help="Comma list of 160m, 1.4b, 12b.")
+@click.option("--memory-budget", default="1GB", show_default=True, help="Bytes for W_QK blocks.")
+@click.option("--repeat", default=2, show_default=True, help="Timed repetitions (best kept).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def bench(shapes: str, memory_budget: str, repeat: int, as_json: bool) -> None:
+    """Kernel throughput (heads/s, GB/s, FLOP/s) on this machine's device, and its ratio to
+    the floor (matmul + one pass over W_QK + reading Q/K) measured in the same run."""
+    from spinjax.bench import SHAPES, markdown, measure_shape
+
+    names = [s.strip() for s in shapes.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        raise click.BadParameter(f"unknown shape(s) {unknown}; choose from {', '.join(SHAPES)}")
+    results = []
+    for name in names:
+        results.append(measure_shape(name, budget_bytes=_parse_size(memory_budget), repeat=repeat))
+        if not as_json:
+            click.echo(f"measured {name}", err=True)
+    if as_json:
+        click.echo(json.dumps([r.row() for r in results], indent=1))
+    else:
+        click.echo(markdown(results))
+
+
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
     lines = [header, ["-" * w for w in widths], *rows]

@@ -1,0 +1,141 @@
+"""Kernel throughput on this machine's device, against the floor measured in the same run.
+
+The floor of one layer is the unavoidable work: forming every head's W_QK once (one batched
+matmul, 2 * d_head * d_model^2 FLOPs per head, at the matmul rate measured here on the same
+block shape), one read of its entries (4 bytes each, at the bandwidth of a plain reduction
+measured here), and reading the layer's Q/K bytes (fp16, from a file just written, so from
+the page cache: an optimistic disk). ``spinjax bench`` prints the ratio of spinjax's time to it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .kernels import block_rows_for_budget, layer_statistics
+
+SHAPES = {  # name: (d_model, n_heads, d_head, n_layers), Pythia geometries
+    "160m": (768, 12, 64, 12),
+    "1.4b": (2048, 16, 128, 24),
+    "12b": (5120, 40, 128, 36),
+}
+
+
+@dataclass
+class ShapeResult:
+    shape: str
+    device: str
+    d_model: int
+    n_heads: int
+    d_head: int
+    n_layers: int
+    block_rows: int
+    layer_s: float  # spinjax, all statistics of one layer
+    matmul_s: float  # floor parts, one layer
+    pass_s: float
+    read_s: float
+    compile_s: float
+
+    @property
+    def floor_s(self) -> float:
+        return self.matmul_s + self.pass_s + self.read_s
+
+    @property
+    def heads_per_s(self) -> float:
+        return self.n_heads / self.layer_s
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.n_heads * self.d_head * self.d_model**2
+
+    @property
+    def entry_bytes(self) -> float:
+        return 4.0 * self.n_heads * self.d_model**2
+
+    def row(self) -> dict:
+        return {
+            **asdict(self),
+            "floor_s": self.floor_s,
+            "ratio_to_floor": self.layer_s / self.floor_s,
+            "heads_per_s": self.heads_per_s,
+            "achieved_gflops": self.flops / self.layer_s / 1e9,
+            "achieved_gbps": self.entry_bytes / self.layer_s / 1e9,
+            "checkpoint_s": self.layer_s * self.n_layers,
+            "checkpoint_floor_s": self.floor_s * self.n_layers,
+        }
+
+
+def _best(fn, repeat: int) -> float:
+    jax.block_until_ready(fn())
+    best = np.inf
+    for _ in range(repeat):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _read_time(wq: np.ndarray, wk: np.ndarray) -> float:
+    """Seconds to read one layer's Q and K (as fp16 safetensors) back from a file."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "layer.safetensors"
+        save_file({"q": wq.astype(np.float16), "k": wk.astype(np.float16)}, str(path))
+
+        def read():
+            with safe_open(str(path), framework="numpy") as f:
+                return f.get_tensor("q").astype(np.float32), f.get_tensor("k").astype(np.float32)
+
+        return _best(read, 3)
+
+
+def measure_shape(name: str, *, budget_bytes: int = 1 << 30, repeat: int = 2) -> ShapeResult:
+    """spinjax's time per layer at a Pythia shape, and the floor parts, on the default device."""
+    d, n_heads, d_head, n_layers = SHAPES[name]
+    rng = np.random.default_rng(0)
+    wq = (rng.standard_normal((n_heads, d_head, d)) * 0.02).astype(np.float32)
+    wk = (rng.standard_normal((n_heads, d_head, d)) * 0.02).astype(np.float32)
+    rows = block_rows_for_budget(n_heads, d, budget_bytes)
+
+    start = time.perf_counter()
+    layer_statistics(wq, wk, block_rows=rows)
+    compile_s = time.perf_counter() - start
+    layer_s = _best(lambda: layer_statistics(wq, wk, block_rows=rows), repeat)
+
+    # The floor on the same block shape: the batched matmul alone, and one read of a block.
+    q, k = jnp.asarray(wq[:, :, :rows]), jnp.asarray(wk)
+    form = jax.jit(lambda a, b: jnp.einsum("har,hac->hrc", a, b, precision="highest"))
+    block = form(q, k)
+    read_once = jax.jit(lambda x: x.sum())
+    n_blocks = d / rows
+    matmul_s = _best(lambda: form(q, k), repeat) * n_blocks
+    pass_s = _best(lambda: read_once(block), repeat) * n_blocks
+    return ShapeResult(
+        name, jax.devices()[0].device_kind, d, n_heads, d_head, n_layers, rows,
+        layer_s, matmul_s, pass_s, _read_time(wq, wk), compile_s,
+    )  # fmt: skip
+
+
+def markdown(results: list[ShapeResult]) -> str:
+    head = (
+        "| shape | device | heads/s | GFLOP/s | GB/s | s/layer | floor s/layer (matmul + pass + read) "
+        "| ratio to floor | s/checkpoint |\n|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for r in results:
+        x = r.row()
+        lines.append(
+            f"| {r.shape} (d {r.d_model}, {r.n_heads}x{r.d_head}) | {r.device} | {x['heads_per_s']:.1f} "
+            f"| {x['achieved_gflops']:.1f} | {x['achieved_gbps']:.2f} | {r.layer_s:.3f} "
+            f"| {r.floor_s:.3f} ({r.matmul_s:.3f} + {r.pass_s:.3f} + {r.read_s:.3f}) "
+            f"| {x['ratio_to_floor']:.2f}x | {x['checkpoint_s']:.1f} |"
+        )
+    return "\n".join(lines)
