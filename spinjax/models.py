@@ -80,20 +80,24 @@ class Source:
 
 
 def _local(path: Path) -> Source:
-    resolved = path.resolve()
-    key = resolved.name.replace("/", "__")
-    if (path / "config.json").exists() and not any(p.name.isdigit() for p in path.iterdir()):
-        return Source(key, str(resolved), [(-1, str(resolved))],
-                      lambda step, rev: Checkpoint(resolved, step=step, revision=rev))  # fmt: skip
+    """A local checkpoint: Flax msgpack, orbax steps (numbered folders) or HF layout, in that order."""
     from .jaxckpt import FlaxMsgpackModel, OrbaxModel
 
-    if path.is_file() and path.suffix == ".msgpack" or (path / "flax_model.msgpack").exists():
+    resolved = path.resolve()
+    key, single = resolved.name.replace("/", "__"), [(-1, str(resolved))]
+    if path.is_file() and path.suffix != ".msgpack":
+        raise InputError(f"{path}: a file; --model takes a checkpoint directory or a Flax .msgpack file")
+    if path.is_file() or (path / "flax_model.msgpack").exists():
         model = FlaxMsgpackModel(path)
-        return Source(key, str(resolved), [(-1, str(resolved))], lambda step, rev: model.checkpoint(step))
+        return Source(key, str(resolved), single, lambda step, rev: model.checkpoint(step))
     if any(p.name.isdigit() and p.is_dir() for p in path.iterdir()):
         model = OrbaxModel(path)
-        return Source(key, str(resolved), [(s, f"step{s}") for s in model.steps],
-                      lambda step, rev: model.checkpoint(step))  # fmt: skip
+        steps = [(s, f"step{s}") for s in model.steps]
+        return Source(key, str(resolved), steps, lambda step, rev: model.checkpoint(step))
+    if (path / "config.json").exists():
+        return Source(
+            key, str(resolved), single, lambda step, rev: Checkpoint(resolved, step=step, revision=rev)
+        )
     raise InputError(f"{path}: no config.json, Flax msgpack or orbax checkpoint steps found")
 
 

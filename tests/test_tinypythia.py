@@ -198,3 +198,49 @@ def test_errors_name_what_and_where(root, tmp_path):
         OrbaxModel(tmp_path / "nowhere")
     with pytest.raises(InputError, match="no finished orbax checkpoint steps"):
         OrbaxModel(tmp_path)
+
+
+def test_run_on_orbax_msgpack_and_hf_directories_gives_equal_stores(root, tmp_path):
+    """`spinjax run` resolves each local form and stores the same values for the same weights."""
+    import zarr
+
+    from spinjax.pipeline import run
+
+    step = tp.STEPS[-1]
+    params = tp.load_params(root, step)
+    config = (root / "config.json").read_text()
+    flax_dir = tmp_path / "flax"
+    flax_dir.mkdir()
+    (flax_dir / "flax_model.msgpack").write_bytes(serialization.to_bytes(params))
+    (flax_dir / "config.json").write_text(config)
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    save_file(
+        {
+            QKV.format(i): np.ascontiguousarray(
+                params["gpt_neox"]["layers"][str(i)]["attention"]["query_key_value"]["kernel"].T
+            )
+            for i in range(tp.N_LAYERS)
+        },
+        str(hf_dir / "model.safetensors"),
+    )
+    (hf_dir / "config.json").write_text(config)
+
+    stores = {}
+    for name, model, steps in (("orbax", root, str(step)), ("flax", flax_dir, "all"), ("hf", hf_dir, "all")):
+        stores[name] = tmp_path / f"{name}.zarr"
+        result = run(str(model), steps=steps, store_path=stores[name])
+        assert len(result.computed) == 1
+    groups = {
+        name: zarr.open_group(str(path), mode="r")[model.name]
+        for name, path, model in (
+            ("orbax", stores["orbax"], root),
+            ("flax", stores["flax"], flax_dir),
+            ("hf", stores["hf"], hf_dir),
+        )
+    }
+    assert list(groups["orbax"]["revision"][:]) == [f"step{step}"]
+    for var in ("std", "kurt", "entropy", "zhist", "hist", "singular_values"):
+        ref = groups["hf"][var][0]
+        for name in ("orbax", "flax"):
+            np.testing.assert_array_equal(groups[name][var][0], ref, err_msg=f"{name} {var}")
