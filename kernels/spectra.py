@@ -18,19 +18,22 @@ def _r_factor(w: jax.Array) -> jax.Array:
     return jnp.linalg.qr(jnp.swapaxes(w, -1, -2), mode="r")
 
 
+@jax.jit
 def factor_singular_values(wq: jax.Array, wk: jax.Array) -> jax.Array:
-    """Singular values, descending, of W_Q, W_K and W_QK per head.
+    """Singular values, descending, of W_Q, W_K and W_QK per query head.
 
     Args:
-      wq, wk: (H, d_head, d_model) per-head factors (K already repeated for GQA).
-        Non-finite entries are treated as zero.
+      wq: (H, d_head, d_model) query factors.
+      wk: (H_kv, d_head, d_model) key factors; query head h uses key head h // (H // H_kv),
+        and each key head is decomposed once. Non-finite entries are treated as zero.
 
     Returns:
       (H, 3, d_head) for the matrices (W_Q, W_K, W_QK) in that order.
     """
     wq = jnp.where(jnp.isfinite(wq), wq, 0.0)
     wk = jnp.where(jnp.isfinite(wk), wk, 0.0)
-    rq, rk = _r_factor(wq), _r_factor(wk)
+    rq = _r_factor(wq)
+    rk = jnp.repeat(_r_factor(wk), wq.shape[0] // wk.shape[0], axis=0)
     core = jnp.matmul(rq, jnp.swapaxes(rk, -1, -2), precision=_HIGHEST)
     svals = [jnp.linalg.svd(m, compute_uv=False) for m in (rq, rk, core)]
     return jnp.stack(svals, axis=-2)

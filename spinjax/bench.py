@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .kernels import block_rows_for_budget, layer_statistics
+from .kernels import block_entries_cap, block_rows_for_budget, layer_statistics
 
 SHAPES = {  # name: (d_model, n_heads, d_head, n_layers), Pythia geometries
     "160m": (768, 12, 64, 12),
@@ -103,7 +103,7 @@ def measure_shape(name: str, *, budget_bytes: int = 1 << 30, repeat: int = 2) ->
     rng = np.random.default_rng(0)
     wq = (rng.standard_normal((n_heads, d_head, d)) * 0.02).astype(np.float32)
     wk = (rng.standard_normal((n_heads, d_head, d)) * 0.02).astype(np.float32)
-    rows = block_rows_for_budget(n_heads, d, budget_bytes)
+    rows = block_rows_for_budget(n_heads, d, budget_bytes, max_entries=block_entries_cap())
 
     start = time.perf_counter()
     layer_statistics(wq, wk, block_rows=rows)
