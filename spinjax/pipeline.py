@@ -26,7 +26,7 @@ import numpy as np
 
 from . import DEFAULT_STORE, models, store
 from .errors import InputError
-from .kernels import block_rows_for_budget, layer_statistics
+from .kernels import block_entries_cap, block_rows_for_budget, layer_statistics
 from .layouts import Geometry, Layout, layout_for
 from .steps import select_steps
 
@@ -197,7 +197,9 @@ def run(
             computing = time.perf_counter()
             if isinstance(item, _Layer):
                 if block_rows is None:
-                    block_rows = block_rows_for_budget(item.geometry.n_heads, item.geometry.d_model, budget)
+                    block_rows = block_rows_for_budget(
+                        item.geometry.n_heads, item.geometry.d_model, budget, max_entries=block_entries_cap()
+                    )
                     progress.on_plan(len(todo), item.geometry.n_layers)
                 per_layer.append(layer_statistics(item.wq, item.wk, block_rows=block_rows))
                 progress.on_layer(item.step, item.layer)
