@@ -97,7 +97,8 @@ class _TorchBinTensor:
         self.dtype = str(self.file._file.dtype(self.name))
 
     def __getitem__(self, rows: slice) -> np.ndarray:
-        return self.file._file.get(self.name)[rows]
+        # a view on the memory map: only the indexed rows are read and copied
+        return np.array(self.file._file.get(self.name, copy=False)[rows])
 
 
 def _open_weights(path: Path):

@@ -121,27 +121,29 @@ def _hf_names():
     return [f.format(i) for i in range(tp.N_LAYERS) for f in (QKV, QKV_BIAS)]
 
 
-def test_orbax_msgpack_safetensors_round_trip(root, tmp_path):
-    step = tp.STEPS[-1]
-    orbax_ckpt = OrbaxModel(root).checkpoint(step)
-    assert (orbax_ckpt.step, orbax_ckpt.revision) == (step, f"step{step}")
+def _copies(root, step, tmp_path):
+    """The weights of one step saved as a Flax msgpack and as HF safetensors (dirs, tensors)."""
     params = tp.load_params(root, step)
     config = (root / "config.json").read_text()
-
-    flax_dir = tmp_path / "flax"
-    flax_dir.mkdir()
+    flax_dir, hf_dir = tmp_path / "flax", tmp_path / "hf"
+    for d in (flax_dir, hf_dir):
+        d.mkdir()
+        (d / "config.json").write_text(config)
     (flax_dir / "flax_model.msgpack").write_bytes(serialization.to_bytes(params))
-    (flax_dir / "config.json").write_text(config)
-
-    hf_dir = tmp_path / "hf"
-    hf_dir.mkdir()
     tensors = {}
     for i in range(tp.N_LAYERS):
         qkv = params["gpt_neox"]["layers"][str(i)]["attention"]["query_key_value"]
         tensors[QKV.format(i)] = np.ascontiguousarray(qkv["kernel"].T)
         tensors[QKV_BIAS.format(i)] = qkv["bias"]
     save_file(tensors, str(hf_dir / "model.safetensors"))
-    (hf_dir / "config.json").write_text(config)
+    return flax_dir, hf_dir, tensors
+
+
+def test_orbax_msgpack_safetensors_round_trip(root, tmp_path):
+    step = tp.STEPS[-1]
+    orbax_ckpt = OrbaxModel(root).checkpoint(step)
+    assert (orbax_ckpt.step, orbax_ckpt.revision) == (step, f"step{step}")
+    flax_dir, hf_dir, tensors = _copies(root, step, tmp_path)
 
     msgpack_model = FlaxMsgpackModel(flax_dir / "flax_model.msgpack")
     assert msgpack_model.steps == [-1]
@@ -207,24 +209,7 @@ def test_run_on_orbax_msgpack_and_hf_directories_gives_equal_stores(root, tmp_pa
     from spinjax.pipeline import run
 
     step = tp.STEPS[-1]
-    params = tp.load_params(root, step)
-    config = (root / "config.json").read_text()
-    flax_dir = tmp_path / "flax"
-    flax_dir.mkdir()
-    (flax_dir / "flax_model.msgpack").write_bytes(serialization.to_bytes(params))
-    (flax_dir / "config.json").write_text(config)
-    hf_dir = tmp_path / "hf"
-    hf_dir.mkdir()
-    save_file(
-        {
-            QKV.format(i): np.ascontiguousarray(
-                params["gpt_neox"]["layers"][str(i)]["attention"]["query_key_value"]["kernel"].T
-            )
-            for i in range(tp.N_LAYERS)
-        },
-        str(hf_dir / "model.safetensors"),
-    )
-    (hf_dir / "config.json").write_text(config)
+    flax_dir, hf_dir, _ = _copies(root, step, tmp_path)
 
     stores = {}
     for name, model, steps in (("orbax", root, str(step)), ("flax", flax_dir, "all"), ("hf", hf_dir, "all")):
