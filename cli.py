@@ -217,6 +217,117 @@ def bench(shapes: str, memory_budget: str, repeat: int, as_json: bool) -> None:
         click.echo(markdown(results))
 
 
+@main.command()
+@click.argument("store_path", metavar="STORE", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--model", "models", multiple=True,
+    help="Model key in the store (default: its only model). Repeat to overlay several models "
+    "in the cross-model figures (entropy-std, fit-kl-std); the first is plotted elsewhere.",
+)  # fmt: skip
+@click.option("--figure", "figures", multiple=True, help="Figure name (repeatable) or 'all'; see --list.")
+@click.option("--step", type=int, default=None, help="Step of the one-step figures [default: last done].")
+@click.option("--layer", type=int, default=None, help="Layer of the per-layer figures [default: 0].")
+@click.option("--head", type=int, default=None, help="Head of the per-head figures [default: 0].")
+@click.option("--matrix", default="W_QK", show_default=True, help="W_Q, W_K or W_QK.")
+@click.option("--stat", default="std", show_default=True, help="Statistic of stat-steps and animation.")
+@click.option(
+    "--out", default="figures", show_default=True, type=click.Path(path_type=Path), help="Output folder."
+)
+@click.option("--dpi", default=150, show_default=True, help="Resolution of the PNG (and GIF).")
+@click.option("--list", "list_figures", is_flag=True, help="Name every figure with one line each.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def plot(
+    store_path: Path | None,
+    models: tuple[str, ...],
+    figures: tuple[str, ...],
+    step: int | None,
+    layer: int | None,
+    head: int | None,
+    matrix: str,
+    stat: str,
+    out: Path,
+    dpi: int,
+    list_figures: bool,
+    debug: bool,
+) -> None:
+    """Draw figures of a model in STORE into --out: PNG and PDF (and GIF for the animation).
+
+    Files are named MODEL_FIGURE[_stepS][_layerL][_headH][_MATRIX][_STAT] after the options given.
+    """
+    from spinjax.plots import FIGURES
+
+    if list_figures:
+        width = max(map(len, FIGURES))
+        for name, (_, description) in FIGURES.items():
+            click.echo(f"{name.ljust(width)}  {description}")
+        return
+    if store_path is None:
+        raise click.UsageError("missing argument STORE (or --list to name the figures)")
+    if not figures:
+        raise click.UsageError("give --figure NAME (repeatable, or 'all'); --list names them")
+    with _errors(debug):
+        from spinjax.errors import InputError
+        from spinjax.plots import make_figure, save, select
+
+        names = list(FIGURES) if "all" in figures else list(dict.fromkeys(figures))
+        unknown = [n for n in names if n not in FIGURES]
+        if unknown:
+            raise InputError(f"no figure {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
+        sel = select(store_path, models[0] if models else None, step=step, layer=layer, head=head,
+                     matrix=matrix, stat=stat, others=list(models))  # fmt: skip
+        suffix = "".join(f"_{k}{v}" for k, v in (("step", step), ("layer", layer), ("head", head))
+                         if v is not None)  # fmt: skip
+        suffix += "".join(f"_{v}" for v, default in ((matrix, "W_QK"), (stat, "std")) if v != default)
+        skipped = []
+        for name in names:
+            try:
+                fig = make_figure(name, sel)
+            except InputError as exc:
+                if "all" not in figures:
+                    raise
+                skipped.append(f"{name}: {exc}")
+                continue
+            for path in save(fig, out / f"{sel.key}_{name}{suffix}", dpi=dpi):
+                click.echo(str(path))
+        for line in skipped:
+            click.echo(f"skipped {line}", err=True)
+
+
+@main.command()
+@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.option("--model", default=None, help="Model key in the store (default: its only model).")
+@click.option(
+    "--out", default="report", show_default=True, type=click.Path(path_type=Path),
+    help="Folder for index.html and its figures.",
+)  # fmt: skip
+@click.option("--embed", is_flag=True, help="Embed the figures in index.html (one file, data URIs).")
+@click.option("--step", type=int, default=None, help="Step of the one-step figures [default: last done].")
+@click.option("--layer", type=int, default=None, help="Layer of the per-layer figures [default: 0].")
+@click.option("--head", type=int, default=None, help="Head of the per-head figures [default: 0].")
+@click.option("--matrix", default="W_QK", show_default=True, help="W_Q, W_K or W_QK.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def report(
+    store_path: Path,
+    model: str | None,
+    out: Path,
+    embed: bool,
+    step: int | None,
+    layer: int | None,
+    head: int | None,
+    matrix: str,
+    debug: bool,
+) -> None:
+    """One static HTML page (out/index.html) with every figure the store allows for MODEL."""
+    with _errors(debug):
+        from spinjax.report import build_report
+
+        result = build_report(store_path, model, out, embed=embed, step=step, layer=layer,
+                              head=head, matrix=matrix)  # fmt: skip
+    click.echo(f"{result.path}: {len(result.figures)} figures")
+    for name, why in result.skipped.items():
+        click.echo(f"skipped {name}: {why}", err=True)
+
+
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
     lines = [header, ["-" * w for w in widths], *rows]
