@@ -78,6 +78,15 @@ def main() -> None:
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.option(
+    "--distributed",
+    is_flag=True,
+    help="Join JAX's multi-process runtime (auto-detected on SLURM, TPU, clouds) and split the steps: "
+    "step i of the list goes to process i % N.",
+)
+@click.option("--coordinator", metavar="HOST:PORT", help="Address of process 0 (implies --distributed).")
+@click.option("--num-processes", type=click.IntRange(min=1), help="Number of processes (with --coordinator).")
+@click.option("--process-id", type=click.IntRange(min=0), help="This process, 0..N-1 (with --coordinator).")
 def run(
     model: str,
     steps: str,
@@ -87,27 +96,45 @@ def run(
     keep_downloads: bool,
     quiet: bool,
     debug: bool,
+    distributed: bool,
+    coordinator: str | None,
+    num_processes: int | None,
+    process_id: int | None,
 ) -> None:
     """Compute every head's statistics for the requested steps of MODEL."""
+    from spinjax.pipeline import Interrupted, init_distributed
     from spinjax.pipeline import run as run_pipeline
 
     budget = _parse_size(memory_budget) if memory_budget else None
+    explicit = (coordinator, num_processes, process_id)
+    if any(x is not None for x in explicit) and None in explicit:
+        raise click.UsageError("--coordinator, --num-processes and --process-id go together")
+    if process_id is not None and process_id >= num_processes:
+        raise click.BadParameter(f"{process_id} is not below --num-processes {num_processes}")
     with _errors(debug), _progress(quiet) as progress:
-        result = run_pipeline(
-            model,
-            steps=steps,
-            store_path=store_path,
-            memory_budget=budget,
-            recompute=recompute,
-            keep_downloads=keep_downloads,
-            progress=progress,
-        )
+        index, count = init_distributed(*explicit) if distributed or coordinator else (0, 1)
+        try:
+            result = run_pipeline(
+                model,
+                steps=steps,
+                store_path=store_path,
+                memory_budget=budget,
+                recompute=recompute,
+                keep_downloads=keep_downloads,
+                progress=progress,
+                process_index=index,
+                process_count=count,
+            )
+        except Interrupted as exc:  # Ctrl-C: finished steps are kept, the run is marked interrupted
+            click.echo(f"interrupted: {exc}", err=True)
+            sys.exit(130)
     if not quiet:
         busy = result.io_wait_s + result.compute_s
         waited = f", {100 * result.io_wait_s / busy:.0f}% of it waiting for reads" if busy else ""
         click.echo(
             f"{result.key}: {len(result.computed)} step(s) computed in {busy:.1f} s{waited}; "
             f"{len(result.skipped)} already done; store {result.store}"
+            + (f"; process {index} of {count}" if count > 1 else "")
         )
 
 

@@ -9,16 +9,25 @@ The first step to compute is computed before the store is touched, so that bad i
 missing tensor, a wrong shape, an unknown architecture) leaves the store exactly as it was.
 Later steps are written as they finish; a failure leaves earlier steps done and the failed
 step's ``done`` false, to be redone by a rerun.
+
+Several processes may run on one store: metadata changes go through the store's lock
+(``store.locked``), and each step is claimed (a lock file per step) before it is read, so a
+step that another live process is computing is deferred, then skipped once that process has
+finished it (or taken over if it died). Ctrl-C finishes the current step, records the run as
+interrupted and raises :class:`Interrupted`; a second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +37,12 @@ from . import DEFAULT_STORE, models, store
 from .errors import InputError
 from .kernels import block_entries_cap, block_rows_for_budget, layer_statistics
 from .layouts import Geometry, Layout, layout_for
+from .locking import LockFile
 from .steps import select_steps
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C: the run stopped cleanly after a finished step (the message says where)."""
 
 
 def default_memory_budget() -> int:
@@ -47,6 +61,7 @@ class Progress:
     on_plan: Callable[[int, int], None] = lambda n_steps, n_layers: None
     on_layer: Callable[[int, int], None] = lambda step, layer: None
     on_step: Callable[[int], None] = lambda step: None
+    on_warning: Callable[[str], None] = lambda text: print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -57,6 +72,7 @@ class RunResult:
     skipped: list[int] = field(default_factory=list)
     io_wait_s: float = 0.0  # time the compute waited for reads (and downloads)
     compute_s: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -66,6 +82,7 @@ class _Layer:
     wq: np.ndarray
     wk: np.ndarray
     geometry: Geometry
+    tensors: list[str]  # where wq, wk come from, for messages
 
 
 @dataclass
@@ -76,7 +93,61 @@ class _StepEnd:
     dtype: str
 
 
+@dataclass
+class _Skip:
+    step: int  # finished by another process meanwhile
+
+
 _FINISHED = object()
+
+
+class _Claims:
+    """Per-step lock files inside the store: who computes which step (see module docstring)."""
+
+    def __init__(self, store_path: Path, key: str, recompute: bool):
+        self.store_path, self.key, self.recompute = store_path, key, recompute
+        self._held: dict[int, LockFile] = {}
+        self._mutex = threading.Lock()
+        # folders that claims may create before the store exists, removed again if it never does
+        self._missing = [p for p in (store_path, *store_path.parents) if not p.exists()]
+
+    def claim(self, step: int) -> bool:
+        """Take ``step`` unless another live process holds it (True also if held already)."""
+        with self._mutex:
+            if step in self._held:
+                return True
+            lock = LockFile(store.claim_path(self.store_path, self.key, step))
+            with _writing(self.store_path):
+                if not lock.try_acquire():
+                    return False
+            self._held[step] = lock
+            return True
+
+    def done_elsewhere(self, step: int) -> bool:
+        return not self.recompute and store.step_done(self.store_path, self.key, step)
+
+    def release(self, step: int) -> None:
+        with self._mutex:
+            lock = self._held.pop(step, None)
+        if lock is not None:
+            lock.release()
+
+    def release_all(self) -> None:
+        for step in list(self._held):
+            self.release(step)
+        if not (self.store_path / "zarr.json").exists():  # nothing written: leave no trace
+            meta = self.store_path / store.META_DIR
+            for folder in sorted((p for p in meta.rglob("*") if p.is_dir()), reverse=True) + [meta]:
+                _rmdir(folder)
+            for folder in self._missing:
+                _rmdir(folder)
+
+
+def _rmdir(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (another process uses it) or gone
+        pass
 
 
 class _Reader(threading.Thread):
@@ -87,9 +158,9 @@ class _Reader(threading.Thread):
     Errors travel through the queue and are raised in the consumer, in step order.
     """
 
-    def __init__(self, source: models.Source, todo: list[int], depth: int = 2):
+    def __init__(self, source: models.Source, todo: list[int], claims: _Claims, depth: int = 2):
         super().__init__(daemon=True, name="spinjax-reader")
-        self.source, self.todo = source, todo
+        self.source, self.todo, self.claims = source, todo, claims
         self.revision_of = dict(source.offered)
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
@@ -102,6 +173,41 @@ class _Reader(threading.Thread):
             except queue.Full:
                 continue
         return False
+
+    def _claimed_steps(self):
+        """The steps this process computes, in order, each claimed before it is read.
+
+        Steps claimed by another live process are deferred to the end and then waited for:
+        skipped when that process finishes them, computed here when it dies.
+        """
+        claims, deferred = self.claims, []
+
+        def take(step: int) -> bool:
+            if claims.done_elsewhere(step):
+                claims.release(step)
+                self._put(_Skip(step))
+                return False
+            return True
+
+        for step in self.todo:
+            if not claims.claim(step):
+                deferred.append(step)
+            elif take(step):
+                yield step
+        while deferred:
+            for step in deferred:
+                if claims.claim(step):
+                    deferred.remove(step)
+                    if take(step):
+                        yield step
+                    break
+            else:
+                if self.stop.wait(0.25):
+                    return
+
+    def _next(self, steps):
+        step = next(steps, None)
+        return None if step is None else (step, *self._open(step))
 
     def _open(self, step: int):
         revision = self.revision_of[step]
@@ -116,13 +222,13 @@ class _Reader(threading.Thread):
 
     def run(self) -> None:
         try:
-            with ThreadPoolExecutor(1) as pool:
-                opening = pool.submit(self._open, self.todo[0])
+            steps = self._claimed_steps()
+            with ThreadPoolExecutor(1) as pool:  # claims (and waits) and opens one step ahead
+                opening = pool.submit(self._next, steps)
                 first = None
-                for i, step in enumerate(self.todo):
-                    checkpoint, layout, geometry, where = opening.result()
-                    if i + 1 < len(self.todo):
-                        opening = pool.submit(self._open, self.todo[i + 1])
+                while (opened := opening.result()) is not None:
+                    step, checkpoint, layout, geometry, where = opened
+                    opening = pool.submit(self._next, steps)
                     first = first or (layout.architecture, geometry)
                     if (layout.architecture, geometry) != first:
                         raise InputError(
@@ -137,7 +243,8 @@ class _Reader(threading.Thread):
 
                     for layer in range(geometry.n_layers):
                         wq, wk = layout.extract(lookup, layer, geometry)
-                        if not self._put(_Layer(step, layer, wq, wk, geometry)):
+                        tensors = layout.tensor_names(layer)
+                        if not self._put(_Layer(step, layer, wq, wk, geometry, tensors)):
                             return
                     if not self._put(_StepEnd(step, checkpoint, layout, ",".join(sorted(dtypes)))):
                         return
@@ -148,7 +255,8 @@ class _Reader(threading.Thread):
 
 def _existing_group(store_path: Path, key: str) -> store.ModelGroup | None:
     """The model group ``key`` of an existing store (its schema checked), or None."""
-    if not store_path.exists() or (store_path.is_dir() and not any(store_path.iterdir())):
+    if not (store_path / "zarr.json").exists():
+        store.check_can_hold(store_path)  # a file or a foreign folder is refused before any work
         return None
     root = store.open_store(store_path, create=False)
     return store.ModelGroup(root, key) if key in root else None
@@ -163,8 +271,16 @@ def run(
     recompute: bool = False,
     keep_downloads: bool = False,
     progress: Progress | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> RunResult:
-    """Compute every requested step of ``model`` into the store; skip finished steps."""
+    """Compute every requested step of ``model`` into the store; skip finished steps.
+
+    With ``process_count`` > 1 (see :func:`init_distributed`) this process computes the
+    requested steps at positions ``process_index``, ``process_index + process_count``, ...;
+    every process plans all of them (the store's step order is the requested one whoever
+    comes first), and process 0 records the run once all processes have written their steps.
+    """
     progress = progress or Progress()
     store_path = Path(store_path)
     source = models.resolve(model)
@@ -176,62 +292,233 @@ def run(
         existing.check_source(source.source)  # never call another model's results "done"
         if not recompute:
             finished = {s for s, d in zip(existing.steps, existing.done, strict=True) if d}
-    todo = [s for s in chosen if s not in finished]
-    result = RunResult(source.key, store_path, skipped=[s for s in chosen if s in finished])
-    if not todo:
+    mine = set(chosen[process_index::process_count])  # step i of the list goes to process i % N
+    pending = [s for s in chosen if s not in finished]
+    todo = [s for s in pending if s in mine]
+    result = RunResult(source.key, store_path, skipped=[s for s in chosen if s in finished and s in mine])
+    already = len(result.skipped)
+    if not pending:
         return result
 
-    budget = memory_budget or default_memory_budget()
-    reader = _Reader(source, todo)
-    reader.start()
-    group, per_layer, block_rows = None, [], None
-    try:
-        while True:
-            waited = time.perf_counter()
-            item = reader.queue.get()
-            result.io_wait_s += time.perf_counter() - waited
-            if item is _FINISHED:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            computing = time.perf_counter()
-            if isinstance(item, _Layer):
-                if block_rows is None:
-                    block_rows = block_rows_for_budget(
-                        item.geometry.n_heads, item.geometry.d_model, budget, max_entries=block_entries_cap()
-                    )
-                    progress.on_plan(len(todo), item.geometry.n_layers)
-                per_layer.append(layer_statistics(item.wq, item.wk, block_rows=block_rows))
-                progress.on_layer(item.step, item.layer)
-            else:
-                results = {name: np.stack([r[name] for r in per_layer]) for name in per_layer[0]}
-                per_layer = []
-                if group is None:  # first step computed: the input is good, now touch the store
-                    group, slots = _open_group(store_path, source, item, todo, recompute)
-                group.write_step(slots[item.step], results)
-                if not keep_downloads:
-                    source.evict(item.checkpoint)
-                result.computed.append(item.step)
-                progress.on_step(item.step)
-            result.compute_s += time.perf_counter() - computing
-    finally:
-        reader.stop.set()
-        reader.join()
-    group.finish_run()
-    store.consolidate(group.root)
+    claims = _Claims(store_path, source.key, recompute)
+    writer = _Writer(store_path, source, pending, recompute, claims, records=process_index == 0,
+                     distributed=process_count > 1)  # fmt: skip
+    interrupted = False
+    if todo:
+        budget = memory_budget or default_memory_budget()
+        interrupted = _compute(source, todo, budget, claims, writer, result, progress, keep_downloads)
+    if process_count > 1:
+        _barrier("spinjax-run-end")  # every process has written its steps
+    writer.finish(interrupted=interrupted)
+    if interrupted:
+        left = len(todo) - len(result.computed) - (len(result.skipped) - already)
+        raise Interrupted(
+            f"stopped after {len(result.computed)} computed step(s)"
+            + (f" (last: step {result.computed[-1]})" if result.computed else "")
+            + f"; {left} step(s) left, rerun the same command to continue"
+        )
     return result
 
 
-def _open_group(store_path: Path, source: models.Source, end: _StepEnd, todo: list[int], recompute: bool):
-    """Create or check the model group and plan the step slots; the store is written here first."""
-    geometry = end.layout.geometry(end.checkpoint.config, source.source)
-    root = store.open_store(store_path, create=True)
-    group = store.ModelGroup.create_or_check(
-        root, source.key, geometry=geometry, architecture=end.layout.architecture, n_sv=geometry.d_head,
-        attrs={"source": source.source, "dtype": end.dtype},
-    )  # fmt: skip
-    revision_of = dict(source.offered)
-    planned = group.plan([(s, revision_of[s]) for s in todo], recompute=recompute)
-    group.start_run(todo)
-    store.consolidate(root)
-    return group, {s: i for i, s, _ in planned}
+def _compute(source, todo, budget, claims, writer, result, progress, keep_downloads) -> bool:
+    """Read, compute and write the steps ``todo``; True if stopped early by Ctrl-C."""
+    reader = _Reader(source, todo, claims)
+    per_layer, block_rows = [], None
+    with _StopAfterStep() as interrupt:
+        reader.start()
+        try:
+            while True:
+                waited = time.perf_counter()
+                try:
+                    item = reader.queue.get(timeout=0.2)  # a timeout, to notice Ctrl-C while waiting
+                except queue.Empty:
+                    item = None
+                result.io_wait_s += time.perf_counter() - waited
+                if item is None:
+                    if interrupt.requested and not per_layer:
+                        break  # Ctrl-C while waiting for reads or for another process
+                    continue
+                if item is _FINISHED:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, _Skip):
+                    result.skipped.append(item.step)
+                    progress.on_step(item.step)
+                    continue
+                computing = time.perf_counter()
+                if isinstance(item, _Layer):
+                    if block_rows is None:
+                        g = item.geometry
+                        block_rows = block_rows_for_budget(
+                            g.n_heads, g.d_model, budget, max_entries=block_entries_cap()
+                        )
+                        progress.on_plan(len(todo), g.n_layers)
+                    stats = layer_statistics(item.wq, item.wk, block_rows=block_rows)
+                    per_layer.append(stats)
+                    _warn_nonfinite(item, stats, source.source, result, progress)
+                    progress.on_layer(item.step, item.layer)
+                else:
+                    results = {name: np.stack([r[name] for r in per_layer]) for name in per_layer[0]}
+                    per_layer = []
+                    writer.write(item, results)
+                    result.computed.append(item.step)
+                    if not keep_downloads:
+                        source.evict(item.checkpoint)
+                    progress.on_step(item.step)
+                result.compute_s += time.perf_counter() - computing
+                if interrupt.requested and not per_layer:
+                    break
+        finally:
+            reader.stop.set()
+            reader.join()
+            claims.release_all()
+    return interrupt.requested
+
+
+def init_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> tuple[int, int]:
+    """Join JAX's multi-process runtime (explicit, or auto-detected on SLURM, TPU, clouds).
+
+    Returns (process index, process count) for :func:`run`.
+    """
+    import jax
+
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    except (RuntimeError, ValueError) as exc:
+        raise InputError(f"--distributed: cannot start or join the JAX distributed runtime: {exc}") from exc
+    return jax.process_index(), jax.process_count()
+
+
+def _barrier(name: str) -> None:
+    """Wait until every process of the distributed run gets here."""
+    from jax._src import distributed
+
+    client = getattr(distributed.global_state, "client", None)
+    if client is not None and hasattr(client, "wait_at_barrier"):
+        # the coordination service's own barrier: no devices, no compilation; fails when a
+        # process died (missed heartbeats) instead of waiting for ever
+        client.wait_at_barrier(name, 7 * 24 * 3600 * 1000)
+    else:  # public API, a tiny collective over every device
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+@dataclass
+class _Writer:
+    """Writes finished steps; opens (creates, plans) the model group at the first one."""
+
+    store_path: Path
+    source: models.Source
+    pending: list[int]  # every requested unfinished step (of every process), in order
+    recompute: bool
+    claims: _Claims
+    records: bool = True  # keeps the `runs` record (process 0 of a distributed run)
+    distributed: bool = False
+    group: store.ModelGroup | None = None
+    slots: dict[int, int] = field(default_factory=dict)
+    record: dict | None = None
+
+    def write(self, end: _StepEnd, results: dict[str, np.ndarray]) -> None:
+        """Write one (claimed) step, then give up its claim."""
+        step = end.step
+        with _writing(self.store_path):
+            if self.group is None:  # first step computed: the input is good, now touch the store
+                self._open(end)
+            self.group.write_step(self.slots[step], results)
+        self.claims.release(step)
+
+    def _open(self, end: _StepEnd) -> None:
+        """Create or check the model group, plan the step slots, record the run: under the lock."""
+        source = self.source
+        geometry = end.layout.geometry(end.checkpoint.config, source.source)
+        with store.locked(self.store_path) as root:
+            group = store.ModelGroup.create_or_check(
+                root, source.key, geometry=geometry, architecture=end.layout.architecture,
+                n_sv=geometry.d_head, attrs={"source": source.source, "dtype": end.dtype},
+            )  # fmt: skip
+            group.check_source(source.source)  # another process may have created it meanwhile
+            revision_of = dict(source.offered)
+            planned = group.plan([(s, revision_of[s]) for s in self.pending], recompute=self.recompute)
+            if self.records:
+                self.record = group.start_run(self.pending)
+            store.consolidate(root, source.key)
+        self.slots = {s: i for i, s, _ in planned}
+        # reopened, with the shapes just planned: the step chunks are written without the lock
+        self.group = store.ModelGroup(store.open_store(self.store_path, create=True, consolidated=False),
+                                      source.key)  # fmt: skip
+
+    def finish(self, *, interrupted: bool) -> None:
+        """Mark the run record finished (or interrupted) and consolidate, under the lock."""
+        if not self.records or (self.group is None and not self.distributed):
+            return  # (a process that wrote nothing records nothing, unless it speaks for all)
+        if not (self.store_path / "zarr.json").exists():
+            return
+        with _writing(self.store_path), store.locked(self.store_path) as root:
+            if self.source.key not in root:
+                return  # nothing was written
+            group = store.ModelGroup(root, self.source.key)
+            if self.record is None:  # a distributed run's process 0 without steps of its own
+                self.record = group.start_run(self.pending)
+            group.finish_run(self.record, interrupted=interrupted)
+            store.consolidate(root, self.source.key)
+
+
+class _StopAfterStep:
+    """Ctrl-C (SIGINT) sets ``requested`` instead of raising; a second one raises at once."""
+
+    def __enter__(self):
+        self.requested, self._previous = False, None
+        if threading.current_thread() is threading.main_thread():  # signals go to the main thread
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        message = "\ninterrupt: stopping after the current step (Ctrl-C again to stop now)"
+        print(message, file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+@contextmanager
+def _writing(store_path: Path):
+    """An OSError while writing the store (full disk, no permission) is bad input, not a bug."""
+    try:
+        yield
+    except (InputError, Interrupted):
+        raise
+    except OSError as exc:
+        raise store.StoreWriteError(
+            f"{store_path}: cannot write the store ({exc}); finished steps are kept, "
+            "rerun the same command when it is writable again"
+        ) from exc
+
+
+def _warn_nonfinite(item: _Layer, stats: dict, where: str, result: RunResult, progress: Progress) -> None:
+    """NaN/Inf weights are counted and left out of the statistics; say so, naming the tensor."""
+    bad = np.asarray(stats["n_nonfinite"])  # (heads, matrix)
+    if not bad.any():
+        return
+    heads = [int(h) for h in np.flatnonzero(bad[:, :2].any(axis=1))]
+    if heads:
+        what = (
+            f"{int(bad[:, 0].sum())} NaN/Inf entries in W_Q and {int(bad[:, 1].sum())} in W_K of "
+            f"heads {heads}, from {', '.join(item.tensors)}"
+        )
+    else:
+        heads = [int(h) for h in np.flatnonzero(bad[:, 2])]
+        what = f"W_QK of heads {heads} overflows float32 ({int(bad[:, 2].sum())} entries)"
+    text = (
+        f"{where} step {item.step} layer {item.layer}: {what}; statistics use the finite entries, "
+        "counts are in n_nonfinite"
+    )
+    result.warnings.append(text)
+    progress.on_warning(text)

@@ -4,14 +4,27 @@ Every array carries ``dimension_names``; coordinates are arrays named after thei
 (plus ``revision`` along ``step``), so ``xarray.open_zarr(path, group=key)`` gives a labelled
 Dataset. Data are chunked one step per chunk, and ``done[step]`` is written only after every
 array of that step, so a step with ``done`` false holds no trusted data.
+
+Crashes and concurrent writers: every metadata change (creating the store or a model group,
+appending steps, the ``runs`` attribute, consolidation) happens under the store's lock file
+(:func:`locked`) and ends with a consolidation, which is the commit: zarr-python replaces each
+file atomically, a new group is built aside and renamed into place, and a half-done append
+(a process killed between array resizes) is rolled back to the consolidated shapes by the next
+writer. Readers going through the consolidated metadata (xarray's default) always see a
+consistent store. Step data are written outside the lock: each step is its own chunks.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import os
+import shutil
 import socket
+import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,6 +37,7 @@ from . import SCHEMA, __version__
 from .errors import InputError
 from .kernels import bins
 from .layouts import Geometry
+from .locking import LockFile
 
 MATRICES = ("W_Q", "W_K", "W_QK")
 BASE_DIMS = ("step", "layer", "head", "matrix")
@@ -43,6 +57,11 @@ VARIABLES: dict[str, tuple[str | None, str, Any]] = {
     "singular_values": ("sv", "float32", np.nan),
 }
 _COMPRESSORS = (zarr.codecs.ZstdCodec(level=3),)
+META_DIR = ".spinjax"  # lock, step claims and groups being built; not a zarr node, readers skip it
+
+
+class StoreWriteError(InputError, OSError):
+    """The store cannot be written (permissions, full disk, read-only file system)."""
 
 
 def model_key(model: str) -> str:
@@ -56,27 +75,42 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _consolidate(path: Path) -> None:
+def _consolidate(path: Path, key: str | None = None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # consolidated metadata is a zarr-python extension
+        if key is not None:  # what xarray.open_zarr(store, group=key) reads
+            zarr.consolidate_metadata(str(path), path=key)
         zarr.consolidate_metadata(str(path))
 
 
-def open_store(path: str | Path, *, create: bool) -> zarr.Group:
-    """Open (or create) the store's root group, refusing anything that is not schema 1."""
-    path = Path(path)
+def check_can_hold(path: Path) -> None:
+    """Refuse a path that is a file, or a folder holding something else than a store."""
     if path.exists() and not path.is_dir():
         raise InputError(f"{path}: exists and is not a Zarr store directory")
+    if not (path / "zarr.json").exists() and path.exists():
+        if any(p.name != META_DIR for p in path.iterdir()):
+            raise InputError(f"{path}: directory is not empty and is not a Zarr store")
+
+
+def open_store(path: str | Path, *, create: bool, consolidated: bool = True) -> zarr.Group:
+    """Open (or create) the store's root group, refusing anything that is not schema 1.
+
+    ``consolidated=False`` reads every node's own metadata (what writers holding the lock
+    need); else the consolidated copy, the last committed state. Creating a store should
+    happen under :func:`locked` when other processes may create it too.
+    """
+    path = Path(path)
+    check_can_hold(path)
     if not (path / "zarr.json").exists():
         if not create:
             raise InputError(f"{path}: not a Zarr store (no zarr.json)")
-        if path.exists() and any(path.iterdir()):
-            raise InputError(f"{path}: directory is not empty and is not a Zarr store")
-        root = zarr.open_group(str(path), mode="w", zarr_format=3)
-        root.attrs["spinjax"] = {"version": __version__, "schema": SCHEMA}
-        return root
+        # one write of zarr.json with the attribute: a crash cannot leave an unmarked store
+        return zarr.create_group(
+            store=str(path), zarr_format=3, attributes={"spinjax": {"version": __version__, "schema": SCHEMA}}
+        )
     try:
-        root = zarr.open_group(str(path), mode="r+" if create else "r", zarr_format=3)
+        mode, use = ("r+" if create else "r"), (None if consolidated else False)
+        root = zarr.open_group(str(path), mode=mode, zarr_format=3, use_consolidated=use)
     except Exception as exc:
         raise InputError(f"{path}: cannot open as a Zarr v3 group ({exc})") from exc
     meta = root.attrs.get("spinjax")
@@ -90,13 +124,65 @@ def open_store(path: str | Path, *, create: bool) -> zarr.Group:
     return root
 
 
+@contextmanager
+def locked(path: str | Path) -> Iterator[zarr.Group]:
+    """The root group (created if missing), fresh from disk, with the store's lock held.
+
+    Everything that changes metadata goes in here and ends with :func:`consolidate`. Groups
+    left half-built by a killed process are removed first.
+    """
+    path = Path(path)
+    check_can_hold(path)  # refuse a foreign directory before writing into it
+    (path / META_DIR).mkdir(parents=True, exist_ok=True)
+    with LockFile(path / META_DIR / "lock"):
+        shutil.rmtree(path / META_DIR / "new", ignore_errors=True)  # only the lock holder builds there
+        for claim in (path / META_DIR / "claims").glob("*/*"):  # left by killed processes
+            if not claim.name.endswith(".break"):
+                LockFile(claim).break_if_stale()
+        yield open_store(path, create=True, consolidated=False)
+
+
+def claim_path(path: str | Path, key: str, step: int) -> Path:
+    """The lock file by which one process claims the computation of ``step`` of model ``key``."""
+    return Path(path) / META_DIR / "claims" / key / f"step{step}"
+
+
+def step_done(path: str | Path, key: str, step: int) -> bool:
+    """Whether ``step`` of ``key`` is done in the committed (consolidated) state of the store."""
+    if not (Path(path) / "zarr.json").exists():
+        return False
+    root = open_store(path, create=False)
+    if key not in root:
+        return False
+    group = ModelGroup(root, key)
+    return any(s == step and d for s, d in zip(group.steps, group.done, strict=True))
+
+
+def _committed_length(root: zarr.Group, key: str) -> int | None:
+    """Steps of ``key`` in its group's consolidated metadata (the last commit), if recorded."""
+    try:
+        meta = json.loads((Path(str(root.store.root)) / key / "zarr.json").read_text())
+        return int(meta["consolidated_metadata"]["metadata"]["step"]["shape"][0])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class ModelGroup:
     """One model's dataset inside the store."""
 
     def __init__(self, root: zarr.Group, key: str):
         self.root = root
         self.key = key
-        self.group = root[key]
+        if root.metadata.consolidated_metadata is None:
+            self._refresh()  # a writer's view (see open_store)
+        else:
+            self.group = root[key]
+
+    def _refresh(self) -> None:
+        """Read each array's own metadata: the group's consolidated copy (the last commit)
+        would hide steps appended, or half appended, since."""
+        mode = "r" if self.root.read_only else "r+"
+        self.group = zarr.open_group(store=self.root.store, path=self.key, mode=mode, use_consolidated=False)
 
     @property
     def steps(self) -> list[int]:
@@ -122,16 +208,13 @@ class ModelGroup:
             existing = cls(root, key)
             existing.check_holds(geometry, architecture)
             return existing
-        group = root.create_group(key)
-        group.attrs.update(
-            {
-                **attrs,
-                "architecture": architecture,
-                **asdict(geometry),
-                "spinjax_version": __version__,
-                "runs": [],
-            }
-        )
+        # Built under META_DIR and renamed into place, so a crash never leaves a half group.
+        store_path = Path(str(root.store.root))
+        building = store_path / META_DIR / "new" / f"{key}.{uuid.uuid4().hex}"
+        building.parent.mkdir(parents=True, exist_ok=True)
+        group_attrs = {**attrs, "architecture": architecture, **asdict(geometry),
+                       "spinjax_version": __version__, "runs": []}  # fmt: skip
+        group = zarr.create_group(store=str(building), zarr_format=3, attributes=group_attrs)
         g = geometry
         coords = {
             "layer": np.arange(g.n_layers, dtype=np.int32),
@@ -165,7 +248,9 @@ class ModelGroup:
                 compressors=_COMPRESSORS, dimension_names=list(dims),
             )  # fmt: skip
             arr.attrs["coordinates"] = "revision"
-        return cls(root, key)
+        os.rename(building, store_path / key)
+        _consolidate(store_path, key)  # the commit of the new group
+        return cls(zarr.open_group(str(store_path), mode="r+", zarr_format=3, use_consolidated=False), key)
 
     def check_source(self, source: str) -> None:
         """Refuse a run of another source under this key (e.g. two directories of one name)."""
@@ -189,20 +274,24 @@ class ModelGroup:
         """Indices to compute for the requested (step, revision) pairs, appending new steps.
 
         Finished steps are skipped unless ``recompute``; unfinished ones are redone in place.
-        Returns (index, step, revision) in the requested order.
+        Returns (index, step, revision) in the requested order. Call it under :func:`locked`;
+        it ends with the commit (consolidation) of what it appended.
         """
+        self._refresh()
+        self._repair()
         steps, done = self.steps, self.done
         position = {s: i for i, s in enumerate(steps)}
         new = [(s, r) for s, r in requested if s not in position]
         if new:
             n_old = len(steps)
-            for name in ("step", "revision", "done", *VARIABLES):
+            for name in ("revision", "done", *VARIABLES, "step"):  # `step` last: it indexes the rest
                 arr = self.group[name]
                 arr.resize((n_old + len(new),) + arr.shape[1:])
-            self.group["step"][n_old:] = np.array([s for s, _ in new], dtype=np.int64)
             self.group["revision"][n_old:] = np.array([r for _, r in new], dtype=object)
+            self.group["step"][n_old:] = np.array([s for s, _ in new], dtype=np.int64)
             for i, (s, _) in enumerate(new):
                 position[s] = n_old + i
+            _consolidate(Path(str(self.root.store.root)), self.key)
             done = np.concatenate([done, np.zeros(len(new), bool)])
         todo = []
         for s, r in requested:
@@ -211,6 +300,17 @@ class ModelGroup:
                 todo.append((i, s, r))
         return todo
 
+    def _repair(self) -> None:
+        """Roll back an append that a killed process left half done (arrays of unequal length)."""
+        names = ("step", "revision", "done", *VARIABLES)
+        lengths = {name: self.group[name].shape[0] for name in names}
+        committed = _committed_length(self.root, self.key)
+        target = min(lengths.values()) if committed is None else committed
+        for name, n in lengths.items():
+            if n != target:
+                arr = self.group[name]
+                arr.resize((target,) + arr.shape[1:])
+
     def write_step(self, index: int, results: dict[str, np.ndarray]) -> None:
         """Write every variable of one step (arrays shaped (layer, head, matrix, ...)), then done."""
         self.group["done"][index] = False
@@ -218,22 +318,30 @@ class ModelGroup:
             self.group[name][index] = np.asarray(results[name], dtype=dtype)
         self.group["done"][index] = True
 
-    def start_run(self, steps: Sequence[int]) -> None:
-        runs = list(self.group.attrs.get("runs", []))
-        runs.append({"started": _now(), "finished": None, "host": socket.gethostname(),
-                     "version": __version__, "steps": [int(s) for s in steps]})  # fmt: skip
-        self.group.attrs["runs"] = runs
+    def start_run(self, steps: Sequence[int]) -> dict[str, Any]:
+        """Append this run's provenance record (under :func:`locked`); returns the record."""
+        record = {"started": _now(), "finished": None, "host": socket.gethostname(),
+                  "version": __version__, "steps": [int(s) for s in steps]}  # fmt: skip
+        self.group.attrs["runs"] = [*self.group.attrs.get("runs", []), record]
+        return record
 
-    def finish_run(self) -> None:
+    def finish_run(self, record: dict[str, Any] | None = None, *, interrupted: bool = False) -> None:
+        """Mark ``record`` (default: the last run) finished, or stopped by an interrupt.
+
+        Concurrent runs append their own records, so the record is found by value.
+        """
         runs = list(self.group.attrs.get("runs", []))
-        if runs:
-            runs[-1] = {**runs[-1], "finished": _now()}
+        matches = [i for i, r in enumerate(runs) if record is None or r == record]
+        if matches:
+            end = {"finished": _now(), **({"interrupted": True} if interrupted else {})}
+            runs[matches[-1]] = {**runs[matches[-1]], **end}
             self.group.attrs["runs"] = runs
 
 
-def consolidate(root: zarr.Group) -> None:
-    """Refresh the consolidated metadata after shapes or attributes changed."""
-    _consolidate(Path(str(root.store.root)))
+def consolidate(root: zarr.Group, key: str | None = None) -> None:
+    """Refresh the consolidated metadata (of the model group ``key`` and of the root) after
+    shapes or attributes changed: the commit of a metadata change, made under :func:`locked`."""
+    _consolidate(Path(str(root.store.root)), key)
 
 
 def summary(path: str | Path) -> dict[str, Any]:
