@@ -44,26 +44,37 @@ def snapshot():
     return tree_bytes
 
 
+GENERATION_BUDGET_S = 240  # ~35-60 s on a 2-core CPU; this only catches gross regressions
+
+
 @pytest.fixture(scope="session")
-def trajectory_store(tmp_path_factory) -> Path:
+def tiny_pythia(tmp_path_factory):
+    """tiny-pythia generated once per session into a private cache, which ``SPINJAX_CACHE``
+    points to for the whole session (so ``--model tiny-pythia`` finds it and no test touches
+    the user's cache). Returns (cache, root, [(step, loss) reported while training])."""
+    import time
+
+    from spinjax import tinypythia
+
+    cache = tmp_path_factory.mktemp("spinjax-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SPINJAX_CACHE", str(cache))
+    seen: list[tuple[int, float]] = []
+    t0 = time.perf_counter()
+    root = tinypythia.ensure_tiny_pythia(cache, on_step=lambda step, loss: seen.append((step, loss)))
+    elapsed = time.perf_counter() - t0
+    assert elapsed < GENERATION_BUDGET_S, f"tiny-pythia generation took {elapsed:.0f} s"
+    yield cache, root, seen
+    patch.undo()
+
+
+@pytest.fixture(scope="session")
+def trajectory_store(tmp_path_factory, tiny_pythia) -> Path:
     """A store with two models (do not modify): ``tiny-pythia``, its whole embedded trajectory
-    (14 steps; the checkpoints come from the spinjax cache, trained there on first use, about a
-    minute), and ``gpt_neox``, the one-checkpoint fixture (step -1)."""
-    import warnings
-
-    import zarr
-
+    (14 steps), and ``gpt_neox``, the one-checkpoint fixture (step -1)."""
     from spinjax.pipeline import run
 
-    base = tmp_path_factory.mktemp("trajectory")
-    path = base / "store.zarr"
+    path = tmp_path_factory.mktemp("trajectory") / "store.zarr"
     assert len(run("tiny-pythia", steps="all", store_path=path).computed) == 14
-    # The gpt_neox group is computed in a store of its own and copied in (a model group is
-    # self-contained), so this fixture does not depend on how `run` adds a second model to a
-    # store (store.open_store at commit 5585b04 read stale consolidated metadata there).
-    assert run(str(NEOX), steps="all", store_path=base / "neox.zarr").computed == [-1]
-    shutil.copytree(base / "neox.zarr" / "gpt_neox", path / "gpt_neox")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        zarr.consolidate_metadata(str(path))
+    assert run(str(NEOX), steps="all", store_path=path).computed == [-1]
     return path
