@@ -355,6 +355,46 @@ def report(
         click.echo(f"skipped {name}: {why}", err=True)
 
 
+@main.command()
+@click.option("--d", "d_model", required=True, type=click.IntRange(min=1), help="d_model of the heads.")
+@click.option("--d-head", "d_head", required=True, type=click.IntRange(min=1), help="d_head (<= d).")
+@click.option("--sigma", default=1.0, show_default=True, type=float, help="Std of the factors' entries.")
+@click.option("--samples", default=1000, show_default=True, type=click.IntRange(min=2), help="Random heads.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option(
+    "--store", "store_path", default=DEFAULT_STORE, show_default=True, type=click.Path(path_type=Path)
+)
+@click.option(
+    "--memory-budget", default=None, help="Peak bytes for W_QK blocks [default: 1/4 of free memory]."
+)
+@click.option("--recompute", is_flag=True, help="Replace an ensemble of other sigma/samples/seed.")
+@click.option("--quiet", is_flag=True, help="No summary line.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def baseline(
+    d_model: int,
+    d_head: int,
+    sigma: float,
+    samples: int,
+    seed: int,
+    store_path: Path,
+    memory_budget: str | None,
+    recompute: bool,
+    quiet: bool,
+    debug: bool,
+) -> None:
+    """Monte Carlo null of random heads W_QK = W_Q^T W_K, factors i.i.d. N(0, sigma^2): every
+    statistic of every draw, into the store group baseline/<d>x<d_head>."""
+    budget = _parse_size(memory_budget) if memory_budget else None
+    with _errors(debug):
+        from spinjax.baseline import run_baseline
+
+        result = run_baseline(d_model, d_head, store_path=store_path, sigma=sigma, samples=samples,
+                              seed=seed, recompute=recompute, memory_budget=budget)  # fmt: skip
+    if not quiet:
+        what = f"{result.samples} draws in {result.seconds:.1f} s" if result.computed else "already there"
+        click.echo(f"{result.key}: {what}; store {result.store}")
+
+
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
     lines = [header, ["-" * w for w in widths], *rows]

@@ -1,7 +1,9 @@
 """Pure JAX kernels: per-head factors in, statistics out. No files, no model layouts."""
 
 from .bins import NB, NZ, bin_edges, zbin_edges
+from .geometry import head_geometry, js_divergence, layer_geometry, pairwise_js
 from .heads import MATRICES, block_entries_cap, block_rows_for_budget, layer_statistics
+from .null import gaussian_factors, matched_scale, null_zscores
 
 __all__ = [
     "MATRICES",
@@ -10,6 +12,13 @@ __all__ = [
     "bin_edges",
     "block_entries_cap",
     "block_rows_for_budget",
+    "gaussian_factors",
+    "head_geometry",
+    "js_divergence",
+    "layer_geometry",
     "layer_statistics",
+    "matched_scale",
+    "null_zscores",
+    "pairwise_js",
     "zbin_edges",
 ]

@@ -9,6 +9,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 SCHEMA = 1
 DEFAULT_STORE = "store/spinjax.zarr"  # relative to the working directory
+RESERVED_GROUPS = ("baseline",)  # root groups of a store that hold no model (null ensembles)
 
 _ANALYSIS = ("open_store", "tidy", "density", "align_layers", "StoreReader")
 __all__ = ["DEFAULT_STORE", "SCHEMA", "__version__", *_ANALYSIS]

@@ -23,7 +23,7 @@ import pandas as pd
 import xarray as xr
 import zarr
 
-from . import SCHEMA, __version__
+from . import RESERVED_GROUPS, SCHEMA, __version__
 from .errors import InputError
 
 BASE_DIMS = ("step", "layer", "head", "matrix")
@@ -76,7 +76,7 @@ class StoreReader:
     @property
     def models(self) -> list[str]:
         """Model keys (group names), sorted."""
-        return sorted(self.root.group_keys())
+        return sorted(k for k in self.root.group_keys() if k not in RESERVED_GROUPS)
 
     @property
     def completeness(self) -> dict[str, Completeness]:
@@ -139,7 +139,7 @@ class StoreReader:
         return "\n".join(lines)
 
     def _check(self, key: str) -> None:
-        if key not in self.root.group_keys():
+        if key not in self.models:
             raise UnknownModelError(
                 f"{self.path}: no model {key!r} in the store; it holds {', '.join(self.models) or 'none'}"
             )

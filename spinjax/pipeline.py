@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import DEFAULT_STORE, models, store
+from . import DEFAULT_STORE, RESERVED_GROUPS, models, store
 from .errors import InputError
 from .kernels import block_entries_cap, block_rows_for_budget, layer_statistics
 from .layouts import Geometry, Layout, layout_for
@@ -284,6 +284,8 @@ def run(
     progress = progress or Progress()
     store_path = Path(store_path)
     source = models.resolve(model)
+    if source.key in RESERVED_GROUPS:
+        raise InputError(f"--model {model!r}: its store key {source.key!r} is reserved; rename the directory")
     revision_of = dict(source.offered)
     chosen = select_steps(steps, list(revision_of))
     existing = _existing_group(store_path, source.key)

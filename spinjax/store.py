@@ -33,7 +33,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from . import SCHEMA, __version__
+from . import RESERVED_GROUPS, SCHEMA, __version__
 from .errors import InputError
 from .kernels import bins
 from .layouts import Geometry
@@ -344,12 +344,17 @@ def consolidate(root: zarr.Group, key: str | None = None) -> None:
     _consolidate(Path(str(root.store.root)), key)
 
 
+def model_keys(root: zarr.Group) -> list[str]:
+    """The model groups of a store (every root group but the reserved ones)."""
+    return sorted(k for k in root.group_keys() if k not in RESERVED_GROUPS)
+
+
 def summary(path: str | Path) -> dict[str, Any]:
     """What ``spinjax show`` prints: per model, geometry, steps done / requested, sizes."""
     root = open_store(path, create=False)
     meta = root.attrs["spinjax"]
     models = {}
-    for key in sorted(root.group_keys()):
+    for key in model_keys(root):
         group = ModelGroup(root, key)
         attrs = dict(group.group.attrs)
         steps, done = group.steps, group.done

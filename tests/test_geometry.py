@@ -1,0 +1,161 @@
+"""Cross-head geometry (kernels/geometry.py) against explicit float64 d x d computations."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from spinjax.kernels.geometry import (
+    block_heads_for_budget,
+    head_geometry,
+    js_divergence,
+    layer_geometry,
+    pairwise_js,
+)
+
+
+def _factors(rng, n_layers=2, n_heads=6, n_kv=2, d_head=4, d=24):
+    wq = rng.normal(0.0, 0.3, (n_layers, n_heads, d_head, d)).astype(np.float32)
+    wk = rng.normal(0.05, 0.5, (n_layers, n_kv, d_head, d)).astype(np.float32)
+    return wq, wk
+
+
+def _explicit(wq, wk):
+    """Every head's W_QK as a float64 d x d matrix, flattened layer-major: (L * H, d, d)."""
+    n_layers, n_heads = wq.shape[:2]
+    group = n_heads // wk.shape[1]
+    mats = [
+        wq[layer, h].astype(np.float64).T @ wk[layer, h // group].astype(np.float64)
+        for layer in range(n_layers)
+        for h in range(n_heads)
+    ]
+    return np.stack(mats)
+
+
+def _reference(mats):
+    flat = mats.reshape(mats.shape[0], -1)
+    inner = flat @ flat.T
+    diff = mats[:, None] - mats[None, :]
+    sq = (diff**2).sum((2, 3))
+    norms = np.diag(inner)
+    return inner, sq, inner / np.sqrt(norms[:, None] * norms[None, :])
+
+
+@pytest.mark.parametrize("n_kv", [6, 2], ids=["mha", "gqa"])
+def test_layer_pairs_equal_explicit_float64(n_kv):
+    wq, wk = _factors(np.random.default_rng(0), n_kv=n_kv)
+    got = head_geometry(wq, wk, pairs="layer")
+    assert got["distance"].shape == (2, 6, 6) and got["sq_norm"].shape == (2, 6)
+    mats = _explicit(wq, wk).reshape(2, 6, *wq.shape[-1:] * 2)
+    for layer in range(2):
+        inner, sq, cos = _reference(mats[layer])
+        scale = np.diag(inner).max()
+        np.testing.assert_allclose(got["inner"][layer], inner, atol=1e-5 * scale)
+        np.testing.assert_allclose(got["sq_distance"][layer], sq, atol=1e-5 * scale)
+        np.testing.assert_allclose(got["distance"][layer], np.sqrt(sq), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got["cosine"][layer], cos, atol=1e-5)
+        np.testing.assert_allclose(got["sq_norm"][layer], np.diag(inner), rtol=1e-5)
+
+
+def test_model_pairs_blockwise_equal_explicit_and_unblocked():
+    wq, wk = _factors(np.random.default_rng(1), n_layers=3, n_heads=4, n_kv=2)
+    inner, sq, cos = _reference(_explicit(wq, wk))
+    whole = head_geometry(wq, wk, pairs="model")
+    blocked = head_geometry(wq, wk, pairs="model", block_heads=5)  # 12 heads: 3 blocks, last padded
+    scale = np.diag(inner).max()
+    for got in (whole, blocked):
+        assert got["distance"].shape == (12, 12)
+        np.testing.assert_allclose(got["sq_distance"], sq, atol=1e-5 * scale)
+        np.testing.assert_allclose(got["cosine"], cos, atol=1e-5)
+    np.testing.assert_allclose(blocked["inner"], whole["inner"], atol=1e-6 * scale)
+    # within-layer pairs of the model matrix are the per-layer matrices
+    per_layer = head_geometry(wq, wk, pairs="layer")
+    for layer in range(3):
+        s = slice(4 * layer, 4 * layer + 4)
+        np.testing.assert_allclose(blocked["distance"][s, s], per_layer["distance"][layer], atol=1e-5)
+
+
+def test_symmetric_zero_diagonal_and_related_heads():
+    wq, wk = _factors(np.random.default_rng(2), n_layers=1, n_heads=5, n_kv=5)
+    wq[0, 3], wk[0, 3] = wq[0, 1], wk[0, 1]  # head 3 is a copy of head 1
+    wq[0, 4], wk[0, 4] = -2.0 * wq[0, 0], wk[0, 0]  # W_QK of head 4 is -2 W_QK of head 0
+    for pairs, block in (("layer", None), ("model", 2)):
+        got = head_geometry(wq, wk, pairs=pairs, block_heads=block)
+        d, c, n = got["distance"].reshape(5, 5), got["cosine"].reshape(5, 5), got["sq_norm"].ravel()
+        assert np.array_equal(d, d.T) and np.array_equal(c, c.T)
+        assert np.all(np.diag(d) == 0.0) and np.all(np.diag(c) == 1.0)
+        assert d[1, 3] < 1e-3 * math.sqrt(n[1]) and c[1, 3] == pytest.approx(1.0, abs=1e-6)
+        assert c[0, 4] == pytest.approx(-1.0, abs=1e-6)
+        assert n[4] == pytest.approx(4.0 * n[0], rel=1e-5)
+        assert d[0, 4] ** 2 == pytest.approx(9.0 * n[0], rel=1e-5)  # ||W + 2W||^2
+
+
+def test_one_layer_input_and_jit_vmap_version():
+    wq, wk = _factors(np.random.default_rng(3), n_layers=2, n_heads=4, n_kv=2)
+    host = head_geometry(wq, wk)
+    one = head_geometry(wq[1], wk[1])
+    assert one["distance"].shape == (4, 4)
+    np.testing.assert_allclose(one["distance"], host["distance"][1], rtol=1e-6)
+    traced = jax.vmap(layer_geometry)(wq, wk)
+    for name in ("inner", "sq_distance", "cosine", "sq_norm"):
+        np.testing.assert_allclose(np.asarray(traced[name]), host[name], rtol=1e-4, atol=1e-5)
+
+
+def test_zero_head_has_nan_cosine_and_norm_distance():
+    wq, wk = _factors(np.random.default_rng(4), n_layers=1, n_heads=3, n_kv=3)
+    wq[0, 2] = 0.0
+    got = head_geometry(wq, wk)
+    assert np.isnan(got["cosine"][0, 2, 0]) and np.isnan(got["cosine"][0, 2, 2])
+    assert got["sq_distance"][0, 2, 0] == pytest.approx(got["sq_norm"][0, 0], rel=1e-6)
+
+
+def test_block_heads_for_budget_fits():
+    b = block_heads_for_budget(128, 5120, 1 << 30)
+    used = 12 * b * b * 128 * 128 + 16 * b * 128 * 5120
+    assert 1 <= b and used <= 1 << 30 and 12 * (b + 1) ** 2 * 128**2 + 16 * (b + 1) * 128 * 5120 > 1 << 30
+    assert block_heads_for_budget(64, 64, 1) == 1
+
+
+def _js_reference(p, q):
+    p, q = p / p.sum(), q / q.sum()
+    m = 0.5 * (p + q)
+
+    def kl(a):
+        nz = a > 0
+        return float((a[nz] * np.log(a[nz] / m[nz])).sum())
+
+    return 0.5 * kl(p) + 0.5 * kl(q)
+
+
+def test_js_identical_disjoint_and_reference():
+    rng = np.random.default_rng(5)
+    h = rng.integers(0, 50, (4, 1059)).astype(np.uint32)
+    assert float(js_divergence(h[0], h[0])) == 0.0
+    assert float(js_divergence(h[0], 3 * h[0])) == pytest.approx(0.0, abs=1e-7)  # normalised
+    a = np.zeros(1059, np.uint32)
+    b = np.zeros(1059, np.uint32)
+    a[:500], b[500:] = 7, 3
+    assert float(js_divergence(a, b)) == pytest.approx(math.log(2.0), abs=1e-6)
+    for i, j in ((0, 1), (2, 3)):
+        assert float(js_divergence(h[i], h[j])) == pytest.approx(_js_reference(h[i], h[j]), abs=1e-6)
+    sparse = np.zeros(1059, np.uint32)
+    sparse[[10, 600]] = (1, 1000)
+    assert np.isfinite(float(js_divergence(sparse, a)))
+
+
+def test_pairwise_js_blocks_symmetric():
+    rng = np.random.default_rng(6)
+    h = rng.integers(0, 20, (7, 300)).astype(np.uint32)
+    h[5] = 0  # an empty histogram (no finite entry): NaN row
+    got = pairwise_js(h, block=3)
+    assert got.shape == (7, 7) and np.array_equal(got, got.T, equal_nan=True)
+    ok = [0, 1, 2, 3, 4, 6]
+    assert np.all(np.diag(got)[ok] == 0.0) and np.all(np.isnan(got[5]))
+    for i in ok:
+        for j in ok:
+            assert got[i, j] == pytest.approx(_js_reference(h[i], h[j]), abs=1e-6)
+    cross = pairwise_js(h[:2], h[2:5])
+    np.testing.assert_allclose(cross, got[:2, 2:5], atol=1e-7)
