@@ -133,6 +133,16 @@ def _summaries(
     return out
 
 
+def _over_heads(x: jax.Array) -> jax.Array:
+    """``x`` with its head axis sharded over the local devices, when there are several and
+    they divide it; the compiled kernels then run each device's heads there (GSPMD)."""
+    devices = jax.local_devices()
+    if len(devices) < 2 or x.shape[0] % len(devices):
+        return x
+    mesh = jax.sharding.Mesh(np.array(devices), ("heads",))
+    return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("heads")))
+
+
 def layer_statistics(wq, wk, *, block_rows: int) -> dict[str, np.ndarray]:
     """Every statistic of SPEC section 4 for every query head of one layer.
 
@@ -151,7 +161,8 @@ def layer_statistics(wq, wk, *, block_rows: int) -> dict[str, np.ndarray]:
     if wk.shape[1:] != wq.shape[1:] or n_heads % wk.shape[0]:
         raise ValueError(f"incompatible factors: wq {wq.shape}, wk {wk.shape}")
     kv_of_head = jnp.arange(n_heads) // (n_heads // wk.shape[0])
-    wk_per_head = expand_kv(wk, n_heads)
+    wk_per_head = _over_heads(expand_kv(wk, n_heads))
+    wq, wk = _over_heads(wq), _over_heads(wk)
 
     shift, scale = qk_moments_from_factors(wq, wk_per_head)
     guessed = jnp.isfinite(shift) & jnp.isfinite(scale)

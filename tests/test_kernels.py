@@ -195,3 +195,35 @@ def test_raw_grid_resolves_every_scale():
     assert pos.min() <= 1e-6 and pos.max() >= 1e3
     assert (pos[1:] / pos[:-1] - 1).max() <= 0.05
     assert np.all(np.diff(finite) > 0)
+
+
+def test_heads_sharded_over_four_devices_give_the_same_values(tmp_path):
+    # A fresh interpreter with 4 virtual CPU devices (the flag must precede JAX's start).
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np, jax\n"
+        "from spinjax.kernels import layer_statistics\n"
+        "assert len(jax.local_devices()) == 4\n"
+        "rng = np.random.default_rng(5)\n"
+        "wq = rng.normal(0, 0.2, (8, 16, 96)).astype(np.float32)\n"
+        "wk = rng.normal(0, 0.3, (4, 16, 96)).astype(np.float32)\n"
+        f"np.savez({str(tmp_path / 'sharded.npz')!r}, **layer_statistics(wq, wk, block_rows=32))\n"
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    rng = np.random.default_rng(5)
+    wq = rng.normal(0, 0.2, (8, 16, 96)).astype(np.float32)
+    wk = rng.normal(0, 0.3, (4, 16, 96)).astype(np.float32)
+    single = layer_statistics(wq, wk, block_rows=32)
+    sharded = np.load(tmp_path / "sharded.npz")
+    for k, v in single.items():
+        if k in ("zhist", "hist", "n_nonfinite"):
+            assert np.abs(sharded[k].astype(np.int64) - v).sum() <= 2, k
+        else:
+            np.testing.assert_allclose(sharded[k], v, rtol=1e-5, atol=1e-5, err_msg=k)  # summation order
