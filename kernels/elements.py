@@ -169,6 +169,25 @@ def _kl(p: jax.Array, log_q: jax.Array) -> jax.Array:
     return jnp.where(p > 0, p * (jnp.log(safe) - log_q), 0.0).sum(-1)
 
 
+def _solve3(m: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Coefficients 1 and 2 of m x = v for batches of 3x3 systems, by Cramer's rule.
+
+    In closed form rather than a LAPACK call: the fit's normal matrix is small and well
+    conditioned, and keeping LAPACK out of this program avoids concurrent LAPACK calls (see
+    kernels/spectra.py).
+    """
+
+    def det(a):
+        return (
+            a[:, 0, 0] * (a[:, 1, 1] * a[:, 2, 2] - a[:, 1, 2] * a[:, 2, 1])
+            - a[:, 0, 1] * (a[:, 1, 0] * a[:, 2, 2] - a[:, 1, 2] * a[:, 2, 0])
+            + a[:, 0, 2] * (a[:, 1, 0] * a[:, 2, 1] - a[:, 1, 1] * a[:, 2, 0])
+        )
+
+    full = det(m)
+    return tuple(det(m.at[:, :, i].set(v)) / full for i in (1, 2))
+
+
 def _core_fit(p_inner: jax.Array, counts_inner: jax.Array):
     """Weighted least squares of ln(density) = a + b z + c z^2 over |centre| <= 2 (SPEC 4).
 
@@ -182,8 +201,7 @@ def _core_fit(p_inner: jax.Array, counts_inner: jax.Array):
     basis = jnp.stack([jnp.ones_like(centres), centres, centres**2], -1)  # (B, 3)
     normal = jnp.einsum("hb,bi,bj->hij", w, basis, basis, precision="highest")
     rhs = jnp.einsum("hb,bi,hb->hi", w, basis, y, precision="highest")
-    coef = jnp.linalg.solve(normal, rhs[..., None])[..., 0]
-    b, c = coef[:, 1], coef[:, 2]
+    b, c = _solve3(normal, rhs)
     ok = (use.sum(-1) >= 3) & (c < 0)
     s = jnp.sqrt(jnp.where(ok, -0.5 / jnp.where(ok, c, -1.0), jnp.nan))
     return b * s * s, s

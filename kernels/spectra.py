@@ -30,13 +30,18 @@ def factor_singular_values(wq: jax.Array, wk: jax.Array) -> jax.Array:
     Returns:
       (H, 3, d_head) for the matrices (W_Q, W_K, W_QK) in that order.
     """
-    wq = jnp.where(jnp.isfinite(wq), wq, 0.0)
-    wk = jnp.where(jnp.isfinite(wk), wk, 0.0)
-    rq = _r_factor(wq)
-    rk = jnp.repeat(_r_factor(wk), wq.shape[0] // wk.shape[0], axis=0)
-    core = jnp.matmul(rq, jnp.swapaxes(rk, -1, -2), precision=_HIGHEST)
-    svals = [jnp.linalg.svd(m, compute_uv=False) for m in (rq, rk, core)]
-    return jnp.stack(svals, axis=-2)
+    n_q, n_kv = wq.shape[0], wk.shape[0]
+    w = jnp.concatenate([wq, wk])
+    w = jnp.where(jnp.isfinite(w), w, 0.0)
+    # One batched QR and one batched SVD: XLA:CPU runs independent LAPACK calls of one program
+    # concurrently, and each blocks a worker of the intra-op pool while its batch is spread over
+    # that pool; with two cores, two such calls in flight wait on each other forever.
+    r = _r_factor(w)
+    rq, rk = r[:n_q], r[n_q:]
+    core = jnp.matmul(rq, jnp.swapaxes(jnp.repeat(rk, n_q // n_kv, axis=0), -1, -2), precision=_HIGHEST)
+    s = jnp.linalg.svd(jnp.concatenate([rq, rk, core]), compute_uv=False)
+    s_k = jnp.repeat(s[n_q : n_q + n_kv], n_q // n_kv, axis=0)
+    return jnp.stack([s[:n_q], s_k, s[n_q + n_kv :]], axis=-2)
 
 
 def spectral_summaries(s: jax.Array) -> dict[str, jax.Array]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+import jax.extend
 import numpy as np
 import pytest
 from reference import MATRICES, SPECTRAL_KEYS, head_reference
@@ -227,3 +229,33 @@ def test_heads_sharded_over_four_devices_give_the_same_values(tmp_path):
             assert np.abs(sharded[k].astype(np.int64) - v).sum() <= 2, k
         else:
             np.testing.assert_allclose(sharded[k], v, rtol=1e-5, atol=1e-5, err_msg=k)  # summation order
+
+
+def _primitives(jaxpr) -> list[str]:
+    """Every primitive of a jaxpr, nested calls included."""
+    names = []
+    for eqn in jaxpr.eqns:
+        names.append(eqn.primitive.name)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            names.extend(_primitives(sub))
+    return names
+
+
+def test_each_program_holds_at_most_one_qr_and_one_svd():
+    # Independent LAPACK calls in one XLA:CPU program run concurrently, and each blocks a worker
+    # of the intra-op pool while it spreads its batch over that pool: on two cores two of them
+    # deadlock (seen as runs hanging forever). The kernels keep one batched call of each.
+    from spinjax.kernels import heads, spectra
+
+    wq = np.zeros((4, 8, 32), np.float32)
+    wk = np.zeros((2, 8, 32), np.float32)
+    names = _primitives(jax.make_jaxpr(spectra.factor_singular_values)(wq, wk).jaxpr)
+    lapack = [
+        n for n in names if n in ("svd", "qr", "geqrf", "householder_product", "lu", "eigh", "cholesky")
+    ]
+    assert sorted(lapack) == ["geqrf", "svd"] or sorted(lapack) == ["qr", "svd"], lapack
+    sums = heads._factor_sums(wq)
+    out = jax.make_jaxpr(heads._summaries)(sums, sums, sums, np.arange(4), np.ones((4, 3, 8), np.float32))
+    assert not {"svd", "qr", "geqrf", "lu", "lu_pivots_to_permutation", "triangular_solve"} & set(
+        _primitives(out.jaxpr)
+    )
