@@ -21,6 +21,8 @@ from spinjax.models import PYTHIA_STEPS
 
 KEY = "gpt_neox"
 NEOX = Path(__file__).parent / "fixtures" / "extraction" / KEY  # also in conftest
+TORCHBIN = Path(__file__).parent / "fixtures" / "torchbin"
+SENTINEL = Path("/tmp/spinjax_pwned_sentinel")  # what the malicious pickle would create
 
 
 def _spinjax_command() -> list[str]:
@@ -215,7 +217,35 @@ def broken(tmp_path) -> dict[str, tuple[list[str], list[str]]]:
     config["model_type"] = "mamba"
     (mamba / "config.json").write_text(json.dumps(config))
 
+    no_config = tmp_path / "no_config"
+    shutil.copytree(NEOX, no_config)
+    (no_config / "config.json").unlink()
+
+    inconsistent = tmp_path / "inconsistent"
+    shutil.copytree(NEOX, inconsistent)
+    config = json.loads((inconsistent / "config.json").read_text())
+    config["hidden_size"] = 128
+    (inconsistent / "config.json").write_text(json.dumps(config))
+
+    corrupted = tmp_path / "corrupted"
+    shutil.copytree(NEOX, corrupted)
+    blob = bytearray((corrupted / "model.safetensors").read_bytes())
+    blob[8:40] = b"\xff" * 32  # garbage inside the JSON header
+    (corrupted / "model.safetensors").write_bytes(bytes(blob))
+
+    malicious = tmp_path / "malicious"
+    malicious.mkdir()
+    shutil.copy(NEOX / "config.json", malicious / "config.json")
+    shutil.copy(TORCHBIN / "malicious_os_system.bin", malicious / "pytorch_model.bin")
+
     return {
+        "config missing": (["--model", str(no_config)], [str(no_config), "config.json"]),
+        "config inconsistent": (
+            ["--model", str(inconsistent)],
+            ["gpt_neox.layers.0.attention.query_key_value.weight", "config.json"],
+        ),
+        "corrupted safetensors": (["--model", str(corrupted)], [str(corrupted / "model.safetensors")]),
+        "malicious pickle": (["--model", str(malicious)], [str(malicious / "pytorch_model.bin"), "system"]),
         "unknown name": (["--model", "pythya-70m"], ["pythya-70m", "pythia-70m"]),
         "missing tensor": (["--model", str(missing)], [tensor, str(missing)]),
         "truncated file": (["--model", str(truncated)], [str(weights)]),
@@ -230,6 +260,10 @@ def broken(tmp_path) -> dict[str, tuple[list[str], list[str]]]:
 
 
 CASES = [
+    "config missing",
+    "config inconsistent",
+    "corrupted safetensors",
+    "malicious pickle",
     "unknown name",
     "missing tensor",
     "truncated file",
@@ -244,7 +278,9 @@ CASES = [
 def test_bad_input_exits_2_and_leaves_store_as_it_was(case, broken, store_copy, snapshot, tmp_path):
     args, texts = broken[case]
     before = snapshot(store_copy)
+    SENTINEL.unlink(missing_ok=True)
     result = invoke("run", *args, "--store", str(store_copy))
+    assert not SENTINEL.exists()  # nothing in a malicious pickle ran
     assert result.exit_code == 2, result.output
     assert result.stdout == ""
     assert result.stderr.startswith("error: ")
