@@ -165,8 +165,7 @@ def write_baseline(
     import zarr
     import zarr.codecs
 
-    from .kernels import bins
-    from .store import MATRICES, META_DIR, VARIABLES, consolidate, locked
+    from .store import META_DIR, VARIABLES, consolidate, locked, write_coordinates
 
     samples = int(next(iter(stats.values())).shape[0])
     key = baseline_key(d_model, d_head)
@@ -182,20 +181,7 @@ def write_baseline(
         building = path / META_DIR / "new" / f"{GROUP}.{uuid.uuid4().hex}"
         building.parent.mkdir(parents=True, exist_ok=True)
         group = zarr.create_group(store=str(building), zarr_format=3, attributes=want)
-        coords = {
-            "sample": np.arange(samples, dtype=np.int64),
-            "matrix": np.array(MATRICES, dtype=object),
-            "sv": np.arange(n_sv, dtype=np.int32),
-            "zbin": np.arange(bins.NZ, dtype=np.int32),
-            "bin": np.arange(bins.NB, dtype=np.int32),
-        }
-        for name, values in coords.items():
-            dtype = str if values.dtype == object else values.dtype
-            arr = group.create_array(name, shape=values.shape, dtype=dtype, dimension_names=[name])
-            arr[:] = values
-        for name, edges in (("zbin_edges", bins.zbin_edges()), ("bin_edges", bins.bin_edges())):
-            arr = group.create_array(name, shape=edges.shape, dtype="float64", dimension_names=[name[:-1]])
-            arr[:] = edges
+        write_coordinates(group, {"sample": np.arange(samples, dtype=np.int64)}, n_sv)
         compressors = (zarr.codecs.ZstdCodec(level=3),)
         for name, (extra, dtype, fill) in VARIABLES.items():
             values = np.asarray(stats[name]).astype(dtype)

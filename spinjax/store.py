@@ -167,6 +167,25 @@ def _committed_length(root: zarr.Group, key: str) -> int | None:
         return None
 
 
+def write_coordinates(group: zarr.Group, leading: dict[str, np.ndarray], n_sv: int) -> None:
+    """The coordinate arrays of a group: ``leading`` ones, then matrix, sv, zbin, bin, and
+    the auxiliary ``zbin_edges`` / ``bin_edges`` (dimensions ``zbin_edge`` / ``bin_edge``)."""
+    coords = {
+        **leading,
+        "matrix": np.array(MATRICES, dtype=object),
+        "sv": np.arange(n_sv, dtype=np.int32),
+        "zbin": np.arange(bins.NZ, dtype=np.int32),
+        "bin": np.arange(bins.NB, dtype=np.int32),
+    }
+    for name, values in coords.items():
+        dtype = str if values.dtype == object else values.dtype
+        arr = group.create_array(name, shape=values.shape, dtype=dtype, dimension_names=[name])
+        arr[:] = values
+    for name, edges in (("zbin_edges", bins.zbin_edges()), ("bin_edges", bins.bin_edges())):
+        arr = group.create_array(name, shape=edges.shape, dtype="float64", dimension_names=[name[:-1]])
+        arr[:] = edges
+
+
 class ModelGroup:
     """One model's dataset inside the store."""
 
@@ -216,23 +235,11 @@ class ModelGroup:
                        "spinjax_version": __version__, "runs": []}  # fmt: skip
         group = zarr.create_group(store=str(building), zarr_format=3, attributes=group_attrs)
         g = geometry
-        coords = {
-            "layer": np.arange(g.n_layers, dtype=np.int32),
-            "head": np.arange(g.n_heads, dtype=np.int32),
-            "matrix": np.array(MATRICES, dtype=object),
-            "sv": np.arange(n_sv, dtype=np.int32),
-            "zbin": np.arange(bins.NZ, dtype=np.int32),
-            "bin": np.arange(bins.NB, dtype=np.int32),
-        }
-        for name, values in coords.items():
-            dtype = str if values.dtype == object else values.dtype
-            arr = group.create_array(name, shape=values.shape, dtype=dtype, dimension_names=[name])
-            arr[:] = values
-        for name, edges in (("zbin_edges", bins.zbin_edges()), ("bin_edges", bins.bin_edges())):
-            arr = group.create_array(
-                name, shape=edges.shape, dtype="float64", dimension_names=[f"{name[:-1]}"]
-            )
-            arr[:] = edges
+        write_coordinates(
+            group,
+            {"layer": np.arange(g.n_layers, dtype=np.int32), "head": np.arange(g.n_heads, dtype=np.int32)},
+            n_sv,
+        )
         group.create_array("step", shape=(0,), chunks=(1,), dtype="int64", dimension_names=["step"])
         group.create_array("revision", shape=(0,), chunks=(1,), dtype=str, dimension_names=["step"])
         group.create_array(
