@@ -23,8 +23,9 @@ import pandas as pd
 import xarray as xr
 import zarr
 
-from . import RESERVED_GROUPS, SCHEMA, __version__
+from . import RESERVED_GROUPS
 from .errors import InputError
+from .schema import check_root_attrs
 
 BASE_DIMS = ("step", "layer", "head", "matrix")
 """Dimensions of the scalar statistics (SPEC section 3)."""
@@ -168,13 +169,7 @@ def _open_root(path: Path) -> zarr.Group:
         root = zarr.open_group(str(path), mode="r", zarr_format=3)
     except Exception as exc:
         raise InputError(f"{path}: cannot open as a Zarr v3 group ({exc})") from exc
-    meta = root.attrs.get("spinjax")
-    if not isinstance(meta, dict) or "schema" not in meta:
-        raise InputError(f"{path}: a Zarr store, but not written by spinjax (no 'spinjax' attribute)")
-    if meta["schema"] != SCHEMA:
-        raise InputError(
-            f"{path}: store has schema {meta['schema']}, this spinjax (v{__version__}) reads schema {SCHEMA}"
-        )
+    check_root_attrs(root.attrs, path)
     return root
 
 

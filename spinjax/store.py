@@ -38,6 +38,7 @@ from .errors import InputError
 from .kernels import bins
 from .layouts import Geometry
 from .locking import LockFile
+from .schema import check_root_attrs
 
 MATRICES = ("W_Q", "W_K", "W_QK")
 BASE_DIMS = ("step", "layer", "head", "matrix")
@@ -113,14 +114,7 @@ def open_store(path: str | Path, *, create: bool, consolidated: bool = True) -> 
         root = zarr.open_group(str(path), mode=mode, zarr_format=3, use_consolidated=use)
     except Exception as exc:
         raise InputError(f"{path}: cannot open as a Zarr v3 group ({exc})") from exc
-    meta = root.attrs.get("spinjax")
-    if not isinstance(meta, dict) or "schema" not in meta:
-        raise InputError(f"{path}: a Zarr store, but not written by spinjax (no 'spinjax' attribute)")
-    if meta["schema"] != SCHEMA:
-        raise InputError(
-            f"{path}: store has schema {meta['schema']}, this spinjax (v{__version__}) reads "
-            f"and writes schema {SCHEMA}; use another --store"
-        )
+    check_root_attrs(root.attrs, path)
     return root
 
 
