@@ -44,14 +44,6 @@ class BaselineResult:
     seconds: float
 
 
-def _default_budget() -> int:
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        available = 8 << 30
-    return max(256 << 20, available // 4)
-
-
 def check_args(d_model: int, d_head: int, sigma: float, samples: int, seed: int) -> None:
     if not 1 <= d_head <= d_model:
         raise InputError(f"need 1 <= d_head <= d, got d={d_model}, d_head={d_head}")
@@ -88,11 +80,12 @@ def compute_baseline(
 
     from .kernels import block_entries_cap, block_rows_for_budget, layer_statistics
     from .kernels.null import gaussian_factors
+    from .pipeline import default_memory_budget
 
     check_args(d_model, d_head, sigma, samples, seed)
     batch = batch or default_batch(d_model, samples)
     block_rows = block_rows_for_budget(
-        batch, d_model, memory_budget or _default_budget(), max_entries=block_entries_cap()
+        batch, d_model, memory_budget or default_memory_budget(), max_entries=block_entries_cap()
     )
     key = jax.random.PRNGKey(seed)
     parts: list[dict[str, np.ndarray]] = []

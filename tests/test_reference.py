@@ -7,31 +7,17 @@ import math
 import numpy as np
 import pytest
 import scipy.stats
-
-try:
-    from tests.reference import (
-        ELEMENT_KEYS,
-        SPECTRAL_KEYS,
-        bin_edges,
-        element_stats,
-        head_reference,
-        log_normal_mass,
-        near_edge_count,
-        spectral_stats,
-        zbin_edges,
-    )
-except ImportError:  # pytest "prepend" import mode puts tests/ itself on sys.path
-    from reference import (
-        ELEMENT_KEYS,
-        SPECTRAL_KEYS,
-        bin_edges,
-        element_stats,
-        head_reference,
-        log_normal_mass,
-        near_edge_count,
-        spectral_stats,
-        zbin_edges,
-    )
+from reference import (
+    ELEMENT_KEYS,
+    SPECTRAL_KEYS,
+    bin_edges,
+    element_stats,
+    head_reference,
+    log_normal_mass,
+    near_edge_count,
+    spectral_stats,
+    zbin_edges,
+)
 
 GAUSS_H = 0.5 * math.log(2 * math.pi * math.e)
 HIST_KEYS = (
