@@ -65,13 +65,6 @@ class StoreWriteError(InputError, OSError):
     """The store cannot be written (permissions, full disk, read-only file system)."""
 
 
-def model_key(model: str) -> str:
-    """Group name of a ``--model`` value: a local path's directory name, '/' -> '__'."""
-    path = Path(model)
-    name = path.resolve().name if path.exists() else model
-    return name.replace("/", "__")
-
-
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
