@@ -87,6 +87,27 @@ def main() -> None:
 @click.option("--coordinator", metavar="HOST:PORT", help="Address of process 0 (implies --distributed).")
 @click.option("--num-processes", type=click.IntRange(min=1), help="Number of processes (with --coordinator).")
 @click.option("--process-id", type=click.IntRange(min=0), help="This process, 0..N-1 (with --coordinator).")
+@click.option(
+    "--null",
+    is_flag=True,
+    help="Add <stat>_z: z-scores against random heads of the same geometry and scale "
+    "(the store's baseline/<d>x<dh>, computed once when missing).",
+)
+@click.option(
+    "--null-samples",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Random heads of the null when it must be computed.",
+)
+@click.option(
+    "--pairs",
+    type=click.Choice(["none", "layer", "model"]),
+    default="layer",
+    show_default=True,
+    help="Cross-head geometry: distance, cosine and JS divergence between the heads of each layer; "
+    "'model' adds every pair of heads of the model.",
+)
 def run(
     model: str,
     steps: str,
@@ -100,6 +121,9 @@ def run(
     coordinator: str | None,
     num_processes: int | None,
     process_id: int | None,
+    null: bool,
+    null_samples: int,
+    pairs: str,
 ) -> None:
     """Compute every head's statistics for the requested steps of MODEL."""
     from spinjax.pipeline import Interrupted, init_distributed
@@ -124,6 +148,9 @@ def run(
                 progress=progress,
                 process_index=index,
                 process_count=count,
+                null=null,
+                null_samples=null_samples,
+                pairs=pairs,
             )
         except Interrupted as exc:  # Ctrl-C: finished steps are kept, the run is marked interrupted
             click.echo(f"interrupted: {exc}", err=True)

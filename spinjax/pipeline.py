@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import DEFAULT_STORE, RESERVED_GROUPS, models, store
+from . import DEFAULT_STORE, RESERVED_GROUPS, derived, models, store
 from .errors import InputError
 from .kernels import block_entries_cap, block_rows_for_budget, layer_statistics
 from .layouts import Geometry, Layout, layout_for
@@ -273,6 +273,9 @@ def run(
     progress: Progress | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    null: bool = False,
+    null_samples: int = derived.DEFAULT_NULL_SAMPLES,
+    pairs: str = "layer",
 ) -> RunResult:
     """Compute every requested step of ``model`` into the store; skip finished steps.
 
@@ -280,7 +283,13 @@ def run(
     requested steps at positions ``process_index``, ``process_index + process_count``, ...;
     every process plans all of them (the store's step order is the requested one whoever
     comes first), and process 0 records the run once all processes have written their steps.
+
+    ``null`` adds z-scores against the random-matrix null, ``pairs`` ("none", "layer",
+    "model") the cross-head geometry (see :mod:`spinjax.derived`). Both are sticky: a group
+    that has them gets them for every later step too.
     """
+    if pairs not in derived.PAIRS:
+        raise InputError(f"--pairs {pairs!r}: expected one of {', '.join(derived.PAIRS)}")
     progress = progress or Progress()
     store_path = Path(store_path)
     source = models.resolve(model)
@@ -290,8 +299,13 @@ def run(
     chosen = select_steps(steps, list(revision_of))
     existing = _existing_group(store_path, source.key)
     finished = set()
+    new_features = False
     if existing is not None:
         existing.check_source(source.source)  # never call another model's results "done"
+        features = existing.group.attrs.get("features", {})
+        null = null or "null" in features
+        pairs = max(pairs, features.get("pairs", "none"), key=derived.PAIRS.index)
+        new_features = (null and "null" not in features) or pairs != features.get("pairs", "none")
         if not recompute:
             finished = {s for s, d in zip(existing.steps, existing.done, strict=True) if d}
     mine = set(chosen[process_index::process_count])  # step i of the list goes to process i % N
@@ -299,16 +313,18 @@ def run(
     todo = [s for s in pending if s in mine]
     result = RunResult(source.key, store_path, skipped=[s for s in chosen if s in finished and s in mine])
     already = len(result.skipped)
-    if not pending:
-        return result
-
     claims = _Claims(store_path, source.key, recompute)
     writer = _Writer(store_path, source, pending, recompute, claims, records=process_index == 0,
-                     distributed=process_count > 1)  # fmt: skip
+                     distributed=process_count > 1, null_samples=null_samples if null else 0,
+                     pairs=pairs, progress=progress)  # fmt: skip
+    if not pending:
+        if new_features and process_index == 0:  # e.g. --null on finished steps: scored from the store
+            writer.add_features()
+        return result
     interrupted = False
     if todo:
         budget = memory_budget or default_memory_budget()
-        interrupted = _compute(source, todo, budget, claims, writer, result, progress, keep_downloads)
+        interrupted = _compute(source, todo, budget, claims, writer, result, progress, keep_downloads, pairs)
     if process_count > 1:
         _barrier("spinjax-run-end")  # every process has written its steps
     writer.finish(interrupted=interrupted)
@@ -322,7 +338,7 @@ def run(
     return result
 
 
-def _compute(source, todo, budget, claims, writer, result, progress, keep_downloads) -> bool:
+def _compute(source, todo, budget, claims, writer, result, progress, keep_downloads, pairs) -> bool:
     """Read, compute and write the steps ``todo``; True if stopped early by Ctrl-C."""
     reader = _Reader(source, todo, claims)
     per_layer, block_rows = [], None
@@ -357,12 +373,16 @@ def _compute(source, todo, budget, claims, writer, result, progress, keep_downlo
                         )
                         progress.on_plan(len(todo), g.n_layers)
                     stats = layer_statistics(item.wq, item.wk, block_rows=block_rows)
+                    if pairs != "none":
+                        stats.update(derived.layer_pairs(item.wq, item.wk, stats["hist"]))
                     per_layer.append(stats)
                     _warn_nonfinite(item, stats, source.source, result, progress)
                     progress.on_layer(item.step, item.layer)
                 else:
                     results = {name: np.stack([r[name] for r in per_layer]) for name in per_layer[0]}
                     per_layer = []
+                    if pairs == "model":
+                        results.update(_model_pairs(item, budget))
                     writer.write(item, results)
                     result.computed.append(item.step)
                     if not keep_downloads:
@@ -409,6 +429,14 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def _model_pairs(end: _StepEnd, budget: int) -> dict[str, np.ndarray]:
+    """Geometry between every two heads of the step's model: its layers are read again."""
+    geometry = end.layout.geometry(end.checkpoint.config, str(end.step))
+    return derived.model_pairs(
+        lambda layer: end.layout.extract(end.checkpoint.tensor, layer, geometry), geometry.n_layers, budget
+    )
+
+
 @dataclass
 class _Writer:
     """Writes finished steps; opens (creates, plans) the model group at the first one."""
@@ -420,7 +448,11 @@ class _Writer:
     claims: _Claims
     records: bool = True  # keeps the `runs` record (process 0 of a distributed run)
     distributed: bool = False
+    null_samples: int = 0  # > 0: write null z-scores (an ensemble of this size if none is stored)
+    pairs: str = "none"
+    progress: Progress = field(default_factory=Progress)
     group: store.ModelGroup | None = None
+    scorer: derived.NullScorer | None = None
     slots: dict[int, int] = field(default_factory=dict)
     record: dict | None = None
 
@@ -430,6 +462,8 @@ class _Writer:
         with _writing(self.store_path):
             if self.group is None:  # first step computed: the input is good, now touch the store
                 self._open(end)
+            if self.scorer is not None:
+                results.update(self.scorer.scores(results))
             self.group.write_step(self.slots[step], results)
         self.claims.release(step)
 
@@ -437,6 +471,7 @@ class _Writer:
         """Create or check the model group, plan the step slots, record the run: under the lock."""
         source = self.source
         geometry = end.layout.geometry(end.checkpoint.config, source.source)
+        self._prepare_null(geometry)
         with store.locked(self.store_path) as root:
             group = store.ModelGroup.create_or_check(
                 root, source.key, geometry=geometry, architecture=end.layout.architecture,
@@ -445,6 +480,7 @@ class _Writer:
             group.check_source(source.source)  # another process may have created it meanwhile
             revision_of = dict(source.offered)
             planned = group.plan([(s, revision_of[s]) for s in self.pending], recompute=self.recompute)
+            self._add_features(group)
             if self.records:
                 self.record = group.start_run(self.pending)
             store.consolidate(root, source.key)
@@ -452,6 +488,46 @@ class _Writer:
         # reopened, with the shapes just planned: the step chunks are written without the lock
         self.group = store.ModelGroup(store.open_store(self.store_path, create=True, consolidated=False),
                                       source.key)  # fmt: skip
+
+    def _prepare_null(self, geometry: Geometry) -> None:
+        if self.null_samples:  # before the lock: it may compute and store the null first
+            self.scorer = derived.NullScorer(
+                self.store_path, geometry.d_model, geometry.d_head,
+                samples=self.null_samples, on_message=self.progress.on_warning,
+            )  # fmt: skip
+
+    def add_features(self) -> None:
+        """Add this run's optional variables to a group whose steps are all finished."""
+        with _writing(self.store_path):
+            root = store.open_store(self.store_path, create=False)
+            attrs = root[self.source.key].attrs
+            self._prepare_null(Geometry(*(int(attrs[k]) for k in Geometry.__dataclass_fields__)))
+            with store.locked(self.store_path) as root:
+                self._add_features(store.ModelGroup(root, self.source.key))
+                store.consolidate(root, self.source.key)
+
+    def _add_features(self, group: store.ModelGroup) -> None:
+        """Create the optional variables this run writes; score finished steps from the store
+        when the null is new to the group (under the lock)."""
+        specs = derived.variables(null=self.scorer is not None, pairs=self.pairs)
+        attrs = group.group.attrs
+        created = group.add_variables(specs, derived.pair_coordinates(attrs["n_layers"], attrs["n_heads"]))
+        features = dict(group.group.attrs.get("features", {}))
+        if self.scorer is not None:
+            features["null"] = self.scorer.attrs()
+        if self.pairs != "none":
+            features["pairs"] = self.pairs
+        group.group.attrs["features"] = features
+        if self.scorer is not None and set(created) & set(store.NULL_VARIABLES):
+            for index in np.flatnonzero(group.done):
+                stored = {name: group.group[name][index] for name in store.VARIABLES}
+                group.write_variables(int(index), self.scorer.scores(stored))
+        missing = [n for n in created if n not in store.NULL_VARIABLES]
+        if missing and group.done.any():
+            self.progress.on_warning(
+                f"store group {group.key!r}: finished steps lack {', '.join(missing)} (NaN); "
+                "rerun with --recompute to fill them"
+            )
 
     def finish(self, *, interrupted: bool) -> None:
         """Mark the run record finished (or interrupted) and consolidate, under the lock."""

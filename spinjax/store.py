@@ -57,6 +57,19 @@ VARIABLES: dict[str, tuple[str | None, str, Any]] = {
     "hist": ("bin", "uint32", 0),
     "singular_values": ("sv", "float32", np.nan),
 }
+# Optional per-step variables (schema 1 additions), created in a group when first asked for:
+# name -> (dims, dtype, fill value). Runs add the ``null`` and ``pairs`` families (see
+# ``spinjax run --null / --pairs``); ``spinjax dynamics`` adds its own (spinjax.dynamics).
+NULL_VARIABLES: dict[str, tuple[tuple[str, ...], str, Any]] = {
+    **{f"{name}_z": (BASE_DIMS, "float32", np.nan) for name in SCALARS},
+    "singular_values_z": (BASE_DIMS + ("sv",), "float32", np.nan),
+}
+_PAIR_DIMS = ("step", "layer", "head", "head2")
+PAIR_VARIABLES = {name: (_PAIR_DIMS, "float32", np.nan) for name in ("qk_distance", "qk_cosine", "js_head")}
+_MODEL_PAIR_DIMS = ("step", "layer", "head", "layer2", "head2")
+MODEL_PAIR_VARIABLES = {
+    name: (_MODEL_PAIR_DIMS, "float32", np.nan) for name in ("qk_distance_model", "qk_cosine_model")
+}
 _COMPRESSORS = (zarr.codecs.ZstdCodec(level=3),)
 META_DIR = ".spinjax"  # lock, step claims and groups being built; not a zarr node, readers skip it
 
@@ -264,6 +277,52 @@ class ModelGroup:
                 f"store group {self.key!r} holds another architecture or geometry: {stored}, not {want}"
             )
 
+    def step_arrays(self) -> list[str]:
+        """Every array along ``step``: coordinates, ``done``, core and optional variables."""
+        along = [(name, arr.metadata.dimension_names or ()) for name, arr in self.group.arrays()]
+        return [name for name, dims in along if dims[:1] == ("step",)]
+
+    def data_variables(self) -> list[str]:
+        """The per-step data variables this group holds (core ones and any optional family)."""
+        return [n for n in self.step_arrays() if n not in ("step", "revision", "done")]
+
+    def add_variables(
+        self, specs: dict[str, tuple[tuple[str, ...], str, Any]], coords: dict[str, np.ndarray]
+    ) -> list[str]:
+        """Create the arrays of ``specs`` that the group lacks, with the group's current steps
+        (fill values until written), and the coordinate arrays of new dimensions from ``coords``.
+        Arrays along ``step`` get one chunk per step; others (per-group results) one chunk.
+
+        Call it under :func:`locked` and consolidate after. Returns the names created.
+        """
+        self._refresh()
+        n_steps = self.group["step"].shape[0]
+        created = []
+        for name, (dims, dtype, fill) in specs.items():
+            if name in self.group:
+                continue
+            for dim in dims:
+                if dim != "step" and dim not in self.group:
+                    values = np.asarray(coords[dim])
+                    coord = self.group.create_array(dim, shape=values.shape, dtype=values.dtype,
+                                                    dimension_names=[dim])  # fmt: skip
+                    coord[:] = values
+            shape = tuple(n_steps if d == "step" else self.group[d].shape[0] for d in dims)
+            chunks = (1,) + shape[1:] if dims[0] == "step" else shape  # per-group ones: one chunk
+            arr = self.group.create_array(
+                name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
+                compressors=_COMPRESSORS, dimension_names=list(dims),
+            )  # fmt: skip
+            arr.attrs["coordinates"] = "revision"
+            created.append(name)
+        return created
+
+    def write_variables(self, index: int, results: dict[str, np.ndarray]) -> None:
+        """Write some variables of one step (derived values of a finished step); ``done`` untouched."""
+        for name, values in results.items():
+            arr = self.group[name]
+            arr[index] = np.asarray(values, dtype=arr.dtype)
+
     def plan(self, requested: Sequence[tuple[int, str]], *, recompute: bool) -> list[tuple[int, int, str]]:
         """Indices to compute for the requested (step, revision) pairs, appending new steps.
 
@@ -278,7 +337,8 @@ class ModelGroup:
         new = [(s, r) for s, r in requested if s not in position]
         if new:
             n_old = len(steps)
-            for name in ("revision", "done", *VARIABLES, "step"):  # `step` last: it indexes the rest
+            # `step` last: it indexes the rest
+            for name in [n for n in self.step_arrays() if n != "step"] + ["step"]:
                 arr = self.group[name]
                 arr.resize((n_old + len(new),) + arr.shape[1:])
             self.group["revision"][n_old:] = np.array([r for _, r in new], dtype=object)
@@ -296,7 +356,7 @@ class ModelGroup:
 
     def _repair(self) -> None:
         """Roll back an append that a killed process left half done (arrays of unequal length)."""
-        names = ("step", "revision", "done", *VARIABLES)
+        names = self.step_arrays()
         lengths = {name: self.group[name].shape[0] for name in names}
         committed = _committed_length(self.root, self.key)
         target = min(lengths.values()) if committed is None else committed
@@ -306,10 +366,20 @@ class ModelGroup:
                 arr.resize((target,) + arr.shape[1:])
 
     def write_step(self, index: int, results: dict[str, np.ndarray]) -> None:
-        """Write every variable of one step (arrays shaped (layer, head, matrix, ...)), then done."""
+        """Write every variable of one step (arrays shaped (layer, head, ...)), then done.
+
+        Every core variable must be in ``results``; an optional variable the group holds but
+        ``results`` lacks is reset to its fill value, so a recomputed step keeps nothing stale.
+        """
         self.group["done"][index] = False
-        for name, (_, dtype, _) in VARIABLES.items():
-            self.group[name][index] = np.asarray(results[name], dtype=dtype)
+        for name in self.data_variables():
+            arr = self.group[name]
+            if name in results:
+                arr[index] = np.asarray(results[name], dtype=arr.dtype)
+            elif name in VARIABLES:
+                raise KeyError(f"step results lack the variable {name!r}")
+            else:
+                arr[index] = np.full(arr.shape[1:], arr.fill_value, dtype=arr.dtype)
         self.group["done"][index] = True
 
     def start_run(self, steps: Sequence[int]) -> dict[str, Any]:
@@ -370,7 +440,7 @@ def summary(path: str | Path) -> dict[str, Any]:
             "steps_done": int(done.sum()),
             "steps_requested": len(steps),
             "steps": [s for s, d in zip(steps, done, strict=True) if d],
-            "variables": sorted(VARIABLES),
+            "variables": sorted(group.data_variables()),
             "bytes": size,
             "runs": attrs.get("runs", []),
         }

@@ -1,0 +1,148 @@
+"""`spinjax run --null / --pairs`: z-scores and cross-head geometry written into the store,
+checked against float64 computations from the checkpoint's own factors and the stored null."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from spinjax import store as store_mod
+from spinjax.derived import model_pairs
+from spinjax.kernels.null import SCALE_LOG, SCALE_MUL
+from spinjax.layouts import layout_for
+from spinjax.pipeline import run
+from spinjax.sources import Checkpoint
+
+from conftest import NEOX
+
+SAMPLES = 40
+
+
+def _factors64():
+    ckpt = Checkpoint(NEOX)
+    layout = layout_for(ckpt.config, "neox")
+    g = layout.geometry(ckpt.config, "neox")
+    return [tuple(np.float64(w) for w in layout.extract(ckpt.tensor, layer, g)) for layer in range(g.n_layers)]
+
+
+def _qk64(wq, wk):
+    """Every head's d x d W_QK in float64 (the explicit computation the kernels avoid)."""
+    return np.einsum("had,hae->hde", wq, wk)
+
+
+def _js64(p, q):
+    p, q = p / p.sum(), q / q.sum()
+    m = 0.5 * (p + q)
+
+    def kl(x):
+        nz = x > 0
+        return float((x[nz] * np.log(x[nz] / m[nz])).sum())
+
+    return 0.5 * kl(p) + 0.5 * kl(q)
+
+
+@pytest.fixture(scope="module")
+def derived_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("derived") / "store.zarr"
+    run(str(NEOX), steps="all", store_path=path, null=True, null_samples=SAMPLES, pairs="model")
+    return path
+
+
+def test_layer_pairs_equal_explicit_float64(derived_store):
+    ds = xr.open_zarr(derived_store, group="gpt_neox")
+    for layer, (wq, wk) in enumerate(_factors64()):
+        m = _qk64(wq, wk)
+        flat = m.reshape(m.shape[0], -1)
+        dist = np.linalg.norm(flat[:, None] - flat[None], axis=-1)
+        norms = np.linalg.norm(flat, axis=-1)
+        cos = flat @ flat.T / np.outer(norms, norms)
+        got = ds.qk_distance.isel(step=0, layer=layer).values
+        np.testing.assert_allclose(got, dist, rtol=2e-3, atol=1e-4 * norms.max())
+        np.testing.assert_allclose(ds.qk_cosine.isel(step=0, layer=layer).values, cos, atol=1e-4)
+        assert np.array_equal(got, got.T) and np.all(np.diag(got) == 0)
+        assert np.all(np.diag(ds.qk_cosine.isel(step=0, layer=layer).values) == 1)
+        assert dist[~np.eye(len(dist), dtype=bool)].min() > 0.1 * norms.min()  # distinct heads
+
+
+def test_model_pairs_equal_explicit_float64_and_contain_the_layer_pairs(derived_store):
+    ds = xr.open_zarr(derived_store, group="gpt_neox")
+    flat = np.concatenate([_qk64(wq, wk).reshape(wq.shape[0], -1) for wq, wk in _factors64()])
+    n_layers, n_heads = ds.sizes["layer"], ds.sizes["head"]
+    dist = np.linalg.norm(flat[:, None] - flat[None], axis=-1).reshape(n_layers, n_heads, n_layers, n_heads)
+    got = ds.qk_distance_model.isel(step=0).values
+    np.testing.assert_allclose(got, dist, rtol=2e-3, atol=1e-4 * np.linalg.norm(flat, axis=1).max())
+    for layer in range(n_layers):
+        np.testing.assert_allclose(got[layer, :, layer], ds.qk_distance.isel(step=0, layer=layer), rtol=1e-5)
+    assert np.abs(ds.qk_cosine_model.isel(step=0).values[0, :, 1]).max() < 0.9  # layers differ
+
+
+def test_model_pairs_in_blocks_equal_one_block():
+    factors = [(wq.astype(np.float32), wk.astype(np.float32)) for wq, wk in _factors64()] * 3  # 6 layers
+    one = model_pairs(lambda layer: factors[layer], len(factors), 1 << 30)
+    per_layer = 2 * factors[0][0].nbytes
+    blocks = model_pairs(lambda layer: factors[layer], len(factors), 2 * per_layer)  # a layer per block
+    for name in one:
+        np.testing.assert_allclose(blocks[name], one[name], rtol=1e-6, atol=1e-6)
+    same = np.diag(one["qk_distance_model"][0, :, 2])  # layer 2 is a copy of layer 0
+    assert np.allclose(same, 0, atol=1e-3 * one["qk_distance_model"].max())
+
+
+def test_js_head_from_stored_histograms(derived_store):
+    ds = xr.open_zarr(derived_store, group="gpt_neox")
+    hist = ds.hist.isel(step=0).sel(matrix="W_QK").values.astype(np.float64)
+    js = ds.js_head.isel(step=0).values
+    for layer in range(ds.sizes["layer"]):
+        for i in range(ds.sizes["head"]):
+            for j in range(ds.sizes["head"]):
+                assert js[layer, i, j] == pytest.approx(_js64(hist[layer, i], hist[layer, j]), abs=1e-5)
+    assert js.max() > 0.01
+
+
+def test_null_scores_equal_numpy_from_the_stored_null(derived_store):
+    ds = xr.open_zarr(derived_store, group="gpt_neox")
+    null = xr.open_zarr(derived_store, group="baseline/96x16")
+    assert null.sizes["sample"] == SAMPLES and ds.attrs["features"]["null"]["baseline"] == "baseline/96x16"
+    frob = ds.frobenius_norm.isel(step=0).values.astype(np.float64)
+    rms = frob[..., :2] / np.sqrt(16 * 96)
+    scale = np.stack([rms[..., 0], rms[..., 1], rms[..., 0] * rms[..., 1]], axis=-1)
+    for name in ("std", "kurt", "entropy", "kl_gauss", "stable_rank", "spectral_norm", "singular_values"):
+        value = ds[name].isel(step=0).values.astype(np.float64)
+        s = scale[..., None] if name == "singular_values" else scale
+        if name in SCALE_MUL:
+            value = value / s
+        elif name in SCALE_LOG:
+            value = value - np.log(s)
+        samples = null[name].values.astype(np.float64)
+        expected = (value - samples.mean(0)) / samples.std(0, ddof=1)
+        np.testing.assert_allclose(ds[f"{name}_z"].isel(step=0).values, expected, rtol=1e-3, atol=1e-3)
+    # the fixture's weights are random Gaussian draws: its heads score like draws of the null
+    assert np.abs(ds.std_z.isel(step=0).sel(matrix="W_Q").values).max() < 1
+    kurt_z = ds.kurt_z.isel(step=0).values
+    assert np.abs(kurt_z).max() < 5 and 0.3 < np.abs(kurt_z).mean() < 2
+
+
+def test_null_added_later_scores_finished_steps_and_sticks(neox_store, derived_store, tmp_path):
+    path = tmp_path / "s.zarr"
+    shutil.copytree(neox_store, path)
+    shutil.copytree(derived_store / "baseline", path / "baseline")  # the same null, not recomputed
+    store_mod.consolidate(store_mod.open_store(path, create=True, consolidated=False))
+    result = run(str(NEOX), steps="all", store_path=path, null=True, null_samples=SAMPLES)
+    assert result.computed == [] and result.skipped == [-1]
+    later = xr.open_zarr(path, group="gpt_neox")
+    fresh = xr.open_zarr(derived_store, group="gpt_neox")
+    for name in ("kurt_z", "entropy_z", "singular_values_z"):
+        np.testing.assert_allclose(later[name].values, fresh[name].values, rtol=1e-5, atol=1e-6)
+    # sticky: a recompute without --null still writes them
+    run(str(NEOX), steps="all", store_path=path, recompute=True)
+    again = xr.open_zarr(path, group="gpt_neox")
+    np.testing.assert_allclose(again.kurt_z.values, fresh.kurt_z.values, rtol=1e-5, atol=1e-6)
+
+
+def test_pairs_none_writes_no_geometry(tmp_path):
+    path = tmp_path / "s.zarr"
+    run(str(NEOX), steps="all", store_path=path, pairs="none")
+    ds = xr.open_zarr(path, group="gpt_neox")
+    assert "qk_distance" not in ds and "std_z" not in ds and "std" in ds
