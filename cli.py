@@ -108,6 +108,16 @@ def main() -> None:
     help="Cross-head geometry: distance, cosine and JS divergence between the heads of each layer; "
     "'model' adds every pair of heads of the model.",
 )
+@click.option(
+    "--variant",
+    type=click.Choice(["raw", "ln-folded", "bias"]),
+    default="raw",
+    show_default=True,
+    help="raw weights (SPEC); ln-folded: the attention layer norm's gain folded in (TransformerLens); "
+    "bias: the bias-augmented form [[W_Q^T W_K, W_Q^T b_K], [b_Q^T W_K, b_Q.b_K]]. "
+    "Other than raw, results go to the store group MODEL@VARIANT.",
+)
+@click.option("--ov", is_flag=True, help="Add the matrices W_V, W_O and W_OV = W_V^T W_O^h per head.")
 def run(
     model: str,
     steps: str,
@@ -124,6 +134,8 @@ def run(
     null: bool,
     null_samples: int,
     pairs: str,
+    variant: str,
+    ov: bool,
 ) -> None:
     """Compute every head's statistics for the requested steps of MODEL."""
     from spinjax.pipeline import Interrupted, init_distributed
@@ -151,6 +163,8 @@ def run(
                 null=null,
                 null_samples=null_samples,
                 pairs=pairs,
+                variant=variant,
+                ov=ov,
             )
         except Interrupted as exc:  # Ctrl-C: finished steps are kept, the run is marked interrupted
             click.echo(f"interrupted: {exc}", err=True)

@@ -132,12 +132,19 @@ class NullScorer:
         return {"baseline": self.key, "samples": self.samples, "sigma": self.sigma}
 
     def scores(self, results: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """z-scores of ``results`` (name -> (layer, head, matrix, ...)) of one step."""
+        """z-scores of ``results`` (name -> (layer, head, matrix, ...)) of one step.
+
+        Matrices come in triples (factor A, factor B, A^T B): (W_Q, W_K, W_QK) and, with
+        ``--ov``, (W_V, W_O, W_OV); each triple is scored against the null's three.
+        """
         from .kernels import matched_scale, null_zscores
 
         if "frobenius_norm" not in results:
             raise InputError("--null needs the stored frobenius_norm of every head")
-        scale = matched_scale(results["frobenius_norm"], d_model=self.d_model, d_head=self.d_head,
-                              sigma=self.sigma)  # fmt: skip
-        z = null_zscores(results, self.null, scale=scale, names=tuple(self.null))
-        return {name: np.asarray(v) for name, v in z.items()}
+        parts = []
+        for first in range(0, results["frobenius_norm"].shape[2], 3):
+            triple = {name: np.asarray(results[name])[:, :, first : first + 3] for name in self.null}
+            scale = matched_scale(triple["frobenius_norm"], d_model=self.d_model, d_head=self.d_head,
+                                  sigma=self.sigma)  # fmt: skip
+            parts.append(null_zscores(triple, self.null, scale=scale, names=tuple(self.null)))
+        return {name: np.concatenate([np.asarray(p[name]) for p in parts], axis=2) for name in parts[0]}

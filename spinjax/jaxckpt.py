@@ -43,6 +43,9 @@ DEFAULT_MAPPING: dict[str, dict[str, Any]] = {
         _rule("layers/{i}/attention/query_key_value/kernel"),
     "gpt_neox.layers.{i}.attention.query_key_value.bias":
         _rule("layers/{i}/attention/query_key_value/bias", False),
+    # for --variant ln-folded and --ov: the attention norm's gain (linen LayerNorm `scale`), W_O
+    "gpt_neox.layers.{i}.input_layernorm.weight": _rule("layers/{i}/input_layernorm/scale", False),
+    "gpt_neox.layers.{i}.attention.dense.weight": _rule("layers/{i}/attention/dense/kernel"),
     # GPT-2: HF's FlaxConv1D stores (out, in) = (3d, d); the layout wants Conv1D's (d, 3d).
     "h.{i}.attn.c_attn.weight": _rule("h/{i}/attn/c_attn/kernel"),
     # LLaMA / Mistral / Qwen2 and BERT: linen Dense kernels (in, out).

@@ -19,6 +19,7 @@ interrupted and raises :class:`Interrupted`; a second Ctrl-C stops at once.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import signal
@@ -36,7 +37,7 @@ import numpy as np
 from . import DEFAULT_STORE, RESERVED_GROUPS, derived, models, store
 from .errors import InputError
 from .kernels import block_entries_cap, block_rows_for_budget, layer_statistics
-from .layouts import Geometry, Layout, layout_for
+from .layouts import VARIANTS, Geometry, Layout, layout_for
 from .locking import LockFile
 from .steps import select_steps
 
@@ -82,7 +83,8 @@ class _Layer:
     wq: np.ndarray
     wk: np.ndarray
     geometry: Geometry
-    tensors: list[str]  # where wq, wk come from, for messages
+    tensors: list[str]  # where the factors come from, for messages
+    ov: tuple[np.ndarray, np.ndarray] | None = None  # (wv, wo) with --ov
 
 
 @dataclass
@@ -91,6 +93,7 @@ class _StepEnd:
     checkpoint: object
     layout: Layout
     dtype: str
+    variant: str = "raw"
 
 
 @dataclass
@@ -158,9 +161,12 @@ class _Reader(threading.Thread):
     Errors travel through the queue and are raised in the consumer, in step order.
     """
 
-    def __init__(self, source: models.Source, todo: list[int], claims: _Claims, depth: int = 2):
+    def __init__(
+        self, source: models.Source, todo: list[int], claims: _Claims, variant: str, ov: bool, depth: int = 2
+    ):
         super().__init__(daemon=True, name="spinjax-reader")
         self.source, self.todo, self.claims = source, todo, claims
+        self.variant, self.ov = variant, ov
         self.revision_of = dict(source.offered)
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
@@ -216,8 +222,19 @@ class _Reader(threading.Thread):
         layout = layout_for(checkpoint.config, where)
         geometry = layout.geometry(checkpoint.config, where)
         for layer in range(geometry.n_layers):  # resolve names, open (download) their files
-            for name in layout.tensor_names(layer):
-                checkpoint.tensor(name)
+            raw = layout.tensor_names(layer)
+            for name in layout.tensor_names(layer, self.variant, self.ov):
+                try:
+                    checkpoint.tensor(name)
+                except InputError as exc:
+                    if name in raw:
+                        raise
+                    asked = (
+                        f"--variant {self.variant}"
+                        if name not in layout.tensor_names(layer, ov=self.ov)
+                        else "--ov"
+                    )
+                    raise InputError(f"{exc}; {asked} needs it") from exc
         return checkpoint, layout, geometry, where
 
     def run(self) -> None:
@@ -242,11 +259,13 @@ class _Reader(threading.Thread):
                         return tensor
 
                     for layer in range(geometry.n_layers):
-                        wq, wk = layout.extract(lookup, layer, geometry)
-                        tensors = layout.tensor_names(layer)
-                        if not self._put(_Layer(step, layer, wq, wk, geometry, tensors)):
+                        wq, wk = layout.extract(lookup, layer, geometry, self.variant)
+                        ov = layout.extract_ov(lookup, layer, geometry) if self.ov else None
+                        tensors = layout.tensor_names(layer, self.variant, self.ov)
+                        if not self._put(_Layer(step, layer, wq, wk, geometry, tensors, ov)):
                             return
-                    if not self._put(_StepEnd(step, checkpoint, layout, ",".join(sorted(dtypes)))):
+                    end = _StepEnd(step, checkpoint, layout, ",".join(sorted(dtypes)), self.variant)
+                    if not self._put(end):
                         return
             self._put(_FINISHED)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
@@ -276,6 +295,8 @@ def run(
     null: bool = False,
     null_samples: int = derived.DEFAULT_NULL_SAMPLES,
     pairs: str = "layer",
+    variant: str = "raw",
+    ov: bool = False,
 ) -> RunResult:
     """Compute every requested step of ``model`` into the store; skip finished steps.
 
@@ -286,13 +307,20 @@ def run(
 
     ``null`` adds z-scores against the random-matrix null, ``pairs`` ("none", "layer",
     "model") the cross-head geometry (see :mod:`spinjax.derived`). Both are sticky: a group
-    that has them gets them for every later step too.
+    that has them gets them for every later step too. ``variant`` ("raw", "ln-folded",
+    "bias", see :mod:`spinjax.layouts`) selects the factors; other than raw, results go to the
+    group ``<key>@<variant>``. ``ov`` adds the matrices W_V, W_O, W_OV (a group's matrices are
+    fixed when it is created; a group holding them gets them for every step).
     """
     if pairs not in derived.PAIRS:
         raise InputError(f"--pairs {pairs!r}: expected one of {', '.join(derived.PAIRS)}")
+    if variant not in VARIANTS:
+        raise InputError(f"--variant {variant!r}: expected one of {', '.join(VARIANTS)}")
     progress = progress or Progress()
     store_path = Path(store_path)
     source = models.resolve(model)
+    if variant != "raw":
+        source = dataclasses.replace(source, key=f"{source.key}@{variant}")
     if source.key in RESERVED_GROUPS:
         raise InputError(f"--model {model!r}: its store key {source.key!r} is reserved; rename the directory")
     revision_of = dict(source.offered)
@@ -306,6 +334,12 @@ def run(
         null = null or "null" in features
         pairs = max(pairs, features.get("pairs", "none"), key=derived.PAIRS.index)
         new_features = (null and "null" not in features) or pairs != features.get("pairs", "none")
+        if ov and "W_OV" not in existing.matrices:
+            existing.check_holds(  # refuses, naming the group and its matrices
+                Geometry(*(int(existing.group.attrs[k]) for k in Geometry.__dataclass_fields__)),
+                existing.group.attrs["architecture"], store.OV_MATRICES,
+            )  # fmt: skip
+        ov = "W_OV" in existing.matrices
         if not recompute:
             finished = {s for s, d in zip(existing.steps, existing.done, strict=True) if d}
     mine = set(chosen[process_index::process_count])  # step i of the list goes to process i % N
@@ -316,7 +350,8 @@ def run(
     claims = _Claims(store_path, source.key, recompute)
     writer = _Writer(store_path, source, pending, recompute, claims, records=process_index == 0,
                      distributed=process_count > 1, null_samples=null_samples if null else 0,
-                     pairs=pairs, progress=progress)  # fmt: skip
+                     pairs=pairs, progress=progress, variant=variant,
+                     matrices=store.OV_MATRICES if ov else store.MATRICES)  # fmt: skip
     if not pending:
         if new_features and process_index == 0:  # e.g. --null on finished steps: scored from the store
             writer.add_features()
@@ -324,7 +359,8 @@ def run(
     interrupted = False
     if todo:
         budget = memory_budget or default_memory_budget()
-        interrupted = _compute(source, todo, budget, claims, writer, result, progress, keep_downloads, pairs)
+        reader = _Reader(source, todo, claims, variant, ov)
+        interrupted = _compute(source, reader, budget, writer, result, progress, keep_downloads, pairs)
     if process_count > 1:
         _barrier("spinjax-run-end")  # every process has written its steps
     writer.finish(interrupted=interrupted)
@@ -338,9 +374,8 @@ def run(
     return result
 
 
-def _compute(source, todo, budget, claims, writer, result, progress, keep_downloads, pairs) -> bool:
-    """Read, compute and write the steps ``todo``; True if stopped early by Ctrl-C."""
-    reader = _Reader(source, todo, claims)
+def _compute(source, reader, budget, writer, result, progress, keep_downloads, pairs) -> bool:
+    """Read, compute and write the reader's steps; True if stopped early by Ctrl-C."""
     per_layer, block_rows = [], None
     with _StopAfterStep() as interrupt:
         reader.start()
@@ -369,12 +404,10 @@ def _compute(source, todo, budget, claims, writer, result, progress, keep_downlo
                     if block_rows is None:
                         g = item.geometry
                         block_rows = block_rows_for_budget(
-                            g.n_heads, g.d_model, budget, max_entries=block_entries_cap()
+                            g.n_heads, item.wq.shape[-1], budget, max_entries=block_entries_cap()
                         )
-                        progress.on_plan(len(todo), g.n_layers)
-                    stats = layer_statistics(item.wq, item.wk, block_rows=block_rows)
-                    if pairs != "none":
-                        stats.update(derived.layer_pairs(item.wq, item.wk, stats["hist"]))
+                        progress.on_plan(len(reader.todo), g.n_layers)
+                    stats = _layer_results(item, block_rows, pairs)
                     per_layer.append(stats)
                     _warn_nonfinite(item, stats, source.source, result, progress)
                     progress.on_layer(item.step, item.layer)
@@ -394,8 +427,21 @@ def _compute(source, todo, budget, claims, writer, result, progress, keep_downlo
         finally:
             reader.stop.set()
             reader.join()
-            claims.release_all()
+            reader.claims.release_all()
     return interrupt.requested
+
+
+def _layer_results(item: _Layer, block_rows: int, pairs: str) -> dict[str, np.ndarray]:
+    """Every statistic of one layer's heads, (head, matrix, ...), and its head pairs."""
+    stats = layer_statistics(item.wq, item.wk, block_rows=block_rows)
+    if item.ov is not None:
+        wv, wo = item.ov
+        # (W_O, W_V, W_O^T W_V = W_OV^T): a transpose has the same element and spectral statistics
+        ov = layer_statistics(wo, wv, block_rows=block_rows)
+        stats = {name: np.concatenate([v, ov[name][:, [1, 0, 2]]], axis=1) for name, v in stats.items()}
+    if pairs != "none":
+        stats.update(derived.layer_pairs(item.wq, item.wk, stats["hist"]))
+    return stats
 
 
 def init_distributed(
@@ -433,7 +479,9 @@ def _model_pairs(end: _StepEnd, budget: int) -> dict[str, np.ndarray]:
     """Geometry between every two heads of the step's model: its layers are read again."""
     geometry = end.layout.geometry(end.checkpoint.config, str(end.step))
     return derived.model_pairs(
-        lambda layer: end.layout.extract(end.checkpoint.tensor, layer, geometry), geometry.n_layers, budget
+        lambda layer: end.layout.extract(end.checkpoint.tensor, layer, geometry, end.variant),
+        geometry.n_layers,
+        budget,
     )
 
 
@@ -451,6 +499,8 @@ class _Writer:
     null_samples: int = 0  # > 0: write null z-scores (an ensemble of this size if none is stored)
     pairs: str = "none"
     progress: Progress = field(default_factory=Progress)
+    variant: str = "raw"
+    matrices: tuple[str, ...] = store.MATRICES
     group: store.ModelGroup | None = None
     scorer: derived.NullScorer | None = None
     slots: dict[int, int] = field(default_factory=dict)
@@ -475,7 +525,8 @@ class _Writer:
         with store.locked(self.store_path) as root:
             group = store.ModelGroup.create_or_check(
                 root, source.key, geometry=geometry, architecture=end.layout.architecture,
-                n_sv=geometry.d_head, attrs={"source": source.source, "dtype": end.dtype},
+                n_sv=geometry.d_head, matrices=self.matrices,
+                attrs={"source": source.source, "dtype": end.dtype, "variant": self.variant},
             )  # fmt: skip
             group.check_source(source.source)  # another process may have created it meanwhile
             revision_of = dict(source.offered)
@@ -491,8 +542,9 @@ class _Writer:
 
     def _prepare_null(self, geometry: Geometry) -> None:
         if self.null_samples:  # before the lock: it may compute and store the null first
+            d = geometry.d_model + (self.variant == "bias")  # the bias form is (d + 1) x (d + 1)
             self.scorer = derived.NullScorer(
-                self.store_path, geometry.d_model, geometry.d_head,
+                self.store_path, d, geometry.d_head,
                 samples=self.null_samples, on_message=self.progress.on_warning,
             )  # fmt: skip
 
@@ -582,18 +634,22 @@ def _writing(store_path: Path):
 
 def _warn_nonfinite(item: _Layer, stats: dict, where: str, result: RunResult, progress: Progress) -> None:
     """NaN/Inf weights are counted and left out of the statistics; say so, naming the tensor."""
-    bad = np.asarray(stats["n_nonfinite"])  # (heads, matrix)
+    bad = np.asarray(stats["n_nonfinite"])  # (heads, matrix): factors, then their products
     if not bad.any():
         return
-    heads = [int(h) for h in np.flatnonzero(bad[:, :2].any(axis=1))]
-    if heads:
-        what = (
-            f"{int(bad[:, 0].sum())} NaN/Inf entries in W_Q and {int(bad[:, 1].sum())} in W_K of "
-            f"heads {heads}, from {', '.join(item.tensors)}"
-        )
+    names = store.OV_MATRICES[: bad.shape[1]]
+    factors = [i for i in range(bad.shape[1]) if i % 3 != 2 and bad[:, i].any()]
+    if factors:
+        heads = [int(h) for h in np.flatnonzero(bad[:, factors].any(axis=1))]
+        counts = " and ".join(f"{int(bad[:, i].sum())} in {names[i]}" for i in factors)
+        what = f"NaN/Inf entries ({counts}) of heads {heads}, from {', '.join(item.tensors)}"
     else:
-        heads = [int(h) for h in np.flatnonzero(bad[:, 2])]
-        what = f"W_QK of heads {heads} overflows float32 ({int(bad[:, 2].sum())} entries)"
+        products = [i for i in range(bad.shape[1]) if bad[:, i].any()]
+        heads = [int(h) for h in np.flatnonzero(bad.any(axis=1))]
+        what = (
+            f"{' and '.join(names[i] for i in products)} of heads {heads} overflow float32 "
+            f"({int(bad.sum())} entries)"
+        )
     text = (
         f"{where} step {item.step} layer {item.layer}: {what}; statistics use the finite entries, "
         "counts are in n_nonfinite"

@@ -41,6 +41,7 @@ from .locking import LockFile
 from .schema import check_root_attrs
 
 MATRICES = ("W_Q", "W_K", "W_QK")
+OV_MATRICES = MATRICES + ("W_V", "W_O", "W_OV")  # `spinjax run --ov`
 BASE_DIMS = ("step", "layer", "head", "matrix")
 SCALARS = (
     "mean", "std", "skew", "kurt", "min", "max",
@@ -167,12 +168,14 @@ def _committed_length(root: zarr.Group, key: str) -> int | None:
         return None
 
 
-def write_coordinates(group: zarr.Group, leading: dict[str, np.ndarray], n_sv: int) -> None:
+def write_coordinates(
+    group: zarr.Group, leading: dict[str, np.ndarray], n_sv: int, matrices: Sequence[str] = MATRICES
+) -> None:
     """The coordinate arrays of a group: ``leading`` ones, then matrix, sv, zbin, bin, and
     the auxiliary ``zbin_edges`` / ``bin_edges`` (dimensions ``zbin_edge`` / ``bin_edge``)."""
     coords = {
         **leading,
-        "matrix": np.array(MATRICES, dtype=object),
+        "matrix": np.array(matrices, dtype=object),
         "sv": np.arange(n_sv, dtype=np.int32),
         "zbin": np.arange(bins.NZ, dtype=np.int32),
         "bin": np.arange(bins.NB, dtype=np.int32),
@@ -208,6 +211,10 @@ class ModelGroup:
         return [int(s) for s in self.group["step"][:]]
 
     @property
+    def matrices(self) -> tuple[str, ...]:
+        return tuple(str(m) for m in self.group["matrix"][:])
+
+    @property
     def done(self) -> np.ndarray:
         return np.asarray(self.group["done"][:], dtype=bool)
 
@@ -221,11 +228,12 @@ class ModelGroup:
         architecture: str,
         attrs: dict[str, Any],
         n_sv: int,
+        matrices: Sequence[str] = MATRICES,
     ) -> ModelGroup:
         """The model group ``key``, created with coordinates if new, else checked to match."""
         if key in root:
             existing = cls(root, key)
-            existing.check_holds(geometry, architecture)
+            existing.check_holds(geometry, architecture, matrices)
             return existing
         # Built under META_DIR and renamed into place, so a crash never leaves a half group.
         store_path = Path(str(root.store.root))
@@ -239,13 +247,14 @@ class ModelGroup:
             group,
             {"layer": np.arange(g.n_layers, dtype=np.int32), "head": np.arange(g.n_heads, dtype=np.int32)},
             n_sv,
+            matrices,
         )
         group.create_array("step", shape=(0,), chunks=(1,), dtype="int64", dimension_names=["step"])
         group.create_array("revision", shape=(0,), chunks=(1,), dtype=str, dimension_names=["step"])
         group.create_array(
             "done", shape=(0,), chunks=(1,), dtype="bool", fill_value=False, dimension_names=["step"]
         )
-        sizes = {"layer": g.n_layers, "head": g.n_heads, "matrix": len(MATRICES),
+        sizes = {"layer": g.n_layers, "head": g.n_heads, "matrix": len(matrices),
                  "zbin": bins.NZ, "bin": bins.NB, "sv": n_sv}  # fmt: skip
         for name, (extra, dtype, fill) in VARIABLES.items():
             dims = BASE_DIMS + ((extra,) if extra else ())
@@ -268,13 +277,19 @@ class ModelGroup:
                 "use another --store"
             )
 
-    def check_holds(self, geometry: Geometry, architecture: str) -> None:
-        """Refuse to mix another model into this group (same key, other architecture or shape)."""
+    def check_holds(self, geometry: Geometry, architecture: str, matrices: Sequence[str] = MATRICES) -> None:
+        """Refuse to mix another model into this group (same key, other architecture or shape),
+        or other matrices (the ``matrix`` dimension is fixed when the group is created)."""
         want = {"architecture": architecture, **asdict(geometry)}
         stored = {k: self.group.attrs.get(k) for k in want}
         if stored != want:
             raise InputError(
                 f"store group {self.key!r} holds another architecture or geometry: {stored}, not {want}"
+            )
+        if self.matrices != tuple(matrices):
+            raise InputError(
+                f"store group {self.key!r} holds the matrices {', '.join(self.matrices)}, not "
+                f"{', '.join(matrices)}; use another --store to add W_OV (--ov) to a model"
             )
 
     def step_arrays(self) -> list[str]:

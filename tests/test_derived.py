@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import xarray as xr
+from conftest import NEOX
 
 from spinjax import store as store_mod
 from spinjax.derived import model_pairs
@@ -16,8 +17,6 @@ from spinjax.layouts import layout_for
 from spinjax.pipeline import run
 from spinjax.sources import Checkpoint
 
-from conftest import NEOX
-
 SAMPLES = 40
 
 
@@ -25,7 +24,8 @@ def _factors64():
     ckpt = Checkpoint(NEOX)
     layout = layout_for(ckpt.config, "neox")
     g = layout.geometry(ckpt.config, "neox")
-    return [tuple(np.float64(w) for w in layout.extract(ckpt.tensor, layer, g)) for layer in range(g.n_layers)]
+    layers = range(g.n_layers)
+    return [tuple(np.float64(w) for w in layout.extract(ckpt.tensor, layer, g)) for layer in layers]
 
 
 def _qk64(wq, wk):
@@ -146,3 +146,69 @@ def test_pairs_none_writes_no_geometry(tmp_path):
     run(str(NEOX), steps="all", store_path=path, pairs="none")
     ds = xr.open_zarr(path, group="gpt_neox")
     assert "qk_distance" not in ds and "std_z" not in ds and "std" in ds
+
+
+VARIANTS = NEOX.parent.parent / "variants"
+
+
+def _extracted(arch: str, variant: str = "raw"):
+    ckpt = Checkpoint(VARIANTS / arch)
+    layout = layout_for(ckpt.config, arch)
+    g = layout.geometry(ckpt.config, arch)
+    return ckpt, layout, g
+
+
+def test_ov_matrices_equal_explicit_float64_with_gqa(tmp_path):
+    path = tmp_path / "s.zarr"
+    run(str(VARIANTS / "llama"), steps="all", store_path=path, ov=True, pairs="none")
+    ds = xr.open_zarr(path, group="llama")
+    assert list(ds.matrix.values) == ["W_Q", "W_K", "W_QK", "W_V", "W_O", "W_OV"]
+    ckpt, layout, g = _extracted("llama")
+    assert g.n_kv_heads < g.n_heads
+    for layer in range(g.n_layers):
+        wv, wo = (np.float64(w) for w in layout.extract_ov(ckpt.tensor, layer, g))
+        for h in range(g.n_heads):
+            v = wv[h // (g.n_heads // g.n_kv_heads)]
+            ov = v.T @ wo[h]  # the explicit d x d W_OV
+            got = ds.isel(step=0, layer=layer, head=h)
+            for name, m in (("W_V", v), ("W_O", wo[h]), ("W_OV", ov)):
+                s = np.linalg.svd(m, compute_uv=False)[: g.d_head]
+                np.testing.assert_allclose(
+                    got.singular_values.sel(matrix=name), s, rtol=1e-4, atol=1e-4 * s[0]
+                )
+                assert float(got["std"].sel(matrix=name)) == pytest.approx(m.std(), rel=1e-4)
+                assert float(got["kurt"].sel(matrix=name)) == pytest.approx(
+                    ((m - m.mean()) ** 4).mean() / m.var() ** 2 - 3, abs=1e-3
+                )
+
+
+def test_bias_variant_is_the_augmented_form_in_its_own_group(tmp_path):
+    path = tmp_path / "s.zarr"
+    run(str(VARIANTS / "gpt2"), steps="all", store_path=path, pairs="none")
+    run(str(VARIANTS / "gpt2"), steps="all", store_path=path, variant="bias", pairs="none")
+    raw, aug = xr.open_zarr(path, group="gpt2"), xr.open_zarr(path, group="gpt2@bias")
+    assert aug.attrs["variant"] == "bias" and raw.attrs["variant"] == "raw"
+    ckpt, layout, g = _extracted("gpt2")
+    wq, wk = (np.float64(w) for w in layout.extract(ckpt.tensor, 1, g, "bias"))
+    m = wq[2].T @ wk[2]  # (d + 1) x (d + 1): [[W_Q^T W_K, W_Q^T b_K], [b_Q^T W_K, b_Q.b_K]]
+    assert m.shape == (g.d_model + 1,) * 2
+    got = aug.isel(step=0, layer=1, head=2).sel(matrix="W_QK")
+    np.testing.assert_allclose(got.singular_values, np.linalg.svd(m, compute_uv=False)[: g.d_head], rtol=1e-4)
+    assert float(got["mean"]) == pytest.approx(m.mean(), rel=1e-4, abs=1e-6 * m.std())
+    assert float(got["std"]) == pytest.approx(m.std(), rel=1e-4)
+    assert float(raw.isel(step=0, layer=1, head=2).sel(matrix="W_QK")["std"]) != pytest.approx(
+        m.std(), rel=1e-3
+    )
+
+
+def test_variant_and_ov_errors_leave_the_store_unchanged(tmp_path, snapshot):
+    from spinjax.errors import InputError
+
+    path = tmp_path / "s.zarr"
+    run(str(VARIANTS / "llama"), steps="all", store_path=path, pairs="none")
+    before = snapshot(path)
+    with pytest.raises(InputError, match=r"q_proj\.bias.*--variant bias needs it"):
+        run(str(VARIANTS / "llama"), steps="all", store_path=path, variant="bias")
+    with pytest.raises(InputError, match="holds the matrices W_Q, W_K, W_QK.*--ov"):
+        run(str(VARIANTS / "llama"), steps="all", store_path=path, ov=True, recompute=True)
+    assert snapshot(path) == before
