@@ -256,6 +256,10 @@ def show(store_path: Path, as_json: bool, debug: bool) -> None:
         click.echo(f"  d_model={m['d_model']} layers={m['n_layers']} heads={m['n_heads']} "
                    f"kv_heads={m['n_kv_heads']} d_head={m['d_head']}")  # fmt: skip
         click.echo(f"  steps done {m['steps_done']} / requested {m['steps_requested']}: {m['steps']}")
+        extras = [f"variant {m['variant']}"] * (m["variant"] != "raw") + [
+            f"{k}: {v}" for k, v in m["features"].items()
+        ]
+        click.echo(f"  matrices {', '.join(m['matrices'])}" + "".join(f"; {e}" for e in extras))
         click.echo(f"  {len(m['variables'])} variables, {m['bytes'] / 1e6:.2f} MB on disk: "
                    + ", ".join(m["variables"]))  # fmt: skip
 
@@ -394,6 +398,36 @@ def report(
     click.echo(f"{result.path}: {len(result.figures)} figures")
     for name, why in result.skipped.items():
         click.echo(f"skipped {name}: {why}", err=True)
+
+
+@main.command()
+@click.option("--model", required=True, help="The model as given to `spinjax run` (its store group).")
+@click.option(
+    "--store", "store_path", default=DEFAULT_STORE, show_default=True, type=click.Path(path_type=Path)
+)
+@click.option("--top-k", default=8, show_default=True, type=click.IntRange(min=1), help="Directions kept.")
+@click.option(
+    "--gap-tol", default=0.1, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True),
+    help="Relative gap below which two singular values count as near-degenerate.",
+)  # fmt: skip
+@click.option("--keep-downloads", is_flag=True, help="Keep hub files read again (default: evict).")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def dynamics(
+    model: str, store_path: Path, top_k: int, gap_tol: float, keep_downloads: bool, quiet: bool, debug: bool
+) -> None:
+    """Training dynamics of MODEL's finished steps: divergences from the first step and between
+    consecutive ones, top-k singular-direction overlaps, level crossings and repulsions."""
+    from spinjax.dynamics import compute_dynamics
+
+    with _errors(debug), _progress(quiet) as progress:
+        res = compute_dynamics(model, store_path, top_k=top_k, gap_tol=gap_tol,
+                               keep_downloads=keep_downloads, progress=progress)  # fmt: skip
+    if not quiet:
+        click.echo(
+            f"{res.key}: {len(res.steps)} steps, k={res.top_k}, {len(res.pairs)} pair(s) of steps computed "
+            f"({len(res.read)} checkpoints read), {len(res.reused)} reused; store {res.store}"
+        )
 
 
 @main.command()

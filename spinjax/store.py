@@ -456,6 +456,9 @@ def summary(path: str | Path) -> dict[str, Any]:
             "steps_requested": len(steps),
             "steps": [s for s, d in zip(steps, done, strict=True) if d],
             "variables": sorted(group.data_variables()),
+            "matrices": list(group.matrices),
+            "variant": attrs.get("variant", "raw"),
+            "features": attrs.get("features", {}),
             "bytes": size,
             "runs": attrs.get("runs", []),
         }
