@@ -91,10 +91,12 @@ def _inner_matrix(wq: np.ndarray, wk: np.ndarray, block: int) -> np.ndarray:
     return out[:n, :n]
 
 
-def _summaries(inner: np.ndarray, norms: np.ndarray) -> dict[str, np.ndarray]:
-    """Distances and cosines from inner products (N, N) and squared norms (N,)."""
+def pair_summaries(inner: np.ndarray, norms: np.ndarray) -> dict[str, np.ndarray]:
+    """Distances and cosines from inner products (N, N) and squared norms (N,), numpy float32:
+    exactly symmetric, distance 0 and cosine 1 on the diagonal, cosine NaN for a zero norm."""
     n = inner.shape[0]
     eye = np.eye(n, dtype=bool)
+    inner = 0.5 * (inner + inner.T)
     inner = np.where(eye, norms[:, None], inner)  # the diagonal is the norm, exactly
     sq = np.maximum(norms[:, None] + norms[None, :] - 2.0 * inner, 0.0)
     sq[eye] = 0.0
@@ -152,11 +154,11 @@ def head_geometry(wq, wk, *, pairs: str = "layer", block_heads: int | None = Non
         flat_k = wk.reshape(flat_q.shape)
         norms = np.asarray(squared_norms(flat_q, flat_k))
         inner = _inner_matrix(flat_q, flat_k, block_heads or flat_q.shape[0])
-        return _summaries(inner, norms)
+        return pair_summaries(inner, norms)
     per_layer = []
     for layer in range(n_layers):
         norms = np.asarray(squared_norms(wq[layer], wk[layer]))
-        per_layer.append(_summaries(_inner_matrix(wq[layer], wk[layer], block_heads or n_heads), norms))
+        per_layer.append(pair_summaries(_inner_matrix(wq[layer], wk[layer], block_heads or n_heads), norms))
     out = {name: np.stack([p[name] for p in per_layer]) for name in per_layer[0]}
     return {name: v[0] for name, v in out.items()} if single else out
 

@@ -93,13 +93,23 @@ def qk_moments_from_factors(wq: jax.Array, wk: jax.Array) -> tuple[jax.Array, ja
     return mean, jnp.sqrt(var)
 
 
-@partial(jax.jit, static_argnames=("block_rows", "masked"))
+@partial(jax.jit, static_argnames=("block_rows", "masked", "inner"))
 def qk_sums(
-    wq: jax.Array, wk: jax.Array, shift: jax.Array, scale: jax.Array, *, block_rows: int, masked: bool
-) -> elements.Sums:
+    wq: jax.Array,
+    wk: jax.Array,
+    shift: jax.Array,
+    scale: jax.Array,
+    *,
+    block_rows: int,
+    masked: bool,
+    inner: bool = False,
+) -> tuple[elements.Sums, jax.Array | None]:
     """One pass over every W_QK^h = wq[h]^T wk[h], formed ``block_rows`` rows at a time.
 
-    ``masked=False`` assumes every entry finite (see :func:`elements.add_block`).
+    ``masked=False`` assumes every entry finite (see :func:`elements.add_block`). With
+    ``inner``, also the Frobenius inner products <W_QK^h, W_QK^g> of every two heads (H, H),
+    non-finite entries taken as 0: from the blocks already formed, 2 H^2 d^2 FLOPs, instead
+    of 4 H^2 d_head^2 d from the factors (``geometry.cross_inner``).
     """
     n_heads, _, d = wq.shape
     n_blocks = -(-d // block_rows)
@@ -107,14 +117,22 @@ def qk_sums(
     wq = jnp.pad(wq, ((0, 0), (0, 0), (0, pad)))
     scale = jnp.where(scale > 0, scale, 1.0)
 
-    def body(i, acc):
+    def body(i, carry):
+        acc, gram = carry
         start = i * block_rows
         q_rows = jax.lax.dynamic_slice_in_dim(wq, start, block_rows, axis=2)
         block = jnp.einsum("har,hac->hrc", q_rows, wk, precision=_HIGHEST)
         rows = (start + jnp.arange(block_rows) < d) if pad else None
-        return elements.add_block(acc, block, shift, scale, rows, masked=masked or bool(pad))
+        acc = elements.add_block(acc, block, shift, scale, rows, masked=masked or bool(pad))
+        if inner:
+            kept = jnp.where(jnp.isfinite(block), block, 0.0) if masked else block  # padding rows are 0
+            flat = kept.reshape(n_heads, -1)  # one (H, rows*cols) GEMM: 3x faster than the einsum on CPU
+            gram = gram + jnp.dot(flat, flat.T, precision=_HIGHEST)
+        return acc, gram
 
-    return jax.lax.fori_loop(0, n_blocks, body, elements.empty_sums(n_heads))
+    gram = jnp.zeros((n_heads, n_heads) if inner else (0, 0), jnp.float32)
+    sums, gram = jax.lax.fori_loop(0, n_blocks, body, (elements.empty_sums(n_heads), gram))
+    return sums, (gram if inner else None)
 
 
 @jax.jit
@@ -143,13 +161,15 @@ def _over_heads(x: jax.Array) -> jax.Array:
     return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("heads")))
 
 
-def layer_statistics(wq, wk, *, block_rows: int) -> dict[str, np.ndarray]:
+def layer_statistics(wq, wk, *, block_rows: int, inner: bool = False) -> dict[str, np.ndarray]:
     """Every statistic of SPEC section 4 for every query head of one layer.
 
     Args:
       wq: (n_heads, d_head, d_model) query factors.
       wk: (n_kv_heads, d_head, d_model) key factors; n_heads must be a multiple of n_kv_heads.
       block_rows: rows of each W_QK formed at once (see :func:`block_rows_for_budget`).
+      inner: also return ``qk_inner`` (n_heads, n_heads), the Frobenius inner products of
+        every two heads' W_QK (see :func:`qk_sums`), for the cross-head geometry.
 
     Returns:
       name -> array with leading dims (n_heads, 3) over ``MATRICES``: the scalar statistics,
@@ -170,19 +190,21 @@ def layer_statistics(wq, wk, *, block_rows: int) -> dict[str, np.ndarray]:
     scale = jnp.where(guessed, scale, 1.0)
     # Finite factors (the rule) make finite products unless they overflow: try unmasked first.
     masked = not bool(guessed.all())
-    sums = qk_sums(wq, wk_per_head, shift, scale, block_rows=block_rows, masked=masked)
+    sums, gram = qk_sums(wq, wk_per_head, shift, scale, block_rows=block_rows, masked=masked, inner=inner)
     if not masked and bool(elements.saw_nonfinite(sums).any()):
         masked = True
-        sums = qk_sums(wq, wk_per_head, shift, scale, block_rows=block_rows, masked=True)
+        sums, gram = qk_sums(wq, wk_per_head, shift, scale, block_rows=block_rows, masked=True, inner=inner)
     if bool(elements.needs_refinement(sums, shift, scale).any()):
         # The guess was off (non-finite factors, or cancellation in the Gram formula): bin
         # again with the measured mean and std, which are exact whatever the shift was.
         shift, m2, _, _ = elements.central_moments(sums, shift)
         scale = jnp.sqrt(m2)
-        sums = qk_sums(wq, wk_per_head, shift, scale, block_rows=block_rows, masked=masked)
+        sums, _ = qk_sums(wq, wk_per_head, shift, scale, block_rows=block_rows, masked=masked)
 
     out = _summaries(
         _factor_sums(wq), _factor_sums(wk), (sums, shift), kv_of_head,
         spectra.factor_singular_values(wq, wk),
     )  # fmt: skip
+    if inner:
+        out["qk_inner"] = gram
     return jax.device_get(out)

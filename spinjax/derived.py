@@ -44,17 +44,21 @@ def pair_coordinates(n_layers: int, n_heads: int) -> dict[str, np.ndarray]:
     return {"head2": np.arange(n_heads, dtype=np.int32), "layer2": np.arange(n_layers, dtype=np.int32)}
 
 
-def layer_pairs(wq: np.ndarray, wk: np.ndarray, hist: np.ndarray) -> dict[str, np.ndarray]:
+def layer_pairs(inner: np.ndarray, hist: np.ndarray) -> dict[str, np.ndarray]:
     """``qk_distance``, ``qk_cosine`` and ``js_head`` (heads, heads) of one layer.
 
-    ``hist`` (heads, matrix, bin) are the layer's raw histograms; W_QK's (matrix 2) are compared.
+    ``inner`` (heads, heads) are the Frobenius inner products of the heads' W_QK (from the
+    element pass: ``layer_statistics(..., inner=True)``); ``hist`` (heads, matrix, bin) the
+    layer's raw histograms, of which W_QK's (matrix 2) are compared.
     """
-    from .kernels import layer_geometry, pairwise_js
+    from .kernels import pairwise_js
+    from .kernels.geometry import pair_summaries
 
-    geometry = layer_geometry(wq, wk)
+    inner = np.asarray(inner, np.float64)
+    geometry = pair_summaries(inner, np.diagonal(inner).copy())
     return {
-        "qk_distance": np.asarray(geometry["distance"]),
-        "qk_cosine": np.asarray(geometry["cosine"]),
+        "qk_distance": geometry["distance"],
+        "qk_cosine": geometry["cosine"],
         "js_head": pairwise_js(hist[:, 2]),
     }
 
@@ -66,7 +70,7 @@ def model_pairs(factors_of: FactorsOf, n_layers: int, budget_bytes: int) -> dict
     compared with), so a model of any size needs about ``budget_bytes`` plus one layer pair's
     cross-Grams; each block after the first is read once per earlier block.
     """
-    from .kernels.geometry import cross_inner, squared_norms
+    from .kernels.geometry import cross_inner, pair_summaries, squared_norms
     from .kernels.heads import expand_kv
 
     def load(layer: int):
@@ -94,20 +98,11 @@ def model_pairs(factors_of: FactorsOf, n_layers: int, budget_bytes: int) -> dict
                     g = np.asarray(cross_inner(*held[a], *other[b]))
                     inner[a, :, b, :] = g
                     inner[b, :, a, :] = g.T
-    flat = inner.reshape(n_layers * n_heads, -1)
-    flat = 0.5 * (flat + flat.T)  # exactly symmetric
-    n = norms.reshape(-1)
-    eye = np.eye(n.size, dtype=bool)
-    flat[eye] = n
-    sq = np.where(eye, 0.0, np.maximum(n[:, None] + n[None, :] - 2.0 * flat, 0.0))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        denom = np.sqrt(n[:, None] * n[None, :])
-        cosine = np.where(denom > 0, np.clip(flat / denom, -1.0, 1.0), np.nan)
-    cosine[eye & (denom > 0)] = 1.0
+    flat = pair_summaries(inner.reshape(n_layers * n_heads, -1), norms.reshape(-1))
     shape = (n_layers, n_heads, n_layers, n_heads)
     return {
-        "qk_distance_model": np.sqrt(sq).astype(np.float32).reshape(shape),
-        "qk_cosine_model": cosine.astype(np.float32).reshape(shape),
+        "qk_distance_model": flat["distance"].reshape(shape),
+        "qk_cosine_model": flat["cosine"].reshape(shape),
     }
 
 

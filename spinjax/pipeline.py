@@ -433,14 +433,15 @@ def _compute(source, reader, budget, writer, result, progress, keep_downloads, p
 
 def _layer_results(item: _Layer, block_rows: int, pairs: str) -> dict[str, np.ndarray]:
     """Every statistic of one layer's heads, (head, matrix, ...), and its head pairs."""
-    stats = layer_statistics(item.wq, item.wk, block_rows=block_rows)
+    stats = layer_statistics(item.wq, item.wk, block_rows=block_rows, inner=pairs != "none")
+    inner = stats.pop("qk_inner", None)
     if item.ov is not None:
         wv, wo = item.ov
         # (W_O, W_V, W_O^T W_V = W_OV^T): a transpose has the same element and spectral statistics
         ov = layer_statistics(wo, wv, block_rows=block_rows)
         stats = {name: np.concatenate([v, ov[name][:, [1, 0, 2]]], axis=1) for name, v in stats.items()}
-    if pairs != "none":
-        stats.update(derived.layer_pairs(item.wq, item.wk, stats["hist"]))
+    if inner is not None:
+        stats.update(derived.layer_pairs(inner, stats["hist"]))
     return stats
 
 

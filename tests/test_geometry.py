@@ -159,3 +159,26 @@ def test_pairwise_js_blocks_symmetric():
             assert got[i, j] == pytest.approx(_js_reference(h[i], h[j]), abs=1e-6)
     cross = pairwise_js(h[:2], h[2:5])
     np.testing.assert_allclose(cross, got[:2, 2:5], atol=1e-7)
+
+
+@pytest.mark.parametrize("block_rows", [24, 7])  # whole blocks, and padded last block (masked pass)
+def test_inner_products_from_the_element_pass_equal_float64(block_rows):
+    from spinjax.kernels import layer_statistics
+
+    rng = np.random.default_rng(5)
+    wq, wk = _factors(rng, n_layers=1)
+    wq, wk = wq[0], wk[0]
+    wk_per_head = np.repeat(wk, wq.shape[0] // wk.shape[0], axis=0)
+    flat = np.einsum("had,hae->hde", wq.astype(np.float64), wk_per_head.astype(np.float64)).reshape(6, -1)
+    out = layer_statistics(wq, wk, block_rows=block_rows, inner=True)
+    np.testing.assert_allclose(out["qk_inner"], flat @ flat.T, rtol=1e-5, atol=1e-5 * np.abs(flat).max() ** 2)
+    # a non-finite factor entry: its products are left out (taken as 0), the rest is exact
+    wq_bad = wq.copy()
+    wq_bad[1, 0, 3] = np.nan
+    bad = np.einsum("had,hae->hde", np.nan_to_num(wq_bad.astype(np.float64), nan=0.0), wk_per_head)
+    bad = bad.reshape(6, -1)
+    keep = np.isfinite(np.einsum("had,hae->hde", wq_bad, wk_per_head)).reshape(6, -1)
+    bad = np.where(keep, bad, 0.0)
+    got = layer_statistics(wq_bad, wk, block_rows=block_rows, inner=True)["qk_inner"]
+    np.testing.assert_allclose(got, bad @ bad.T, rtol=1e-5, atol=1e-5 * np.abs(flat).max() ** 2)
+    assert "qk_inner" not in layer_statistics(wq, wk, block_rows=block_rows)
