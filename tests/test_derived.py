@@ -212,3 +212,26 @@ def test_variant_and_ov_errors_leave_the_store_unchanged(tmp_path, snapshot):
     with pytest.raises(InputError, match="holds the matrices W_Q, W_K, W_QK.*--ov"):
         run(str(VARIANTS / "llama"), steps="all", store_path=path, ov=True, recompute=True)
     assert snapshot(path) == before
+
+
+def test_cli_options_reach_the_store_and_bad_variant_exits_2(tmp_path, snapshot):
+    from click.testing import CliRunner
+
+    from spinjax.cli import main
+
+    path = tmp_path / "s.zarr"
+    model = str(VARIANTS / "qwen2")
+    args = ["run", "--model", model, "--store", str(path), "--quiet"]
+    done = CliRunner().invoke(main, [*args, "--variant", "bias", "--ov", "--pairs", "none"])
+    assert done.exit_code == 0, done.output
+    shown = CliRunner().invoke(main, ["show", str(path)])
+    assert (
+        "[qwen2@bias]" in shown.output
+        and "matrices W_Q, W_K, W_QK, W_V, W_O, W_OV; variant bias" in shown.output
+    )
+    before = snapshot(path)
+    bad = CliRunner().invoke(main, [*args[:2], str(VARIANTS / "llama"), *args[3:], "--variant", "bias"])
+    assert bad.exit_code == 2 and "q_proj.bias" in bad.output and "--variant bias needs it" in bad.output
+    wrong = CliRunner().invoke(main, [*args, "--pairs", "all"])
+    assert wrong.exit_code == 2 and "--pairs" in wrong.output
+    assert snapshot(path) == before
