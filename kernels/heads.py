@@ -183,6 +183,9 @@ def layer_statistics(wq, wk, *, block_rows: int, inner: bool = False) -> dict[st
     if wk.shape[1:] != wq.shape[1:] or n_heads % wk.shape[0]:
         raise ValueError(f"incompatible factors: wq {wq.shape}, wk {wk.shape}")
     kv_of_head = jnp.arange(n_heads) // (n_heads // wk.shape[0])
+    # The spectra's LAPACK calls run on one device on CPUs: the same call on several CPU
+    # devices at once deadlocks like two calls in one program (see spectra.py).
+    spectra_of = (wq, wk) if jax.default_backend() == "cpu" else None
     wk_per_head = _over_heads(expand_kv(wk, n_heads))
     wq, wk = _over_heads(wq), _over_heads(wk)
 
@@ -205,7 +208,7 @@ def layer_statistics(wq, wk, *, block_rows: int, inner: bool = False) -> dict[st
 
     out = _summaries(
         _factor_sums(wq), _factor_sums(wk), (sums, shift), kv_of_head,
-        spectra.factor_singular_values(wq, wk),
+        spectra.factor_singular_values(*(spectra_of or (wq, wk))),
     )  # fmt: skip
     if inner:
         out["qk_inner"] = gram
