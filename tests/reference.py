@@ -329,3 +329,12 @@ def near_edge_count(values: np.ndarray, edges: np.ndarray, rtol: float = 1e-5, a
         ek = e[np.clip(k, 0, e.size - 1)]
         near |= ok & (np.abs(v - ek) <= rtol * np.abs(ek) + atol)
     return int(near.sum())
+
+
+def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen-Shannon divergence (natural log) of two histograms of counts, in float64."""
+    p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+    p, q = p / p.sum(), q / q.sum()
+    m = 0.5 * (p + q)
+    half = [np.sum(x[x > 0] * np.log(x[x > 0] / m[x > 0])) for x in (p, q)]
+    return float(0.5 * (half[0] + half[1]))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import xarray as xr
 from conftest import NEOX
+from reference import js_divergence as js_reference
 
 from spinjax import store as store_mod
 from spinjax.derived import model_pairs
@@ -31,17 +32,6 @@ def _factors64():
 def _qk64(wq, wk):
     """Every head's d x d W_QK in float64 (the explicit computation the kernels avoid)."""
     return np.einsum("had,hae->hde", wq, wk)
-
-
-def _js64(p, q):
-    p, q = p / p.sum(), q / q.sum()
-    m = 0.5 * (p + q)
-
-    def kl(x):
-        nz = x > 0
-        return float((x[nz] * np.log(x[nz] / m[nz])).sum())
-
-    return 0.5 * kl(p) + 0.5 * kl(q)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +87,9 @@ def test_js_head_from_stored_histograms(derived_store):
     for layer in range(ds.sizes["layer"]):
         for i in range(ds.sizes["head"]):
             for j in range(ds.sizes["head"]):
-                assert js[layer, i, j] == pytest.approx(_js64(hist[layer, i], hist[layer, j]), abs=1e-5)
+                assert js[layer, i, j] == pytest.approx(
+                    js_reference(hist[layer, i], hist[layer, j]), abs=1e-5
+                )
     assert js.max() > 0.01
 
 
