@@ -411,10 +411,21 @@ def report(
     help="Relative gap below which two singular values count as near-degenerate.",
 )  # fmt: skip
 @click.option("--keep-downloads", is_flag=True, help="Keep hub files read again (default: evict).")
+@click.option(
+    "--variant", type=click.Choice(["raw", "ln-folded", "bias"]), default="raw", show_default=True,
+    help="The weight variant the run used (its group MODEL@VARIANT).",
+)  # fmt: skip
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def dynamics(
-    model: str, store_path: Path, top_k: int, gap_tol: float, keep_downloads: bool, quiet: bool, debug: bool
+    model: str,
+    store_path: Path,
+    top_k: int,
+    gap_tol: float,
+    keep_downloads: bool,
+    variant: str,
+    quiet: bool,
+    debug: bool,
 ) -> None:
     """Training dynamics of MODEL's finished steps: divergences from the first step and between
     consecutive ones, top-k singular-direction overlaps, level crossings and repulsions."""
@@ -422,7 +433,7 @@ def dynamics(
 
     with _errors(debug), _progress(quiet) as progress:
         res = compute_dynamics(model, store_path, top_k=top_k, gap_tol=gap_tol,
-                               keep_downloads=keep_downloads, progress=progress)  # fmt: skip
+                               keep_downloads=keep_downloads, progress=progress, variant=variant)  # fmt: skip
     if not quiet:
         click.echo(
             f"{res.key}: {len(res.steps)} steps, k={res.top_k}, {len(res.pairs)} pair(s) of steps computed "

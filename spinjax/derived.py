@@ -5,8 +5,8 @@
   scale (``kernels.null.matched_scale``). Needs only stored statistics, so steps finished
   before ``--null`` was first asked for are scored from the store.
 - ``--pairs layer``: ``qk_distance``, ``qk_cosine`` (Frobenius distance and cosine between the
-  W_QK of every two heads of a layer, from the factors) and ``js_head`` (Jensen-Shannon
-  divergence of their raw histograms), dims (step, layer, head, head2).
+  W_QK of every two heads of a layer, from inner products the element pass accumulates) and
+  ``js_head`` (Jensen-Shannon divergence of their raw histograms), dims (step, layer, head, head2).
 - ``--pairs model``: also ``qk_distance_model``, ``qk_cosine_model`` between every two heads of
   the model, dims (step, layer, head, layer2, head2), from the step's layers re-read in blocks
   of layers that fit the memory budget.
@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from . import store
-from .errors import InputError
 
 PAIRS = ("none", "layer", "model")
 DEFAULT_NULL_SAMPLES = 1000
@@ -134,8 +133,6 @@ class NullScorer:
         """
         from .kernels import matched_scale, null_zscores
 
-        if "frobenius_norm" not in results:
-            raise InputError("--null needs the stored frobenius_norm of every head")
         parts = []
         for first in range(0, results["frobenius_norm"].shape[2], 3):
             triple = {name: np.asarray(results[name])[:, :, first : first + 3] for name in self.null}

@@ -37,12 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import DEFAULT_STORE, models, store
+from . import DEFAULT_STORE, store
 from .errors import InputError
 from .kernels import dynamics as kd
 from .kernels import js_divergence
-from .layouts import layout_for
-from .pipeline import Progress
+from .pipeline import Progress, open_checkpoint, resolve_source
 
 HIST_VARIABLES = {
     name: (store.BASE_DIMS, "float32", np.nan) for name in ("kl_first", "js_first", "change_js")
@@ -73,13 +72,15 @@ def compute_dynamics(
     gap_tol: float = kd.GAP_TOL,
     keep_downloads: bool = False,
     progress: Progress | None = None,
+    variant: str = "raw",
 ) -> DynamicsResult:
-    """Compute (or bring up to date) the training-dynamics variables of ``model``'s group."""
+    """Compute (or bring up to date) the training-dynamics variables of ``model``'s group
+    (``<model>@<variant>`` for a weight variant other than raw, as ``spinjax run`` names it)."""
     if top_k < 1:
         raise InputError(f"--top-k must be at least 1, not {top_k}")
     progress = progress or Progress()
     store_path = Path(store_path)
-    source = models.resolve(model)
+    source = resolve_source(model, variant)
     key = source.key
     root = store.open_store(store_path, create=False)
     if key not in root:
@@ -107,7 +108,7 @@ def compute_dynamics(
     for pair in zip(steps[:-1], steps[1:], strict=True):
         fresh = list(pair) in recorded and np.isfinite(overlap[index[pair[1]]]).all()
         (result.reused if fresh else result.pairs).append(pair)
-    _overlap_pass(source, group, result, index, keep_downloads, progress)
+    _overlap_pass(source, variant, group, result, index, keep_downloads, progress)
     _event_pass(group, steps, index, k, gap_tol)
     pairs = [list(p) for p in sorted(result.reused + result.pairs)]  # stale pairs dropped
     _update_meta(store_path, key, lambda meta: {**meta, "first_step": steps[0], "pairs": pairs})
@@ -175,7 +176,9 @@ def _histogram_pass(group: store.ModelGroup, steps: list[int], index: dict[int, 
     group.group["largest_change_step"][...] = np.where(defined, largest, -1).astype(np.int64)
 
 
-def _overlap_pass(source, group: store.ModelGroup, result: DynamicsResult, index, keep_downloads, progress):
+def _overlap_pass(
+    source, variant, group: store.ModelGroup, result: DynamicsResult, index, keep_downloads, progress
+):
     """Read the checkpoints of the pairs to compute, in step order, each once; write overlaps."""
     todo = result.pairs
     later = {b: a for a, b in todo}
@@ -188,15 +191,8 @@ def _overlap_pass(source, group: store.ModelGroup, result: DynamicsResult, index
     previous: tuple[int, list] | None = None
 
     def open_step(step: int):
-        revision = str(revisions[index[step]])
-        checkpoint = source.open(step, revision)
-        where = f"{source.source} ({revision})"
-        layout = layout_for(checkpoint.config, where)
-        geometry = layout.geometry(checkpoint.config, where)
-        group.check_holds(geometry, layout.architecture)
-        for layer in range(geometry.n_layers):  # resolve names, open (for hub sources: fetch) files
-            for name in layout.tensor_names(layer):
-                checkpoint.tensor(name)
+        checkpoint, layout, geometry, _ = open_checkpoint(source, step, str(revisions[index[step]]), variant)
+        group.check_holds(geometry, layout.architecture, group.matrices)
         return checkpoint, layout, geometry
 
     with ThreadPoolExecutor(1) as pool:  # opens (for hub sources: downloads) one step ahead
@@ -207,7 +203,7 @@ def _overlap_pass(source, group: store.ModelGroup, result: DynamicsResult, index
                 opening = pool.submit(open_step, reads[n + 1])
             vectors = []
             for layer in range(geometry.n_layers):
-                wq, wk = layout.extract(checkpoint.tensor, layer, geometry)
+                wq, wk = layout.extract(checkpoint.tensor, layer, geometry, variant)
                 _, left, right = kd.top_singular_vectors(wq, wk, result.top_k)
                 vectors.append((left, right))
                 progress.on_layer(step, layer)
@@ -233,8 +229,7 @@ def _event_pass(
     group: store.ModelGroup, steps: list[int], index: dict[int, int], k: int, gap_tol: float
 ) -> None:
     """mode_event of every finished step, from a window of three steps of stored values."""
-    matrices = [str(m) for m in group.group["matrix"][:]]
-    sv, qk = group.group["singular_values"], matrices.index("W_QK")
+    sv, qk = group.group["singular_values"], group.matrices.index("W_QK")
     window: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for step in steps:
         i = index[step]

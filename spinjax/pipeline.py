@@ -153,6 +153,34 @@ def _rmdir(folder: Path) -> None:
         pass
 
 
+def resolve_source(model: str, variant: str = "raw") -> models.Source:
+    """``model``'s source, keyed by its store group: ``<key>@<variant>`` for a variant not raw."""
+    if variant not in VARIANTS:
+        raise InputError(f"--variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+    source = models.resolve(model)
+    return source if variant == "raw" else dataclasses.replace(source, key=f"{source.key}@{variant}")
+
+
+def open_checkpoint(source: models.Source, step: int, revision: str, variant: str = "raw", ov: bool = False):
+    """(checkpoint, layout, geometry, where) of one step, with every file its layers will read
+    opened (for hub sources: downloaded), so a missing tensor is reported before any compute."""
+    checkpoint = source.open(step, revision)
+    where = f"{source.source} ({revision})"
+    layout = layout_for(checkpoint.config, where)
+    geometry = layout.geometry(checkpoint.config, where)
+    for layer in range(geometry.n_layers):
+        raw, of_variant = layout.tensor_names(layer), layout.tensor_names(layer, variant)
+        for name in layout.tensor_names(layer, variant, ov):
+            try:
+                checkpoint.tensor(name)
+            except InputError as exc:
+                if name in raw:
+                    raise
+                asked = f"--variant {variant}" if name in of_variant else "--ov"
+                raise InputError(f"{exc}; {asked} needs it") from exc
+    return checkpoint, layout, geometry, where
+
+
 class _Reader(threading.Thread):
     """Reads layer factors ahead of the compute, across step boundaries.
 
@@ -216,26 +244,7 @@ class _Reader(threading.Thread):
         return None if step is None else (step, *self._open(step))
 
     def _open(self, step: int):
-        revision = self.revision_of[step]
-        checkpoint = self.source.open(step, revision)
-        where = f"{self.source.source} ({revision})"
-        layout = layout_for(checkpoint.config, where)
-        geometry = layout.geometry(checkpoint.config, where)
-        for layer in range(geometry.n_layers):  # resolve names, open (download) their files
-            raw = layout.tensor_names(layer)
-            for name in layout.tensor_names(layer, self.variant, self.ov):
-                try:
-                    checkpoint.tensor(name)
-                except InputError as exc:
-                    if name in raw:
-                        raise
-                    asked = (
-                        f"--variant {self.variant}"
-                        if name not in layout.tensor_names(layer, ov=self.ov)
-                        else "--ov"
-                    )
-                    raise InputError(f"{exc}; {asked} needs it") from exc
-        return checkpoint, layout, geometry, where
+        return open_checkpoint(self.source, step, self.revision_of[step], self.variant, self.ov)
 
     def run(self) -> None:
         try:
@@ -314,13 +323,9 @@ def run(
     """
     if pairs not in derived.PAIRS:
         raise InputError(f"--pairs {pairs!r}: expected one of {', '.join(derived.PAIRS)}")
-    if variant not in VARIANTS:
-        raise InputError(f"--variant {variant!r}: expected one of {', '.join(VARIANTS)}")
     progress = progress or Progress()
     store_path = Path(store_path)
-    source = models.resolve(model)
-    if variant != "raw":
-        source = dataclasses.replace(source, key=f"{source.key}@{variant}")
+    source = resolve_source(model, variant)
     if source.key in RESERVED_GROUPS:
         raise InputError(f"--model {model!r}: its store key {source.key!r} is reserved; rename the directory")
     revision_of = dict(source.offered)
@@ -334,11 +339,8 @@ def run(
         null = null or "null" in features
         pairs = max(pairs, features.get("pairs", "none"), key=derived.PAIRS.index)
         new_features = (null and "null" not in features) or pairs != features.get("pairs", "none")
-        if ov and "W_OV" not in existing.matrices:
-            existing.check_holds(  # refuses, naming the group and its matrices
-                Geometry(*(int(existing.group.attrs[k]) for k in Geometry.__dataclass_fields__)),
-                existing.group.attrs["architecture"], store.OV_MATRICES,
-            )  # fmt: skip
+        if ov:
+            existing.check_matrices(store.OV_MATRICES)  # refuses, naming the group and its matrices
         ov = "W_OV" in existing.matrices
         if not recompute:
             finished = {s for s, d in zip(existing.steps, existing.done, strict=True) if d}
@@ -553,8 +555,7 @@ class _Writer:
         """Add this run's optional variables to a group whose steps are all finished."""
         with _writing(self.store_path):
             root = store.open_store(self.store_path, create=False)
-            attrs = root[self.source.key].attrs
-            self._prepare_null(Geometry(*(int(attrs[k]) for k in Geometry.__dataclass_fields__)))
+            self._prepare_null(store.ModelGroup(root, self.source.key).geometry)
             with store.locked(self.store_path) as root:
                 self._add_features(store.ModelGroup(root, self.source.key))
                 store.consolidate(root, self.source.key)

@@ -215,6 +215,10 @@ class ModelGroup:
         return tuple(str(m) for m in self.group["matrix"][:])
 
     @property
+    def geometry(self) -> Geometry:
+        return Geometry(*(int(self.group.attrs[k]) for k in Geometry.__dataclass_fields__))
+
+    @property
     def done(self) -> np.ndarray:
         return np.asarray(self.group["done"][:], dtype=bool)
 
@@ -286,6 +290,10 @@ class ModelGroup:
             raise InputError(
                 f"store group {self.key!r} holds another architecture or geometry: {stored}, not {want}"
             )
+        self.check_matrices(matrices)
+
+    def check_matrices(self, matrices: Sequence[str]) -> None:
+        """Refuse other matrices: the ``matrix`` dimension is fixed when the group is created."""
         if self.matrices != tuple(matrices):
             raise InputError(
                 f"store group {self.key!r} holds the matrices {', '.join(self.matrices)}, not "

@@ -377,3 +377,19 @@ def test_cli_dynamics_summary_and_exit_codes(dyn_store, neox_store, tmp_path):
     )
     bad = CliRunner().invoke(main, ["dynamics", "--model", str(NEOX), "--store", str(neox_store)])
     assert bad.exit_code == 2 and "needs at least two finished steps" in bad.output
+
+
+def test_dynamics_of_a_variant_group_with_ov(tiny_pythia, tmp_path):
+    # the group `tiny-pythia@bias` (d + 1 columns, six matrices) as `spinjax run` named it
+    from spinjax.dynamics import compute_dynamics
+    from spinjax.pipeline import run
+
+    path = tmp_path / "s.zarr"
+    run("tiny-pythia", steps="0,4", store_path=path, variant="bias", ov=True, pairs="none")
+    res = compute_dynamics("tiny-pythia", path, top_k=4, variant="bias")
+    assert res.key == "tiny-pythia@bias" and res.read == [0, 4] and res.pairs == [(0, 4)]
+    g = zarr.open_group(str(path), mode="r")["tiny-pythia@bias"]
+    overlap = g["overlap_left"][1]
+    assert np.isfinite(overlap).all() and (overlap <= 1 + 1e-5).all() and overlap.max() > 0.5
+    with pytest.raises(InputError, match="no group 'tiny-pythia'"):
+        compute_dynamics("tiny-pythia", path)
