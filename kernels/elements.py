@@ -32,8 +32,7 @@ class Sums(NamedTuple):
     min: jax.Array
     max: jax.Array
     n_nonfinite: jax.Array  # int32
-    zhist: jax.Array  # int32 (H, NZ)
-    hist: jax.Array  # int32 (H, NB)
+    counts: jax.Array  # int32 (H, N_MERGED): both histograms at once, see :func:`histograms`
 
 
 def empty_sums(n_heads: int) -> Sums:
@@ -45,8 +44,7 @@ def empty_sums(n_heads: int) -> Sums:
         min=jnp.full((n_heads,), jnp.inf, jnp.float32),
         max=jnp.full((n_heads,), -jnp.inf, jnp.float32),
         n_nonfinite=zi,
-        zhist=jnp.zeros((n_heads, bins.NZ), jnp.int32),
-        hist=jnp.zeros((n_heads, bins.NB), jnp.int32),
+        counts=jnp.zeros((n_heads, N_MERGED), jnp.int32),
     )  # fmt: skip
 
 
@@ -65,6 +63,38 @@ def raw_bin_index(w: jax.Array) -> jax.Array:
     j = jnp.clip(j, 0, bins.RAW_PER_SIDE).astype(jnp.int32)
     centre = bins.RAW_PER_SIDE + 1
     return jnp.where(w >= lo, centre + 1 + j, jnp.where(w <= -lo, centre - 1 - j, centre))
+
+
+# Both histograms from one scatter: raw bin r and z bin j each count the (finite) edges of their
+# grid at or below an entry, so r + j counts the edges of both grids together: the bin of the
+# entry on the merged, sorted edges. Each merged bin lies inside one raw and one z bin, which
+# :func:`histograms` recovers from the edges' order. One scatter instead of two halves the
+# costliest step of the pass on CPUs, where XLA's scatter-add runs one entry at a time.
+N_MERGED = bins.NB + bins.NZ - 1
+
+
+def histograms(acc: Sums, shift: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(zhist (H, NZ), hist (H, NB)) from a pass's merged counts; same ``shift``, ``scale``.
+
+    Merged bin m holds the entries with exactly m edges (of both grids) at or below them. An
+    edge's place among all edges is its index in its own grid plus the number of the other
+    grid's edges before it, so each raw or z bin is a run of consecutive merged bins: a
+    difference of the counts' running sum. Entries within float32 rounding of an edge may land
+    one bin over, as binning allows.
+    """
+    scale = jnp.where(scale > 0, scale, 1.0)
+    raw = jnp.asarray(bins.bin_edges()[1:-1], jnp.float32)
+    z = shift[:, None] + scale[:, None] * jnp.asarray(bins.zbin_edges()[1:-1], jnp.float32)
+    # ties between the grids: the raw edge counts as first, on both sides
+    raw_place = jnp.arange(raw.size) + jax.vmap(lambda zh: jnp.searchsorted(zh, raw, side="left"))(z)
+    z_place = jnp.arange(z.shape[1]) + jnp.searchsorted(raw, z, side="right")
+    total = jnp.pad(jnp.cumsum(acc.counts, axis=1, dtype=jnp.int32), ((0, 0), (1, 0)))
+
+    def runs(place):  # counts of the bins between consecutive edges at these places
+        bounds = jnp.pad(place + 1, ((0, 0), (1, 1)), constant_values=(0, N_MERGED))
+        return jnp.diff(jnp.take_along_axis(total, bounds, axis=1), axis=1)
+
+    return runs(z_place), runs(raw_place)
 
 
 def _per_head_counts(idx: jax.Array, keep: jax.Array | None, n_bins: int) -> jax.Array:
@@ -93,6 +123,7 @@ def add_block(
     :func:`saw_nonfinite`), and the caller redoes the pass masked.
     """
     axes = (1, 2)
+    scale = jnp.where(scale > 0, scale, 1.0)  # std 0: z-statistics are NaN, bins must exist
     if masked:
         finite = jnp.isfinite(x)
         inside = jnp.ones(x.shape, bool) if row_valid is None else row_valid[None, :, None]
@@ -118,8 +149,7 @@ def add_block(
         min=jnp.minimum(acc.min, lo),
         max=jnp.maximum(acc.max, hi),
         n_nonfinite=acc.n_nonfinite + n_nonfinite,
-        zhist=acc.zhist + _per_head_counts(zbin_index(z), keep, bins.NZ),
-        hist=acc.hist + _per_head_counts(raw_bin_index(x), keep, bins.NB),
+        counts=acc.counts + _per_head_counts(raw_bin_index(x) + zbin_index(z), keep, N_MERGED),
     )
 
 
@@ -207,8 +237,12 @@ def _core_fit(p_inner: jax.Array, counts_inner: jax.Array):
     return b * s * s, s
 
 
-def summarize(acc: Sums, shift: jax.Array) -> dict[str, jax.Array]:
-    """Every element statistic of SPEC section 4 from one pass's sums, per head."""
+def summarize(acc: Sums, shift: jax.Array, scale: jax.Array) -> dict[str, jax.Array]:
+    """Every element statistic of SPEC section 4 from one pass's sums, per head.
+
+    ``shift`` and ``scale`` are those the pass was given.
+    """
+    zhist, hist = histograms(acc, shift, scale)
     mean, m2, m3, m4 = central_moments(acc, shift)
     std = jnp.sqrt(m2)
     flat = m2 == 0
@@ -217,7 +251,7 @@ def summarize(acc: Sums, shift: jax.Array) -> dict[str, jax.Array]:
     usable = ~flat & (acc.n > 0)
     nan = jnp.float32(jnp.nan)
     n = acc.n.astype(jnp.float32)[:, None]
-    zhist = jnp.where(usable[:, None], acc.zhist, 0)
+    zhist = jnp.where(usable[:, None], zhist, 0)
     p = zhist / n
     p_inner, c_inner = p[:, 1:-1], zhist[:, 1:-1]
     dz = 2.0 * bins.ZMAX / (bins.NZ - 2)
@@ -253,6 +287,6 @@ def summarize(acc: Sums, shift: jax.Array) -> dict[str, jax.Array]:
         "kl_fit": hist_based(kl_fit),
         "tail_mass": hist_based((zhist[:, 0] + zhist[:, -1]) / n[:, 0]),
         "zhist": zhist.astype(jnp.uint32),
-        "hist": acc.hist.astype(jnp.uint32),
+        "hist": hist.astype(jnp.uint32),
         "n_nonfinite": acc.n_nonfinite,
     }

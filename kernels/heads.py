@@ -60,7 +60,7 @@ def expand_kv(wk: jax.Array, n_heads: int) -> jax.Array:
 
 
 @jax.jit
-def _factor_sums(w: jax.Array) -> tuple[elements.Sums, jax.Array]:
+def _factor_sums(w: jax.Array) -> tuple[elements.Sums, jax.Array, jax.Array]:
     """One exact pass over small factor matrices (H, d_head, d_model): mean, std, then sums."""
     finite = jnp.isfinite(w)
     n = finite.sum((1, 2))
@@ -74,7 +74,7 @@ def _factor_sums(w: jax.Array) -> tuple[elements.Sums, jax.Array]:
         lambda: elements.add_block(empty, w, mean, scale, masked=False),
         lambda: elements.add_block(empty, w, mean, scale, masked=True),
     )
-    return sums, mean
+    return sums, mean, scale
 
 
 @jax.jit
@@ -117,7 +117,6 @@ def qk_sums(
     # (H, d, d_head) rows: a block is then a plain batched matmul, ~20% faster on XLA:CPU than
     # the same product as an einsum over wq's last axis
     q_by_row = jnp.pad(jnp.swapaxes(wq, 1, 2), ((0, 0), (0, pad), (0, 0)))
-    scale = jnp.where(scale > 0, scale, 1.0)
 
     def body(i, carry):
         acc, gram = carry
@@ -139,9 +138,9 @@ def qk_sums(
 
 @jax.jit
 def _summaries(
-    q: tuple[elements.Sums, jax.Array],
-    k: tuple[elements.Sums, jax.Array],
-    qk: tuple[elements.Sums, jax.Array],
+    q: tuple[elements.Sums, jax.Array, jax.Array],
+    k: tuple[elements.Sums, jax.Array, jax.Array],
+    qk: tuple[elements.Sums, jax.Array, jax.Array],
     kv_of_head: jax.Array,
     svals: jax.Array,
 ) -> dict[str, jax.Array]:
@@ -207,7 +206,7 @@ def layer_statistics(wq, wk, *, block_rows: int, inner: bool = False) -> dict[st
         sums, _ = qk_sums(wq, wk_per_head, shift, scale, block_rows=block_rows, masked=masked)
 
     out = _summaries(
-        _factor_sums(wq), _factor_sums(wk), (sums, shift), kv_of_head,
+        _factor_sums(wq), _factor_sums(wk), (sums, shift, scale), kv_of_head,
         spectra.factor_singular_values(*(spectra_of or (wq, wk))),
     )  # fmt: skip
     if inner:
