@@ -59,20 +59,44 @@ def expand_kv(wk: jax.Array, n_heads: int) -> jax.Array:
     return jnp.repeat(wk, n_heads // wk.shape[0], axis=0)
 
 
-@jax.jit
-def _factor_sums(w: jax.Array) -> tuple[elements.Sums, jax.Array, jax.Array]:
-    """One exact pass over small factor matrices (H, d_head, d_model): mean, std, then sums."""
-    finite = jnp.isfinite(w)
-    n = finite.sum((1, 2))
-    mean = jnp.where(finite, w, 0.0).sum((1, 2)) / n
-    dev = jnp.where(finite, w - mean[:, None, None], 0.0)
-    std = jnp.sqrt((dev * dev).sum((1, 2)) / n)
+def _factor_blocks(n_heads: int, d_head: int, d_model: int) -> int:
+    """Row blocks of a factor pass: on CPUs blocks of at most 2^20 entries (all heads) run
+    2-4x faster than one pass over the whole (H, d_head, d_model) factors; GPUs take one."""
+    if block_entries_cap() is None:
+        return 1
+    fit = max(1, (1 << 20) // (n_heads * d_model))
+    return d_head // max(r for r in range(1, d_head + 1) if d_head % r == 0 and r <= fit)
+
+
+@partial(jax.jit, static_argnames="n_blocks")
+def _factor_sums(w: jax.Array, n_blocks: int = 1) -> tuple[elements.Sums, jax.Array, jax.Array]:
+    """Exact passes over factor matrices (H, d_head, d_model) in ``n_blocks`` row blocks:
+    the mean, then the std about it, then the sums binned with both."""
+    n_heads, d_head, d_model = w.shape
+    blocks = w.reshape(n_heads, n_blocks, d_head // n_blocks, d_model)
+
+    def over_blocks(step, init):
+        return jax.lax.fori_loop(0, n_blocks, lambda i, acc: step(acc, blocks[:, i]), init)
+
+    def count_and_sum(acc, x):
+        finite = jnp.isfinite(x)
+        return acc[0] + finite.sum((1, 2)), acc[1] + jnp.where(finite, x, 0.0).sum((1, 2))
+
+    zeros = jnp.zeros((n_heads,), jnp.float32)
+    n, total = over_blocks(count_and_sum, (jnp.zeros((n_heads,), jnp.int32), zeros))
+    mean = total / n
+
+    def squares(acc, x):
+        dev = jnp.where(jnp.isfinite(x), x - mean[:, None, None], 0.0)
+        return acc + (dev * dev).sum((1, 2))
+
+    std = jnp.sqrt(over_blocks(squares, zeros) / n)
     scale = jnp.where(std > 0, std, 1.0)
-    empty = elements.empty_sums(w.shape[0])
+    empty = elements.empty_sums(n_heads)
     sums = jax.lax.cond(
-        finite.all(),
-        lambda: elements.add_block(empty, w, mean, scale, masked=False),
-        lambda: elements.add_block(empty, w, mean, scale, masked=True),
+        (n == d_head * d_model).all(),
+        lambda: over_blocks(lambda acc, x: elements.add_block(acc, x, mean, scale, masked=False), empty),
+        lambda: over_blocks(lambda acc, x: elements.add_block(acc, x, mean, scale, masked=True), empty),
     )
     return sums, mean, scale
 
@@ -206,7 +230,8 @@ def layer_statistics(wq, wk, *, block_rows: int, inner: bool = False) -> dict[st
         sums, _ = qk_sums(wq, wk_per_head, shift, scale, block_rows=block_rows, masked=masked)
 
     out = _summaries(
-        _factor_sums(wq), _factor_sums(wk), (sums, shift, scale), kv_of_head,
+        _factor_sums(wq, _factor_blocks(*wq.shape)), _factor_sums(wk, _factor_blocks(*wk.shape)),
+        (sums, shift, scale), kv_of_head,
         spectra.factor_singular_values(*(spectra_of or (wq, wk))),
     )  # fmt: skip
     if inner:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from reference import near_edge_count
 
 from spinjax.kernels import bin_edges, elements, zbin_edges
@@ -29,9 +30,9 @@ def _histograms(x, shift, scale, *, masked=False, rows=None):
     return np.asarray(zhist), np.asarray(hist), acc
 
 
-def _assert_close_counts(got, values, edges, where):
+def _assert_close_counts(got, values, edges, where, atol=0.0):
     ref = _reference(values, edges)
-    allowed = 2 * near_edge_count(values, edges, rtol=1e-6, atol=0.0)
+    allowed = 2 * near_edge_count(values, edges, rtol=1e-6, atol=atol)
     diff = int(np.abs(got.astype(np.int64) - ref).sum())
     assert diff <= allowed, f"{where}: {diff} counts differ, {allowed} allowed"
     assert got.sum() == values.size, where
@@ -96,3 +97,30 @@ def test_a_zero_scale_bins_like_scale_one():
     v = x.ravel().astype(np.float64)
     _assert_close_counts(zhist[0], v, zbin_edges(), "z")
     _assert_close_counts(hist[0], v, bin_edges(), "raw")
+
+
+@pytest.mark.parametrize("n_blocks", [1, 4, 16])
+def test_factor_pass_in_row_blocks_matches_float64(n_blocks):
+    from reference import element_stats
+
+    from spinjax.kernels import heads
+
+    rng = np.random.default_rng(2)
+    shape = (16, 64)
+    w = np.stack([rng.normal(0.01, 0.2, shape), rng.standard_t(3, shape), rng.normal(5, 1e-3, shape)])
+    w[1, 3, 7], w[1, 9, 0] = np.nan, -np.inf  # the masked branch, for every block count
+    sums, mean, scale = heads._factor_sums(jnp.asarray(w, jnp.float32), n_blocks)
+    got = {k: np.asarray(v) for k, v in elements.summarize(sums, mean, scale).items()}
+    for h in range(3):
+        ref = element_stats(w[h].astype(np.float32).astype(np.float64))
+        assert got["n_nonfinite"][h] == ref["n_nonfinite"]
+        for k in ("mean", "std", "skew", "kurt"):
+            assert got[k][h] == pytest.approx(ref[k], rel=1e-4, abs=1e-4 * ref["std"]), (h, k)
+        for k in ("entropy", "kl_gauss"):  # SPEC: 1e-3 absolute
+            assert got[k][h] == pytest.approx(ref[k], abs=1e-3), (h, k)
+        finite = w[h][np.isfinite(w[h])].astype(np.float32).astype(np.float64)
+        _assert_close_counts(got["hist"][h], finite, bin_edges(), f"head {h} raw")
+        z = (finite - ref["mean"]) / ref["std"]
+        # z moves by float32 rounding of the mean, relative to the std: 5e-4 for head 2
+        slack = 1e-6 * np.abs(finite).max() / ref["std"]
+        _assert_close_counts(got["zhist"][h], z, zbin_edges(), f"head {h} z", atol=slack)
