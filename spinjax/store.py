@@ -301,9 +301,15 @@ class ModelGroup:
             )
 
     def step_arrays(self) -> list[str]:
-        """Every array along ``step``: coordinates, ``done``, core and optional variables."""
+        """Every array along ``step``: coordinates, ``done``, core and optional variables.
+
+        In a fixed order (core variables as in ``VARIABLES``, then the others by name): the
+        store's own listing follows the file system, and writes must not depend on it.
+        """
         along = [(name, arr.metadata.dimension_names or ()) for name, arr in self.group.arrays()]
-        return [name for name, dims in along if dims[:1] == ("step",)]
+        names = [name for name, dims in along if dims[:1] == ("step",)]
+        core = list(VARIABLES)
+        return sorted(names, key=lambda n: (core.index(n), "") if n in core else (len(core), n))
 
     def data_variables(self) -> list[str]:
         """The per-step data variables this group holds (core ones and any optional family)."""

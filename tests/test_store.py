@@ -289,6 +289,8 @@ def test_plan_appends_new_steps_in_request_order_and_skips_done(tmp_path):
         n_sv=4,
     )  # fmt: skip
     assert group.plan([(3, "step3"), (1, "step1")], recompute=False) == [(0, 3, "step3"), (1, 1, "step1")]
+    # writes go in the SPEC's order whatever order the file system lists the arrays in
+    assert group.data_variables()[: len(store_mod.VARIABLES)] == list(store_mod.VARIABLES)
     results = {name: np.full(group.group[name].shape[1:], 7) for name in store_mod.VARIABLES}
     group.write_step(0, results)
     assert group.done.tolist() == [True, False]
