@@ -209,6 +209,11 @@ def layer_statistics(wq, wk, *, block_rows: int, inner: bool = False) -> dict[st
     # The spectra's LAPACK calls run on one device on CPUs: the same call on several CPU
     # devices at once deadlocks like two calls in one program (see spectra.py).
     spectra_of = (wq, wk) if jax.default_backend() == "cpu" else None
+    svals = spectra.factor_singular_values(*(spectra_of or (wq, wk)))
+    if spectra_of:
+        # ... and finish before any program with a collective starts: devices waiting in an
+        # all-reduce hold the pool workers that the LAPACK call on device 0 needs (deadlock).
+        svals = jax.block_until_ready(svals)
     wk_per_head = _over_heads(expand_kv(wk, n_heads))
     wq, wk = _over_heads(wq), _over_heads(wk)
 
@@ -231,8 +236,7 @@ def layer_statistics(wq, wk, *, block_rows: int, inner: bool = False) -> dict[st
 
     out = _summaries(
         _factor_sums(wq, _factor_blocks(*wq.shape)), _factor_sums(wk, _factor_blocks(*wk.shape)),
-        (sums, shift, scale), kv_of_head,
-        spectra.factor_singular_values(*(spectra_of or (wq, wk))),
+        (sums, shift, scale), kv_of_head, svals,
     )  # fmt: skip
     if inner:
         out["qk_inner"] = gram
