@@ -16,6 +16,7 @@ import click
 
 from spinjax import DEFAULT_STORE, __version__
 from spinjax.errors import InputError
+from spinjax.layouts import VARIANTS
 
 
 @contextmanager
@@ -110,7 +111,7 @@ def main() -> None:
 )
 @click.option(
     "--variant",
-    type=click.Choice(["raw", "ln-folded", "bias"]),
+    type=click.Choice(VARIANTS),
     default="raw",
     show_default=True,
     help="raw weights (SPEC); ln-folded: the attention layer norm's gain folded in (TransformerLens); "
@@ -412,7 +413,7 @@ def report(
 )  # fmt: skip
 @click.option("--keep-downloads", is_flag=True, help="Keep hub files read again (default: evict).")
 @click.option(
-    "--variant", type=click.Choice(["raw", "ln-folded", "bias"]), default="raw", show_default=True,
+    "--variant", type=click.Choice(VARIANTS), default="raw", show_default=True,
     help="The weight variant the run used (its group MODEL@VARIANT).",
 )  # fmt: skip
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")

@@ -90,8 +90,7 @@ def _factor_sums(w: jax.Array, n_blocks: int = 1) -> tuple[elements.Sums, jax.Ar
         dev = jnp.where(jnp.isfinite(x), x - mean[:, None, None], 0.0)
         return acc + (dev * dev).sum((1, 2))
 
-    std = jnp.sqrt(over_blocks(squares, zeros) / n)
-    scale = jnp.where(std > 0, std, 1.0)
+    scale = jnp.sqrt(over_blocks(squares, zeros) / n)  # the pass and histograms() take 0 as 1
     empty = elements.empty_sums(n_heads)
     sums = jax.lax.cond(
         (n == d_head * d_model).all(),
