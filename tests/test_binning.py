@@ -4,6 +4,7 @@ kernels/elements.py counts each entry once, in the bin of the merged (raw + z) e
 ``histograms`` splits the merged counts back into the raw and z histograms. These tests pin the
 split on values of every scale, edges of both grids that coincide, a collapsed z grid, and masked
 entries; counts may differ from float64 binning only for entries within rounding of an edge.
+The same pass's power sums, min and max (one reduction with six results) are pinned too.
 """
 
 from __future__ import annotations
@@ -88,6 +89,28 @@ def test_masked_entries_and_padding_rows_are_in_neither_histogram():
         _assert_close_counts(hist[h], v, bin_edges(), f"head {h} raw")
         _assert_close_counts(zhist[h], v, zbin_edges(), f"head {h} z")
     assert acc.n_nonfinite.tolist() == [2, 1]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_power_sums_over_long_rows_match_float64(masked):
+    # rows of 12B's d_model and longer, heavy tails, a shift off the mean: the sums run along
+    # each row in float32 before the rows are added
+    rng = np.random.default_rng(2)
+    x = np.stack([rng.standard_t(3, (3, 8192)) * 0.02 + 0.005, rng.normal(-1.0, 1e-3, (3, 8192))])
+    x = x.astype(np.float32)
+    if masked:
+        x[0, 1, 7], x[1, 2, 100] = np.nan, -np.inf
+    shift = np.array([0.004, -1.0], np.float32)
+    _, _, acc = _histograms(x, shift, [0.03, 1e-3], masked=masked)
+    for h in range(2):
+        v = x[h].astype(np.float64).ravel()
+        v = v[np.isfinite(v)] - shift[h]
+        for k, got in enumerate([acc.s1, acc.s2, acc.s3, acc.s4], start=1):
+            want = (v**k).sum()
+            scale_k = (np.abs(v) ** k).sum()  # cancelling odd sums are judged against this
+            assert abs(float(got[h]) - want) <= 2e-6 * scale_k, (h, k, float(got[h]), want)
+        assert float(acc.min[h]) == (v + shift[h]).min() and float(acc.max[h]) == (v + shift[h]).max()
+        assert int(acc.n[h]) == v.size
 
 
 def test_a_zero_scale_bins_like_scale_one():
