@@ -16,7 +16,6 @@ from .errors import InputError
 from .models import KNOWN, Source
 from .sources import Checkpoint
 
-_MISSING_FILE = (hf_errors.EntryNotFoundError, hf_errors.LocalEntryNotFoundError)
 _BAD_REFERENCE = (
     hf_errors.RepositoryNotFoundError,
     hf_errors.RevisionNotFoundError,
@@ -38,8 +37,13 @@ def hub_fetch(repo: str, revision: str, downloaded: list[Path]):
             if not isinstance(cached, str):
                 downloaded.append(path)
             return path
-        except _MISSING_FILE as exc:
-            raise FileNotFoundError(f"file {name!r} is not on the hub or not in the local cache") from exc
+        except hf_errors.LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError
+            raise FileNotFoundError(
+                f"file {name!r} is not in the local cache and the hub could not be asked (offline, or "
+                "HF_HUB_OFFLINE set); the embedded model runs offline: --model tiny-pythia"
+            ) from exc
+        except hf_errors.EntryNotFoundError as exc:
+            raise FileNotFoundError(f"file {name!r} is not on the hub") from exc
         except _BAD_REFERENCE as exc:
             raise InputError(f"hub repo {repo!r} revision {revision!r}: {type(exc).__name__}") from exc
         except (hf_errors.HfHubHTTPError, OSError) as exc:
