@@ -270,24 +270,35 @@ def show(store_path: Path, as_json: bool, debug: bool) -> None:
 @click.option("--memory-budget", default="1GB", show_default=True, help="Bytes for W_QK blocks.")
 @click.option("--repeat", default=2, show_default=True, help="Timed repetitions (best kept).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def bench(shapes: str, memory_budget: str, repeat: int, as_json: bool) -> None:
+@click.option(
+    "--results", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help="Also append the table, dated and naming the machine and device, to this markdown file "
+    "(e.g. benchmarks/RESULTS.md).",
+)  # fmt: skip
+def bench(shapes: str, memory_budget: str, repeat: int, as_json: bool, results: Path | None) -> None:
     """Kernel throughput (heads/s, GB/s, FLOP/s) on this machine's device, and its ratio to
     the floor (matmul + one pass over W_QK + reading Q/K) measured in the same run."""
-    from spinjax.bench import SHAPES, markdown, measure_shape
+    from spinjax.bench import SHAPES, markdown, measure_shape, results_section
 
     names = [s.strip() for s in shapes.split(",") if s.strip()]
     unknown = [n for n in names if n not in SHAPES]
     if unknown:
         raise click.BadParameter(f"unknown shape(s) {unknown}; choose from {', '.join(SHAPES)}")
-    results = []
+    if results is not None and results.exists() and not results.is_file():
+        raise click.BadParameter(f"{results}: not a file", param_hint="--results")
+    measured = []
     for name in names:
-        results.append(measure_shape(name, budget_bytes=_parse_size(memory_budget), repeat=repeat))
+        measured.append(measure_shape(name, budget_bytes=_parse_size(memory_budget), repeat=repeat))
         if not as_json:
             click.echo(f"measured {name}", err=True)
     if as_json:
-        click.echo(json.dumps([r.row() for r in results], indent=1))
+        click.echo(json.dumps([r.row() for r in measured], indent=1))
     else:
-        click.echo(markdown(results))
+        click.echo(markdown(measured))
+    if results is not None:
+        with results.open("a") as f:
+            f.write("\n" + results_section(measured))
+        click.echo(f"appended to {results}", err=True)
 
 
 @main.command()

@@ -14,6 +14,9 @@ them alike instead of one.
 
 from __future__ import annotations
 
+import datetime
+import os
+import platform
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -147,6 +150,35 @@ def measure_shape(name: str, *, budget_bytes: int = 1 << 30, repeat: int = 2) ->
         name, jax.devices()[0].device_kind, d, n_heads, d_head, n_layers, rows,
         best["spinjax"], flops / rate, rate / 1e9, best["pass"] * n_blocks, _read_time(wq, wk), compile_s,
     )  # fmt: skip
+
+
+def machine() -> str:
+    """This machine and its default device, in words, for a results table's heading."""
+    cpu = platform.machine()
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]  # fmt: skip
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    memory = ""
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        memory = f", {pages / 2**30:.0f} GiB"
+    except (ValueError, OSError, AttributeError):
+        pass
+    device = jax.devices()[0]
+    kind = device.platform if device.device_kind == device.platform else device.device_kind
+    devices = f"{len(jax.devices())} x {kind}"
+    return f"{cpu}, {os.cpu_count()} cores{memory}; device: {devices}; jax {jax.__version__}"
+
+
+def results_section(results: list[ShapeResult]) -> str:
+    """A dated markdown section naming the machine and device, with the table of ``results``."""
+    from . import __version__
+
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"## `spinjax bench`, {when}, spinjax {__version__}\n\n{machine()}\n\n{markdown(results)}\n"
 
 
 def markdown(results: list[ShapeResult]) -> str:
