@@ -5,7 +5,7 @@ from pathlib import Path
 from .bins import NB, NZ, bin_edges, zbin_edges
 from .dynamics import kl_smoothed, mode_events, overlaps, top_singular_vectors
 from .geometry import head_geometry, js_divergence, layer_geometry, pairwise_js
-from .heads import MATRICES, block_entries_cap, block_rows_for_budget, layer_statistics
+from .heads import MATRICES, block_entries_cap, block_rows_for_budget, heads_per_block, layer_statistics
 from .null import gaussian_factors, matched_scale, null_zscores
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "bin_edges",
     "block_entries_cap",
     "block_rows_for_budget",
+    "heads_per_block",
     "gaussian_factors",
     "head_geometry",
     "js_divergence",

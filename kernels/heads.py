@@ -5,9 +5,9 @@ Inputs are the per-head factors of one layer, float32:
 Query head h uses key head h // (n_heads // n_kv_heads) (SPEC section 1).
 Outputs are arrays with leading dims (n_heads, 3) over the matrices (W_Q, W_K, W_QK).
 
-W_QK's d_model x d_model entries exist only one block of rows at a time, inside a compiled
-loop: peak memory is set by ``block_rows``, which :func:`block_rows_for_budget` derives from a
-byte budget.
+W_QK's d_model x d_model entries exist only one block of rows (of one head on CPUs, of all
+heads elsewhere: :func:`heads_per_block`) at a time, inside a compiled loop: peak memory is set
+by ``block_rows``, which :func:`block_rows_for_budget` derives from a byte budget.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ BYTES_PER_BLOCK_ENTRY = 32
 
 
 def block_entries_cap() -> int | None:
-    """Largest W_QK block (entries, all heads) worth forming on this backend.
+    """Largest W_QK block (entries, all heads of a block) worth forming on this backend.
 
     On CPUs the element pass reads each block several times (one XLA fusion per reduction);
     blocks of ~8 MB per float32 intermediate stay in cache, and measured about 2x faster than
@@ -38,18 +38,19 @@ def block_entries_cap() -> int | None:
 
 
 def block_rows_for_budget(
-    n_heads: int, d_model: int, budget_bytes: int, *, max_entries: int | None = None
+    n_heads: int, d_model: int, budget_bytes: int, *, max_entries: int | None = None, inner: bool = False
 ) -> int:
-    """Rows of W_QK formed at once so that a block of all heads fits in ``budget_bytes``.
+    """Rows of W_QK formed at once so that a block of :func:`heads_per_block` heads (all with
+    ``inner``) fits in ``budget_bytes``.
 
     At most ``max_entries`` entries per block when given (see :func:`block_entries_cap`). A
     divisor of d_model when one is at least half the affordable rows: then no block needs
     padding rows, which would force the slower masked pass.
     """
-    per_row = BYTES_PER_BLOCK_ENTRY * n_heads * d_model
-    rows = int(max(1, min(d_model, budget_bytes // per_row)))
+    group = heads_per_block(n_heads, inner)
+    rows = int(max(1, min(d_model, budget_bytes // (BYTES_PER_BLOCK_ENTRY * group * d_model))))
     if max_entries:
-        rows = max(1, min(rows, max_entries // (n_heads * d_model)))
+        rows = max(1, min(rows, max_entries // (group * d_model)))
     divisor = max(r for r in range(1, rows + 1) if d_model % r == 0)
     return divisor if 2 * divisor >= rows else rows
 
@@ -116,7 +117,21 @@ def qk_moments_from_factors(wq: jax.Array, wk: jax.Array) -> tuple[jax.Array, ja
     return mean, jnp.sqrt(var)
 
 
-@partial(jax.jit, static_argnames=("block_rows", "masked", "inner"))
+def heads_per_block(n_heads: int, inner: bool = False) -> int:
+    """Heads in one W_QK block: one on a single CPU device (unless ``inner``), else all.
+
+    XLA:CPU runs a plain 1024 x d_head by d_head x d_model product at ~160 GFLOP/s but a batch of
+    16 heads' 64-row products at ~105 (1.4B shape): the rows per product decide, so on CPUs a
+    block holds one head's rows instead of a few rows of every head. The inner products between
+    heads need every head's rows in the same block; GPUs want the one batched product; several
+    devices split the head axis between them (:func:`_over_heads`).
+    """
+    if jax.default_backend() == "cpu" and not inner and _head_mesh(n_heads) is None:
+        return 1
+    return n_heads
+
+
+@partial(jax.jit, static_argnames=("block_rows", "masked", "inner", "group"))
 def qk_sums(
     wq: jax.Array,
     wk: jax.Array,
@@ -126,28 +141,44 @@ def qk_sums(
     block_rows: int,
     masked: bool,
     inner: bool = False,
+    group: int | None = None,
 ) -> tuple[elements.Sums, jax.Array | None]:
-    """One pass over every W_QK^h = wq[h]^T wk[h], formed ``block_rows`` rows at a time.
+    """One pass over every W_QK^h = wq[h]^T wk[h], ``block_rows`` rows of ``group`` heads
+    (default all) at a time, one group after the other.
 
     ``masked=False`` assumes every entry finite (see :func:`elements.add_block`). With
-    ``inner``, also the Frobenius inner products <W_QK^h, W_QK^g> of every two heads (H, H),
-    non-finite entries taken as 0: from the blocks already formed, 2 H^2 d^2 FLOPs, instead
-    of 4 H^2 d_head^2 d from the factors (``geometry.cross_inner``).
+    ``inner`` (and all heads in a block), also the Frobenius inner products <W_QK^h, W_QK^g>
+    of every two heads (H, H), non-finite entries taken as 0: from the blocks already formed,
+    2 H^2 d^2 FLOPs, instead of 4 H^2 d_head^2 d from the factors (``geometry.cross_inner``).
     """
-    n_heads, _, d = wq.shape
+    n_heads, d_head, d = wq.shape
+    group = group or n_heads
+    if n_heads % group or (inner and group != n_heads):
+        raise ValueError(f"{n_heads} heads in groups of {group}" + " with inner products" * inner)
     n_blocks = -(-d // block_rows)
     pad = n_blocks * block_rows - d
+    masked = masked or bool(pad)
     # (H, d, d_head) rows: a block is then a plain batched matmul, ~20% faster on XLA:CPU than
     # the same product as an einsum over wq's last axis
     q_by_row = jnp.pad(jnp.swapaxes(wq, 1, 2), ((0, 0), (0, pad), (0, 0)))
 
+    sliced = group < n_heads  # a slice of all heads is a copy XLA:CPU does not elide (5% slower)
+
     def body(i, carry):
         acc, gram = carry
-        start = i * block_rows
-        q_rows = jax.lax.dynamic_slice_in_dim(q_by_row, start, block_rows, axis=1)
-        block = jnp.matmul(q_rows, wk, precision=_HIGHEST)
+        first, start = (i // n_blocks) * group, (i % n_blocks) * block_rows
+
+        def heads(x):
+            return jax.lax.dynamic_slice_in_dim(x, first, group, axis=0) if sliced else x
+
+        q_rows = jax.lax.dynamic_slice(q_by_row, (first, start, 0), (group, block_rows, d_head))
+        block = jnp.matmul(q_rows, heads(wk), precision=_HIGHEST)
         rows = (start + jnp.arange(block_rows) < d) if pad else None
-        acc = elements.add_block(acc, block, shift, scale, rows, masked=masked or bool(pad))
+        sums = jax.tree.map(heads, acc)
+        sums = elements.add_block(sums, block, heads(shift), heads(scale), rows, masked=masked)
+        if sliced:
+            sums = jax.tree.map(lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, first, 0), acc, sums)
+        acc = sums
         if inner:
             kept = jnp.where(jnp.isfinite(block), block, 0.0) if masked else block  # padding rows are 0
             flat = kept.reshape(n_heads, -1)  # one (H, rows*cols) GEMM: 3x faster than the einsum on CPU
@@ -155,7 +186,8 @@ def qk_sums(
         return acc, gram
 
     gram = jnp.zeros((n_heads, n_heads) if inner else (0, 0), jnp.float32)
-    sums, gram = jax.lax.fori_loop(0, n_blocks, body, (elements.empty_sums(n_heads), gram))
+    n_steps = n_blocks * (n_heads // group)
+    sums, gram = jax.lax.fori_loop(0, n_steps, body, (elements.empty_sums(n_heads), gram))
     return sums, (gram if inner else None)
 
 
@@ -175,13 +207,20 @@ def _summaries(
     return out
 
 
-def _over_heads(x: jax.Array) -> jax.Array:
-    """``x`` with its head axis sharded over the local devices, when there are several and
-    they divide it; the compiled kernels then run each device's heads there (GSPMD)."""
+def _head_mesh(n_heads: int) -> jax.sharding.Mesh | None:
+    """A mesh over the local devices for the head axis, when there are several and they divide it."""
     devices = jax.local_devices()
-    if len(devices) < 2 or x.shape[0] % len(devices):
+    if len(devices) < 2 or n_heads % len(devices):
+        return None
+    return jax.sharding.Mesh(np.array(devices), ("heads",))
+
+
+def _over_heads(x: jax.Array) -> jax.Array:
+    """``x`` with its head axis sharded over the local devices (see :func:`_head_mesh`); the
+    compiled kernels then run each device's heads there (GSPMD)."""
+    mesh = _head_mesh(x.shape[0])
+    if mesh is None:
         return x
-    mesh = jax.sharding.Mesh(np.array(devices), ("heads",))
     return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("heads")))
 
 
@@ -191,7 +230,8 @@ def layer_statistics(wq, wk, *, block_rows: int, inner: bool = False) -> dict[st
     Args:
       wq: (n_heads, d_head, d_model) query factors.
       wk: (n_kv_heads, d_head, d_model) key factors; n_heads must be a multiple of n_kv_heads.
-      block_rows: rows of each W_QK formed at once (see :func:`block_rows_for_budget`).
+      block_rows: rows of W_QK formed at once, per head of a block (see
+        :func:`block_rows_for_budget`, given the same ``inner``).
       inner: also return ``qk_inner`` (n_heads, n_heads), the Frobenius inner products of
         every two heads' W_QK (see :func:`qk_sums`), for the cross-head geometry.
 
@@ -222,16 +262,17 @@ def layer_statistics(wq, wk, *, block_rows: int, inner: bool = False) -> dict[st
     scale = jnp.where(guessed, scale, 1.0)
     # Finite factors (the rule) make finite products unless they overflow: try unmasked first.
     masked = not bool(guessed.all())
-    sums, gram = qk_sums(wq, wk_per_head, shift, scale, block_rows=block_rows, masked=masked, inner=inner)
+    blocks = {"block_rows": block_rows, "group": heads_per_block(n_heads, inner)}
+    sums, gram = qk_sums(wq, wk_per_head, shift, scale, masked=masked, inner=inner, **blocks)
     if not masked and bool(elements.saw_nonfinite(sums).any()):
         masked = True
-        sums, gram = qk_sums(wq, wk_per_head, shift, scale, block_rows=block_rows, masked=True, inner=inner)
+        sums, gram = qk_sums(wq, wk_per_head, shift, scale, masked=True, inner=inner, **blocks)
     if bool(elements.needs_refinement(sums, shift, scale).any()):
         # The guess was off (non-finite factors, or cancellation in the Gram formula): bin
         # again with the measured mean and std, which are exact whatever the shift was.
         shift, m2, _, _ = elements.central_moments(sums, shift)
         scale = jnp.sqrt(m2)
-        sums, _ = qk_sums(wq, wk_per_head, shift, scale, block_rows=block_rows, masked=masked)
+        sums, _ = qk_sums(wq, wk_per_head, shift, scale, masked=masked, **blocks)
 
     out = _summaries(
         _factor_sums(wq, _factor_blocks(*wq.shape)), _factor_sums(wk, _factor_blocks(*wk.shape)),

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .kernels import block_entries_cap, block_rows_for_budget, layer_statistics
+from .kernels import block_entries_cap, block_rows_for_budget, heads_per_block, layer_statistics
 
 SHAPES = {  # name: (d_model, n_heads, d_head, n_layers), Pythia geometries
     "160m": (768, 12, 64, 12),
@@ -127,7 +127,8 @@ def measure_shape(name: str, *, budget_bytes: int = 1 << 30, repeat: int = 2) ->
 
     # Floor parts: the batched matmul on the same block shape, a square GEMM (the device's
     # matmul rate), and one read of a block.
-    q, k = jnp.asarray(wq[:, :, :rows]), jnp.asarray(wk)
+    group = heads_per_block(n_heads)
+    q, k = jnp.asarray(wq[:group, :, :rows]), jnp.asarray(wk[:group])
     form = jax.jit(lambda a, b: jnp.einsum("har,hac->hrc", a, b, precision="highest"))
     block = form(q, k)
     n = 2048 if jax.default_backend() == "cpu" else 8192
@@ -143,8 +144,8 @@ def measure_shape(name: str, *, budget_bytes: int = 1 << 30, repeat: int = 2) ->
         },
         repeat,
     )
-    n_blocks = d / rows
-    rate = max(2.0 * n_heads * rows * d_head * d / best["block_matmul"], 2.0 * n**3 / best["gemm"])
+    n_blocks = d / rows * n_heads / group
+    rate = max(2.0 * group * rows * d_head * d / best["block_matmul"], 2.0 * n**3 / best["gemm"])
     flops = 2.0 * n_heads * d_head * d * d
     return ShapeResult(
         name, jax.devices()[0].device_kind, d, n_heads, d_head, n_layers, rows,

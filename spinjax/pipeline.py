@@ -378,7 +378,7 @@ def run(
 
 def _compute(source, reader, budget, writer, result, progress, keep_downloads, pairs) -> bool:
     """Read, compute and write the reader's steps; True if stopped early by Ctrl-C."""
-    per_layer, block_rows = [], None
+    per_layer, planned = [], False
     with _StopAfterStep() as interrupt:
         reader.start()
         try:
@@ -403,13 +403,10 @@ def _compute(source, reader, budget, writer, result, progress, keep_downloads, p
                     continue
                 computing = time.perf_counter()
                 if isinstance(item, _Layer):
-                    if block_rows is None:
-                        g = item.geometry
-                        block_rows = block_rows_for_budget(
-                            g.n_heads, item.wq.shape[-1], budget, max_entries=block_entries_cap()
-                        )
-                        progress.on_plan(len(reader.todo), g.n_layers)
-                    stats = _layer_results(item, block_rows, pairs)
+                    if not planned:
+                        planned = True
+                        progress.on_plan(len(reader.todo), item.geometry.n_layers)
+                    stats = _layer_results(item, budget, pairs)
                     per_layer.append(stats)
                     _warn_nonfinite(item, stats, source.source, result, progress)
                     progress.on_layer(item.step, item.layer)
@@ -433,14 +430,20 @@ def _compute(source, reader, budget, writer, result, progress, keep_downloads, p
     return interrupt.requested
 
 
-def _layer_results(item: _Layer, block_rows: int, pairs: str) -> dict[str, np.ndarray]:
+def _layer_results(item: _Layer, budget: int, pairs: str) -> dict[str, np.ndarray]:
     """Every statistic of one layer's heads, (head, matrix, ...), and its head pairs."""
-    stats = layer_statistics(item.wq, item.wk, block_rows=block_rows, inner=pairs != "none")
+
+    def statistics(wq, wk, inner=False):
+        cap = block_entries_cap()
+        rows = block_rows_for_budget(wq.shape[0], wq.shape[-1], budget, max_entries=cap, inner=inner)
+        return layer_statistics(wq, wk, block_rows=rows, inner=inner)
+
+    stats = statistics(item.wq, item.wk, inner=pairs != "none")
     inner = stats.pop("qk_inner", None)
     if item.ov is not None:
         wv, wo = item.ov
         # (W_O, W_V, W_O^T W_V = W_OV^T): a transpose has the same element and spectral statistics
-        ov = layer_statistics(wo, wv, block_rows=block_rows)
+        ov = statistics(wo, wv)
         stats = {name: np.concatenate([v, ov[name][:, [1, 0, 2]]], axis=1) for name, v in stats.items()}
     if inner is not None:
         stats.update(derived.layer_pairs(inner, stats["hist"]))

@@ -139,6 +139,33 @@ def test_block_size_does_not_change_results():
             np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.parametrize("block_rows", [96, 7])  # whole rows, and a padded last block (masked)
+def test_heads_per_block_does_not_change_sums(block_rows):
+    # one head at a time (CPUs), two, and all heads in one batched product (GPUs, inner products)
+    from spinjax.kernels.heads import expand_kv, qk_moments_from_factors, qk_sums
+
+    rng = np.random.default_rng(4)
+    wq, wk = (jax.numpy.asarray(a, jax.numpy.float32) for a in _factors("heavy", rng))
+    wk = expand_kv(wk, wq.shape[0])
+    wq = wq.at[4, 3, 5].set(np.nan)  # head 4 gets non-finite entries: the masked pass
+    shift, scale = qk_moments_from_factors(wq, wk)
+    shift, scale = jax.numpy.nan_to_num(shift), jax.numpy.nan_to_num(scale, nan=1.0)
+    rows = {"block_rows": block_rows, "masked": True}
+    runs = {g: qk_sums(wq, wk, shift, scale, group=g, **rows)[0] for g in (1, 2, 6)}
+    whole = runs[6]
+    assert int(whole.n_nonfinite[4]) == 96 and whole.counts.sum() == 6 * 96 * 96 - 96
+    for g, sums in runs.items():
+        for name in ("n", "n_nonfinite", "counts", "min", "max"):
+            np.testing.assert_array_equal(getattr(sums, name), getattr(whole, name), err_msg=f"{g} {name}")
+        for name in ("s1", "s2", "s3", "s4"):
+            scale_k = np.abs(getattr(whole, name)).max()
+            np.testing.assert_allclose(getattr(sums, name), getattr(whole, name), atol=1e-6 * scale_k)
+    with pytest.raises(ValueError, match="groups of 4"):
+        qk_sums(wq, wk, shift, scale, group=4, **rows)
+    with pytest.raises(ValueError, match="inner products"):
+        qk_sums(wq, wk, shift, scale, group=2, inner=True, **rows)
+
+
 def test_random_product_matches_analytic_moments():
     # W_QK^ij = sum_a q_ai k_aj with i.i.d. unit normals: variance d_head, excess kurtosis
     # 6 / d_head (a product of two normals has excess kurtosis 6), zero skew.
@@ -178,15 +205,22 @@ def test_overflow_to_inf_in_w_qk_is_caught_by_the_fast_pass():
     assert np.isnan(out["mean"][0, 2]) and out["hist"][0, 2].sum() == 0
 
 
-def test_budget_prefers_block_sizes_that_divide_d_model():
+@pytest.mark.parametrize("inner", [False, True])
+def test_budget_prefers_block_sizes_that_divide_d_model(inner):
     from spinjax.kernels import block_rows_for_budget
-    from spinjax.kernels.heads import BYTES_PER_BLOCK_ENTRY
+    from spinjax.kernels.heads import BYTES_PER_BLOCK_ENTRY, heads_per_block
 
-    per_row = BYTES_PER_BLOCK_ENTRY * 16 * 2048
-    assert block_rows_for_budget(16, 2048, 300 * per_row) == 256  # 2048 = 8 * 256
-    assert block_rows_for_budget(16, 2048, 10**15) == 2048
-    assert block_rows_for_budget(4, 97, 60 * BYTES_PER_BLOCK_ENTRY * 4 * 97) == 60  # 97 is prime
-    assert block_rows_for_budget(16, 2048, 1) == 1
+    # one CPU device: a block holds one head's rows, unless the heads' inner products need all
+    assert heads_per_block(16, inner) == (16 if inner else 1)
+    per_row = BYTES_PER_BLOCK_ENTRY * heads_per_block(16, inner) * 2048
+    assert block_rows_for_budget(16, 2048, 300 * per_row, inner=inner) == 256  # 2048 = 8 * 256
+    assert block_rows_for_budget(16, 2048, 10**15, inner=inner) == 2048
+    per_row_97 = BYTES_PER_BLOCK_ENTRY * heads_per_block(4, inner) * 97
+    assert block_rows_for_budget(4, 97, 60 * per_row_97, inner=inner) == 60  # 97 is prime
+    assert block_rows_for_budget(16, 2048, 1, inner=inner) == 1
+    # the CPU cap counts the entries of a whole block
+    capped = block_rows_for_budget(16, 2048, 10**15, max_entries=1 << 21, inner=inner)
+    assert capped == (64 if inner else 1024)
 
 
 def test_raw_grid_resolves_every_scale():
