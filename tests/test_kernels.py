@@ -166,6 +166,29 @@ def test_heads_per_block_does_not_change_sums(block_rows):
         qk_sums(wq, wk, shift, scale, group=2, inner=True, **rows)
 
 
+def test_binning_guess_from_fp16_factors_needs_no_second_pass(monkeypatch):
+    # fp16 weights (Pythia's) make exact products whose running sums in a GEMM drift: the Gram
+    # diagonal then lost ~1.5e-6 of ||W_QK||^2, the guessed std failed the 1e-6 check and every
+    # layer ran the W_QK pass twice. The guess must be float32-accurate, and one pass enough.
+    from spinjax.kernels import heads
+
+    rng = np.random.default_rng(5)
+    wq, wk = (np.float32(np.float16(rng.standard_normal((4, 128, 2048)) * 0.02)) for _ in "qk")
+    _, std = heads.qk_moments_from_factors(jax.numpy.asarray(wq), jax.numpy.asarray(wk))
+    for h in range(4):
+        exact = (wq[h].astype(np.float64).T @ wk[h].astype(np.float64)).std()
+        assert abs(float(std[h]) - exact) <= 3e-7 * exact, h
+    passes, original = [], heads.qk_sums
+
+    def counting(*args, **kwargs):
+        passes.append(kwargs["masked"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(heads, "qk_sums", counting)
+    heads.layer_statistics(wq, wk, block_rows=512)
+    assert passes == [False]
+
+
 def test_random_product_matches_analytic_moments():
     # W_QK^ij = sum_a q_ai k_aj with i.i.d. unit normals: variance d_head, excess kurtosis
     # 6 / d_head (a product of two normals has excess kurtosis 6), zero skew.
