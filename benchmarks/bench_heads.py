@@ -64,8 +64,9 @@ def _time(fn, repeat: int) -> float:
 def bench_shape(name: str, loop_heads: int, budget: int, repeat: int) -> dict:
     d, n_heads, d_head = SHAPES[name]
     rng = np.random.default_rng(0)
-    wq = (rng.standard_normal((n_heads, d_head, d)) * 0.02).astype(np.float32)
-    wk = (rng.standard_normal((n_heads, d_head, d)) * 0.02).astype(np.float32)
+    # fp16 values, as checkpoints store them: their exact products are what the kernels meet
+    wq = (rng.standard_normal((n_heads, d_head, d)) * 0.02).astype(np.float16).astype(np.float32)
+    wk = (rng.standard_normal((n_heads, d_head, d)) * 0.02).astype(np.float16).astype(np.float32)
     block_rows = block_rows_for_budget(n_heads, d, budget, max_entries=block_entries_cap())
 
     t0 = time.perf_counter()

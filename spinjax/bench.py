@@ -117,8 +117,9 @@ def measure_shape(name: str, *, budget_bytes: int = 1 << 30, repeat: int = 2) ->
     """spinjax's time per layer at a Pythia shape, and the floor parts, on the default device."""
     d, n_heads, d_head, n_layers = SHAPES[name]
     rng = np.random.default_rng(0)
-    wq = (rng.standard_normal((n_heads, d_head, d)) * 0.02).astype(np.float32)
-    wk = (rng.standard_normal((n_heads, d_head, d)) * 0.02).astype(np.float32)
+    # fp16 values, as checkpoints store them: their exact products are what the kernels meet
+    wq = (rng.standard_normal((n_heads, d_head, d)) * 0.02).astype(np.float16).astype(np.float32)
+    wk = (rng.standard_normal((n_heads, d_head, d)) * 0.02).astype(np.float16).astype(np.float32)
     rows = block_rows_for_budget(n_heads, d, budget_bytes, max_entries=block_entries_cap())
 
     start = time.perf_counter()
