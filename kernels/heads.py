@@ -25,6 +25,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # Bytes live per W_QK entry of a block while it is summarised: the float32 block, its shifted
 # copy and powers, z and two bin indices; a deliberate over-estimate so the budget holds.
 BYTES_PER_BLOCK_ENTRY = 32
+MIN_BLOCK_ROWS = 32  # XLA:CPU forms a block at a fraction of its matmul rate with fewer rows
 
 
 def block_entries_cap() -> int | None:
@@ -43,14 +44,17 @@ def block_rows_for_budget(
     """Rows of W_QK formed at once so that a block of :func:`heads_per_block` heads (all with
     ``inner``) fits in ``budget_bytes``.
 
-    At most ``max_entries`` entries per block when given (see :func:`block_entries_cap`). A
-    divisor of d_model when one is at least half the affordable rows: then no block needs
-    padding rows, which would force the slower masked pass.
+    At most ``max_entries`` entries per block when given (see :func:`block_entries_cap`), unless
+    that leaves fewer than ``MIN_BLOCK_ROWS`` rows. A divisor of d_model when one is at least
+    half the affordable rows: then no block needs padding rows, which would force the slower
+    masked pass.
     """
     group = heads_per_block(n_heads, inner)
     rows = int(max(1, min(d_model, budget_bytes // (BYTES_PER_BLOCK_ENTRY * group * d_model))))
     if max_entries:
-        rows = max(1, min(rows, max_entries // (group * d_model)))
+        # but never fewer than MIN_BLOCK_ROWS rows per head for the cap's sake: the 12B shape's 10
+        # rows of all 40 heads ran the inner-product pass 20% slower than 32 rows
+        rows = max(1, min(rows, max(max_entries // (group * d_model), MIN_BLOCK_ROWS)))
     divisor = max(r for r in range(1, rows + 1) if d_model % r == 0)
     return divisor if 2 * divisor >= rows else rows
 

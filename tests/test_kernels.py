@@ -244,6 +244,10 @@ def test_budget_prefers_block_sizes_that_divide_d_model(inner):
     # the CPU cap counts the entries of a whole block
     capped = block_rows_for_budget(16, 2048, 10**15, max_entries=1 << 21, inner=inner)
     assert capped == (64 if inner else 1024)
+    # ... but leaves at least 32 rows (12B's 40 heads of 5120: 10 rows would fit in 2M entries)
+    assert block_rows_for_budget(40, 5120, 10**15, max_entries=1 << 21, inner=inner) == (32 if inner else 320)
+    tight = 20 * BYTES_PER_BLOCK_ENTRY * heads_per_block(40, inner) * 5120  # the budget still rules
+    assert block_rows_for_budget(40, 5120, tight, max_entries=1 << 21, inner=inner) == 20
 
 
 def test_raw_grid_resolves_every_scale():
