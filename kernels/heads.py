@@ -184,14 +184,16 @@ def qk_sums(
         def heads(x):
             return jax.lax.dynamic_slice_in_dim(x, first, group, axis=0) if sliced else x
 
+        def put_back(whole, part):
+            return jax.lax.dynamic_update_slice_in_dim(whole, part, first, axis=0) if sliced else part
+
         q_rows = jax.lax.dynamic_slice(q_by_row, (first, start, 0), (group, block_rows, d_head))
         block = jnp.matmul(q_rows, heads(wk), precision=_HIGHEST)
         rows = (start + jnp.arange(block_rows) < d) if pad else None
-        sums = jax.tree.map(heads, acc)
-        sums = elements.add_block(sums, block, heads(shift), heads(scale), rows, masked=masked)
-        if sliced:
-            sums = jax.tree.map(lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, first, 0), acc, sums)
-        acc = sums
+        group_sums = elements.add_block(
+            jax.tree.map(heads, acc), block, heads(shift), heads(scale), rows, masked=masked
+        )
+        acc = jax.tree.map(put_back, acc, group_sums)
         if inner:
             kept = jnp.where(jnp.isfinite(block), block, 0.0) if masked else block  # padding rows are 0
             flat = kept.reshape(n_heads, -1)  # one (H, rows*cols) GEMM: 3x faster than the einsum on CPU
