@@ -47,11 +47,17 @@ class Interrupted(KeyboardInterrupt):
 
 
 def default_memory_budget() -> int:
-    """A quarter of the memory available now (at least 256 MiB)."""
+    """A quarter of the memory available now (at least 256 MiB): of the host's, and of the
+    accelerator's where the W_QK blocks live on one (its free bytes, as JAX reports them)."""
+    import jax
+
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         available = 8 << 30
+    stats = jax.devices()[0].memory_stats() or {}  # None on CPUs
+    if "bytes_limit" in stats:
+        available = min(available, stats["bytes_limit"] - stats.get("bytes_in_use", 0))
     return max(256 << 20, available // 4)
 
 

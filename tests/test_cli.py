@@ -113,6 +113,24 @@ def test_run_recompute_and_memory_budget(store_copy, neox_store):
     assert len(a.attrs["runs"]) == 2
 
 
+def test_default_memory_budget_is_a_quarter_of_host_or_accelerator_memory(monkeypatch):
+    import jax
+
+    from spinjax.pipeline import default_memory_budget
+
+    host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    cpu = default_memory_budget()
+    assert abs(cpu - max(256 << 20, host // 4)) <= (64 << 20)  # host memory moves a little
+
+    class Accelerator:  # what a GPU's device reports: its limit and what is in use
+        def memory_stats(self):
+            return {"bytes_limit": 12 << 30, "bytes_in_use": 8 << 30}
+
+    monkeypatch.setattr(jax, "devices", lambda *a: [Accelerator()])
+    assert cpu > 1 << 30  # the host has more than 4 GiB free (CI: 24 GiB machines)
+    assert default_memory_budget() == 1 << 30  # a quarter of the 4 GiB free on the device
+
+
 def test_bad_memory_budget_is_usage_error(tmp_path):
     result = invoke(
         "run", "--model", str(NEOX), "--store", str(tmp_path / "s.zarr"), "--memory-budget", "lots"
