@@ -50,6 +50,7 @@ class ShapeResult:
     pass_s: float
     read_s: float
     compile_s: float
+    pairs_layer_s: float  # spinjax with the heads' inner products too (a run's default --pairs layer)
 
     @property
     def floor_s(self) -> float:
@@ -121,6 +122,7 @@ def measure_shape(name: str, *, budget_bytes: int = 1 << 30, repeat: int = 2) ->
     wq = (rng.standard_normal((n_heads, d_head, d)) * 0.02).astype(np.float16).astype(np.float32)
     wk = (rng.standard_normal((n_heads, d_head, d)) * 0.02).astype(np.float16).astype(np.float32)
     rows = block_rows_for_budget(n_heads, d, budget_bytes, max_entries=block_entries_cap())
+    rows_pairs = block_rows_for_budget(n_heads, d, budget_bytes, max_entries=block_entries_cap(), inner=True)
 
     start = time.perf_counter()
     layer_statistics(wq, wk, block_rows=rows)
@@ -139,6 +141,7 @@ def measure_shape(name: str, *, budget_bytes: int = 1 << 30, repeat: int = 2) ->
     best = _best_in_turns(
         {
             "spinjax": lambda: layer_statistics(wq, wk, block_rows=rows),
+            "spinjax_pairs": lambda: layer_statistics(wq, wk, block_rows=rows_pairs, inner=True),
             "block_matmul": lambda: form(q, k),
             "gemm": lambda: gemm(square),
             "pass": lambda: read_once(block),
@@ -151,6 +154,7 @@ def measure_shape(name: str, *, budget_bytes: int = 1 << 30, repeat: int = 2) ->
     return ShapeResult(
         name, jax.devices()[0].device_kind, d, n_heads, d_head, n_layers, rows,
         best["spinjax"], flops / rate, rate / 1e9, best["pass"] * n_blocks, _read_time(wq, wk), compile_s,
+        best["spinjax_pairs"],
     )  # fmt: skip
 
 
@@ -186,7 +190,8 @@ def results_section(results: list[ShapeResult]) -> str:
 def markdown(results: list[ShapeResult]) -> str:
     head = (
         "| shape | device | heads/s | GFLOP/s | GB/s | s/layer | floor s/layer (matmul + pass + read) "
-        "| device matmul GFLOP/s | ratio to floor | s/checkpoint |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| device matmul GFLOP/s | ratio to floor | s/checkpoint | s/layer with --pairs layer |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in results:
@@ -195,6 +200,7 @@ def markdown(results: list[ShapeResult]) -> str:
             f"| {r.shape} (d {r.d_model}, {r.n_heads}x{r.d_head}) | {r.device} | {x['heads_per_s']:.1f} "
             f"| {x['achieved_gflops']:.1f} | {x['achieved_gbps']:.2f} | {r.layer_s:.3f} "
             f"| {r.floor_s:.3f} ({r.matmul_s:.3f} + {r.pass_s:.3f} + {r.read_s:.3f}) "
-            f"| {r.matmul_gflops:.0f} | {x['ratio_to_floor']:.2f}x | {x['checkpoint_s']:.1f} |"
+            f"| {r.matmul_gflops:.0f} | {x['ratio_to_floor']:.2f}x | {x['checkpoint_s']:.1f} "
+            f"| {r.pairs_layer_s:.3f} |"
         )
     return "\n".join(lines)

@@ -28,6 +28,7 @@ def test_bench_rows_follow_the_floor_definition_and_results_are_appended(tmp_pat
     (row,) = json.loads(out.stdout)
     assert (row["d_model"], row["n_heads"], row["d_head"], row["n_layers"]) == (768, 12, 64, 12)
     assert 1 <= row["block_rows"] <= 768 and row["layer_s"] > 0 and row["matmul_gflops"] > 0
+    assert row["pairs_layer_s"] > 0  # the run's default, with the heads' inner products
     assert row["floor_s"] == pytest.approx(row["matmul_s"] + row["pass_s"] + row["read_s"])
     assert row["ratio_to_floor"] == pytest.approx(row["layer_s"] / row["floor_s"])
     assert row["heads_per_s"] == pytest.approx(12 / row["layer_s"])
@@ -44,6 +45,7 @@ def test_bench_rows_follow_the_floor_definition_and_results_are_appended(tmp_pat
     assert "device: 1 x cpu" in section or jax.default_backend() != "cpu"
     table_rows = [ln for ln in section.splitlines() if ln.startswith("| 160m (d 768, 12x64) |")]
     assert len(table_rows) == 1 and f"{row['ratio_to_floor']:.2f}x" in table_rows[0]
+    assert table_rows[0].endswith(f"| {row['pairs_layer_s']:.3f} |")
 
 
 def test_bench_refuses_unknown_shapes_and_a_directory_for_results(tmp_path):
