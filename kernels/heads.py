@@ -31,9 +31,9 @@ MIN_BLOCK_ROWS = 32  # XLA:CPU forms a block at a fraction of its matmul rate wi
 def block_entries_cap() -> int | None:
     """Largest W_QK block (entries, all heads of a block) worth forming on this backend.
 
-    On CPUs the element pass reads each block several times (one XLA fusion per reduction);
-    blocks of ~8 MB per float32 intermediate stay in cache, and measured about 2x faster than
-    budget-sized ones. Accelerators prefer the largest block the budget allows.
+    On CPUs the element pass reads each block several times (the moments, the bin indices, the
+    shifted copy); blocks of ~8 MB per float32 intermediate stay in cache, and measured about 2x
+    faster than budget-sized ones. Accelerators prefer the largest block the budget allows.
     """
     return 1 << 21 if jax.default_backend() == "cpu" else None
 
