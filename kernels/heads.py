@@ -116,18 +116,27 @@ def _gram(w: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def qk_moments_from_factors(wq: jax.Array, wk: jax.Array) -> tuple[jax.Array, jax.Array]:
+def factor_grams(wq: jax.Array, wk: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """w w^T (d_head x d_head) of every query and key factor: the binning guess and the spectra
+    (:func:`spectra.gram_singular_values`) both start from them."""
+    return _gram(wq), _gram(wk)
+
+
+@jax.jit
+def qk_moments_from_factors(
+    wq: jax.Array, wk: jax.Array, gram_q: jax.Array, gram_k: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Mean and std of every W_QK = wq^T wk (H, d, d) from d_head x d_head products only.
 
-    sum(W_QK) = (wq 1) . (wk 1) and ||W_QK||_F^2 = <wq wq^T, wk wk^T>. NaN when a factor has
-    non-finite entries; the caller then falls back to a pass that measures them.
+    ``wk`` and ``gram_k`` per key head (see :func:`factor_grams`). sum(W_QK) = (wq 1) . (wk 1)
+    and ||W_QK||_F^2 = <wq wq^T, wk wk^T>. NaN when a factor has non-finite entries; the caller
+    then falls back to a pass that measures them.
     """
-    d = wq.shape[-1]
-    total = jnp.einsum("ha,ha->h", wq.sum(-1), wk.sum(-1), precision=_HIGHEST)
-    gram_q, gram_k = _gram(wq), _gram(wk)
+    n_heads, d = wq.shape[0], wq.shape[-1]
+    total = jnp.einsum("ha,ha->h", wq.sum(-1), expand_kv(wk.sum(-1), n_heads), precision=_HIGHEST)
     mean = total / (d * d)
-    var = jnp.maximum((gram_q * gram_k).sum((1, 2)) / (d * d) - mean * mean, 0.0)
-    return mean, jnp.sqrt(var)
+    var = (gram_q * expand_kv(gram_k, n_heads)).sum((1, 2)) / (d * d) - mean * mean
+    return mean, jnp.sqrt(jnp.maximum(var, 0.0))
 
 
 def heads_per_block(n_heads: int, inner: bool = False) -> int:
@@ -260,21 +269,25 @@ def layer_statistics(wq, wk, *, block_rows: int, inner: bool = False) -> dict[st
     if wk.shape[1:] != wq.shape[1:] or n_heads % wk.shape[0]:
         raise ValueError(f"incompatible factors: wq {wq.shape}, wk {wk.shape}")
     kv_of_head = jnp.arange(n_heads) // (n_heads // wk.shape[0])
-    # The spectra's LAPACK calls run on one device on CPUs: the same call on several CPU
-    # devices at once deadlocks like two calls in one program (see spectra.py).
-    spectra_of = (wq, wk) if jax.default_backend() == "cpu" else None
-    svals = spectra.factor_singular_values(*(spectra_of or (wq, wk)))
-    if spectra_of:
-        # ... and finish before any program with a collective starts: devices waiting in an
-        # all-reduce hold the pool workers that the LAPACK call on device 0 needs (deadlock).
+    gram_q, gram_k = factor_grams(wq, wk)
+    svals, trusted = spectra.gram_singular_values(gram_q, gram_k)
+    if not bool(trusted.all()):
+        # ill-conditioned (or non-finite) factors: a Householder QR of the factors themselves,
+        # kept for those heads only, so that a head's values never depend on its neighbours'
+        redone = spectra.factor_singular_values(wq, wk)
+        svals = jnp.where(trusted[:, None, None], svals, redone)
+    shift, scale = qk_moments_from_factors(wq, wk, gram_q, gram_k)
+    if jax.default_backend() == "cpu":
+        # The spectra's LAPACK calls ran on one device (the same call on several CPU devices at
+        # once deadlocks like two calls in one program, see spectra.py); they finish before any
+        # program with a collective starts: devices waiting in an all-reduce hold the pool
+        # workers that the LAPACK call on device 0 needs.
         svals = jax.block_until_ready(svals)
     wk_per_head = _over_heads(expand_kv(wk, n_heads))
     wq, wk = _over_heads(wq), _over_heads(wk)
-
-    shift, scale = qk_moments_from_factors(wq, wk_per_head)
     guessed = jnp.isfinite(shift) & jnp.isfinite(scale)
-    shift = jnp.where(guessed, shift, 0.0)
-    scale = jnp.where(guessed, scale, 1.0)
+    shift = _over_heads(jnp.where(guessed, shift, 0.0))
+    scale = _over_heads(jnp.where(guessed, scale, 1.0))
     # Finite factors (the rule) make finite products unless they overflow: try unmasked first.
     masked = not bool(guessed.all())
     blocks = {"block_rows": block_rows, "group": heads_per_block(n_heads, inner)}

@@ -142,13 +142,13 @@ def test_block_size_does_not_change_results():
 @pytest.mark.parametrize("block_rows", [96, 7])  # whole rows, and a padded last block (masked)
 def test_heads_per_block_does_not_change_sums(block_rows):
     # one head at a time (CPUs), two, and all heads in one batched product (GPUs, inner products)
-    from spinjax.kernels.heads import expand_kv, qk_moments_from_factors, qk_sums
+    from spinjax.kernels.heads import expand_kv, factor_grams, qk_moments_from_factors, qk_sums
 
     rng = np.random.default_rng(4)
     wq, wk = (jax.numpy.asarray(a, jax.numpy.float32) for a in _factors("heavy", rng))
     wk = expand_kv(wk, wq.shape[0])
     wq = wq.at[4, 3, 5].set(np.nan)  # head 4 gets non-finite entries: the masked pass
-    shift, scale = qk_moments_from_factors(wq, wk)
+    shift, scale = qk_moments_from_factors(wq, wk, *factor_grams(wq, wk))
     shift, scale = jax.numpy.nan_to_num(shift), jax.numpy.nan_to_num(scale, nan=1.0)
     rows = {"block_rows": block_rows, "masked": True}
     runs = {g: qk_sums(wq, wk, shift, scale, group=g, **rows)[0] for g in (1, 2, 6)}
@@ -174,7 +174,8 @@ def test_binning_guess_from_fp16_factors_needs_no_second_pass(monkeypatch):
 
     rng = np.random.default_rng(5)
     wq, wk = (np.float32(np.float16(rng.standard_normal((4, 128, 2048)) * 0.02)) for _ in "qk")
-    _, std = heads.qk_moments_from_factors(jax.numpy.asarray(wq), jax.numpy.asarray(wk))
+    wq_j, wk_j = jax.numpy.asarray(wq), jax.numpy.asarray(wk)
+    _, std = heads.qk_moments_from_factors(wq_j, wk_j, *heads.factor_grams(wq_j, wk_j))
     for h in range(4):
         exact = (wq[h].astype(np.float64).T @ wk[h].astype(np.float64)).std()
         assert abs(float(std[h]) - exact) <= 3e-7 * exact, h
@@ -310,18 +311,93 @@ def _primitives(jaxpr) -> list[str]:
 def test_each_program_holds_at_most_one_qr_and_one_svd():
     # Independent LAPACK calls in one XLA:CPU program run concurrently, and each blocks a worker
     # of the intra-op pool while it spreads its batch over that pool: on two cores two of them
-    # deadlock (seen as runs hanging forever). The kernels keep one batched call of each.
+    # deadlock (seen as runs hanging forever). The kernels keep one batched call of each, and the
+    # Gram route's Cholesky feeds its SVD (one after the other).
     from spinjax.kernels import heads, spectra
 
     wq = np.zeros((4, 8, 32), np.float32)
     wk = np.zeros((2, 8, 32), np.float32)
-    names = _primitives(jax.make_jaxpr(spectra.factor_singular_values)(wq, wk).jaxpr)
-    lapack = [
-        n for n in names if n in ("svd", "qr", "geqrf", "householder_product", "lu", "eigh", "cholesky")
-    ]
-    assert sorted(lapack) == ["geqrf", "svd"] or sorted(lapack) == ["qr", "svd"], lapack
+    lapack_names = ("svd", "qr", "geqrf", "householder_product", "lu", "eigh", "cholesky")
+
+    def lapack(fn, *args):
+        return sorted(n for n in _primitives(jax.make_jaxpr(fn)(*args).jaxpr) if n in lapack_names)
+
+    assert lapack(spectra.factor_singular_values, wq, wk) in (["geqrf", "svd"], ["qr", "svd"])
+    grams = heads.factor_grams(wq, wk)
+    assert lapack(spectra.gram_singular_values, *grams) == ["cholesky", "svd"]
+    assert lapack(heads.qk_moments_from_factors, wq, wk, *grams) == []
     sums = heads._factor_sums(wq)
     out = jax.make_jaxpr(heads._summaries)(sums, sums, sums, np.arange(4), np.ones((4, 3, 8), np.float32))
     assert not {"svd", "qr", "geqrf", "lu", "lu_pivots_to_permutation", "triangular_solve"} & set(
         _primitives(out.jaxpr)
     )
+
+
+def _conditioned(rng, conds, basis, d, reverse=False):
+    """fp16-valued factors (one per entry of ``conds``), singular values log-spaced from 0.02 down
+    by the factor cond (ascending with ``reverse``), left singular vectors ``basis``."""
+    out = []
+    for cond in conds:
+        right, _ = np.linalg.qr(rng.standard_normal((d, basis.shape[0])))
+        s = 0.02 * np.logspace(0, -np.log10(cond), basis.shape[0])
+        out.append((basis * (s[::-1] if reverse else s)) @ right.T)
+    return np.float32(np.float16(np.array(out)))
+
+
+def _reference_singular_values(wq, wk):
+    out = []
+    for q, k in zip(wq.astype(np.float64), wk.astype(np.float64), strict=True):
+        rq, rk = np.linalg.qr(q.T, mode="r"), np.linalg.qr(k.T, mode="r")
+        out.append([np.linalg.svd(m, compute_uv=False) for m in (q, k, rq @ rk.T)])
+    return np.array(out)
+
+
+def _worst_aligned(rng, conds, conds_k=None, d_head=32, d=512):
+    # W_K's weakest directions meet W_Q's strongest: every singular value of W_QK is ~s_1 / cond,
+    # the Gram route's worst case for a given conditioning
+    basis, _ = np.linalg.qr(rng.standard_normal((d_head, d_head)))
+    wk = _conditioned(rng, conds if conds_k is None else conds_k, basis, d, reverse=True)
+    return _conditioned(rng, conds, basis, d), wk
+
+
+def test_gram_route_is_trusted_only_where_accurate():
+    # Cholesky QR from the Grams: its error grows with cond x amplification (2e-3 at cond 300
+    # here). Heads it trusts must meet SPEC's 1e-4; well-conditioned heads must be trusted, or the
+    # fast route would never run.
+    from spinjax.kernels import heads, spectra
+
+    rng = np.random.default_rng(6)
+    conds = [1, 10, 30, 100, 300, 1e4]
+    wq, wk = _worst_aligned(rng, conds)
+    s, trusted = (np.asarray(a) for a in spectra.gram_singular_values(*heads.factor_grams(wq, wk)))
+    ref = _reference_singular_values(wq, wk)
+    err = (np.abs(s - ref) / ref[..., :1]).max(axis=(1, 2))
+    np.testing.assert_array_equal(trusted, [True, True, True, False, False, False])
+    assert (err[trusted] <= 2e-5).all(), err
+    assert not (err[4:] <= 1e-4).any(), err  # what the guard keeps out (NaN: the Cholesky failed)
+    # random factors (a model at initialisation): trusted, as accurate as the Householder route
+    wq, wk = (np.float32(np.float16(rng.normal(0, 0.02, (4, 32, 512)))) for _ in "qk")
+    s, trusted = spectra.gram_singular_values(*heads.factor_grams(wq, wk))
+    ref = _reference_singular_values(wq, wk)
+    assert bool(trusted.all())
+    assert (np.abs(np.asarray(s) - ref) / ref[..., :1]).max() <= 1e-5
+
+
+@pytest.mark.parametrize("conds_k", [[1, 2], [300, 2]])
+def test_untrusted_heads_take_the_householder_route(monkeypatch, conds_k):
+    from spinjax.kernels import heads
+
+    rng = np.random.default_rng(7)
+    wq, wk = _worst_aligned(rng, [1, 300, 2, 3], conds_k, d_head=16, d=128)  # GQA: 2 heads per key
+    calls, original = [], heads.spectra.factor_singular_values
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(heads.spectra, "factor_singular_values", counting)
+    out = layer_statistics(wq, wk, block_rows=64)
+    # W_Q[1] at cond 300 is fine against a well-conditioned W_K (W_QK's spectrum then follows W_Q's)
+    assert len(calls) == (max(conds_k) > 10)
+    for h in range(4):
+        _check_head(out, h, wq[h], wk[h // 2])
