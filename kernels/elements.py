@@ -97,13 +97,23 @@ def histograms(acc: Sums, shift: jax.Array, scale: jax.Array) -> tuple[jax.Array
     return runs(z_place), runs(raw_place)
 
 
+def _scatter_parts(n: int) -> int:
+    """Independent scatters that count ``n`` indices: XLA:CPU runs each scatter on one core, and
+    independent ones side by side; four quarters made the 1.4B W_QK pass 7% faster than one
+    scatter (two: 4%). GPUs take one."""
+    parts = 4 if jax.default_backend() == "cpu" else 1
+    return parts if n % parts == 0 else 1
+
+
 def _per_head_counts(idx: jax.Array, keep: jax.Array | None, n_bins: int) -> jax.Array:
     """Histogram of ``idx`` (H, ...) per head; entries with ``keep`` false are dropped."""
     h = idx.shape[0]
     flat = idx.reshape(h, -1) + (n_bins * jnp.arange(h, dtype=jnp.int32))[:, None]
     if keep is not None:
         flat = jnp.where(keep.reshape(h, -1), flat, h * n_bins)  # out-of-range slot, dropped
-    return jnp.bincount(flat.ravel(), length=h * n_bins + 1)[:-1].reshape(h, n_bins)
+    parts = flat.reshape(_scatter_parts(flat.size), -1)
+    counts = sum(jnp.bincount(part, length=h * n_bins + 1) for part in parts)
+    return counts[:-1].reshape(h, n_bins)
 
 
 def add_block(
