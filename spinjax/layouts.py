@@ -141,11 +141,12 @@ class Layout:
         Only the wanted rows are read, except from GPT-2's (in, out) Conv1D weights."""
         slices = self.rows(g)
         full: dict[str, np.ndarray] = {}  # Conv1D: one read and transpose per tensor
+        opened: dict[str, Tensor] = {}  # fused Q/K/V: one handle (an orbax param is read whole, once)
         out = []
         for i in which:
             name = self.qkv[i].format(layer) + kind
             try:
-                t = tensor(name)
+                t = opened[name] = opened.get(name) or tensor(name)
             except InputError as exc:
                 if kind != ".bias":
                     raise

@@ -87,3 +87,21 @@ def test_config_inconsistent_with_tensors_names_the_tensor(tmp_path):
     g = LAYOUTS["gpt_neox"].geometry(ckpt.config, "m")
     with pytest.raises(InputError, match="query_key_value.weight.*shape"):
         LAYOUTS["gpt_neox"].extract(ckpt.tensor, 0, g)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+def test_each_tensor_is_opened_once_per_layer(arch):
+    # An orbax param is read whole when first indexed: opening NeoX's fused query_key_value once
+    # for Q and again for K read it twice (46 ms each at the 1.4B shape)
+    ckpt, layout, g, ref = _load(arch)
+    opened = []
+
+    def lookup(name):
+        opened.append(name)
+        return ckpt.tensor(name)
+
+    wq, wk = layout.extract(lookup, 0, g)
+    assert sorted(opened) == sorted(set(opened)) and len(opened) == (1 if arch == "gpt_neox" else 2)
+    np.testing.assert_allclose(
+        _logits(wq, wk, ref["x"], float(ref["scale"])), ref["logits"][0], rtol=1e-5, atol=2e-5
+    )
