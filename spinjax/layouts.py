@@ -146,13 +146,15 @@ class Layout:
         for i in which:
             name = self.qkv[i].format(layer) + kind
             try:
-                t = opened[name] = opened.get(name) or tensor(name)
+                if name not in opened:
+                    opened[name] = tensor(name)
             except InputError as exc:
                 if kind != ".bias":
                     raise
                 raise InputError(
                     f"weight variant 'bias' needs the Q/K biases ({self.architecture} layout): {exc}"
                 ) from exc
+            t = opened[name]
             # rows of every projection kept in this tensor: 3 blocks when Q, K, V are fused
             n_rows = sum(s.stop - s.start for j in range(3) if self.qkv[j] == self.qkv[i] for s in slices[j])
             if kind == ".bias" or not self.conv1d:
