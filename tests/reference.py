@@ -268,6 +268,18 @@ def spectral_stats(s: np.ndarray) -> dict:
 # --------------------------------------------------------------------------------------
 
 
+def head_singular_values(WQ: np.ndarray, WK: np.ndarray) -> dict[str, np.ndarray]:
+    """Descending singular values (d_head each) of W_Q, W_K and the explicit W_QK, float64;
+    non-finite entries of WQ / WK replaced by 0 first."""
+    WQ0, WK0 = (np.where(np.isfinite(w), w, 0.0).astype(np.float64) for w in (WQ, WK))
+    d_head = WQ0.shape[0]
+    return {
+        "W_Q": np.linalg.svd(WQ0, compute_uv=False)[:d_head],
+        "W_K": np.linalg.svd(WK0, compute_uv=False)[:d_head],
+        "W_QK": np.linalg.svd(WQ0.T @ WK0, compute_uv=False)[:d_head],
+    }
+
+
 def head_reference(WQ: np.ndarray, WK: np.ndarray, zmax: float = 10.0, nz: int = 402) -> dict[str, dict]:
     """All statistics of one head: {"W_Q": {...}, "W_K": {...}, "W_QK": {...}}.
 
@@ -283,16 +295,8 @@ def head_reference(WQ: np.ndarray, WK: np.ndarray, zmax: float = 10.0, nz: int =
     WK = np.asarray(WK, dtype=np.float64)
     if WQ.ndim != 2 or WQ.shape != WK.shape:
         raise ValueError(f"WQ {WQ.shape} and WK {WK.shape} must both be (d_head, d_model)")
-    d_head = WQ.shape[0]
     WQK = WQ.T @ WK
-
-    WQ0 = np.where(np.isfinite(WQ), WQ, 0.0)
-    WK0 = np.where(np.isfinite(WK), WK, 0.0)
-    spectra = {
-        "W_Q": np.linalg.svd(WQ0, compute_uv=False)[:d_head],
-        "W_K": np.linalg.svd(WK0, compute_uv=False)[:d_head],
-        "W_QK": np.linalg.svd(WQ0.T @ WK0, compute_uv=False)[:d_head],
-    }
+    spectra = head_singular_values(WQ, WK)
     elements = {"W_Q": WQ, "W_K": WK, "W_QK": WQK}
     result: dict[str, dict] = {}
     for name in MATRICES:

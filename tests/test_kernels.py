@@ -6,7 +6,7 @@ import jax
 import jax.extend
 import numpy as np
 import pytest
-from reference import MATRICES, SPECTRAL_KEYS, head_reference
+from reference import MATRICES, SPECTRAL_KEYS, head_reference, head_singular_values
 
 from spinjax.kernels import bin_edges, bins, layer_statistics, zbin_edges
 from spinjax.kernels.spectra import spectral_summaries
@@ -345,11 +345,8 @@ def _conditioned(rng, conds, basis, d, reverse=False):
 
 
 def _reference_singular_values(wq, wk):
-    out = []
-    for q, k in zip(wq.astype(np.float64), wk.astype(np.float64), strict=True):
-        rq, rk = np.linalg.qr(q.T, mode="r"), np.linalg.qr(k.T, mode="r")
-        out.append([np.linalg.svd(m, compute_uv=False) for m in (q, k, rq @ rk.T)])
-    return np.array(out)
+    """(H, 3, d_head) float64 singular values; W_QK's from the explicit d x d matrix."""
+    return np.array([list(head_singular_values(q, k).values()) for q, k in zip(wq, wk, strict=True)])
 
 
 def _worst_aligned(rng, conds, conds_k=None, d_head=32, d=512):
