@@ -2,12 +2,15 @@
 
 For each shape, one layer of random weights (all heads) goes through:
   * spinjax: ``layer_statistics`` (every statistic of SPEC section 4, all heads at once);
-  * numpy loop, full SVD: per head, form W_QK, ``np.linalg.svd`` of the d x d matrix,
-    ``np.histogram`` (z and raw grids) and scipy moments - what the study did;
-  * numpy loop, factored: the same, but singular values from the factors (QR + small SVD),
+  * numpy loop, full SVD: per head, for W_Q, W_K and the explicit W_QK, ``np.histogram``
+    (z and raw grids) and scipy moments, and ``np.linalg.svd`` of each matrix (the d x d one
+    for W_QK) - what the study did;
+  * numpy loop, factored: the same, but singular values from the factors (QR + small SVDs),
     the best per-head approach in use today.
-Heads per second for each and the ratios are printed as a markdown table. The full-SVD loop
-is timed on a few heads only (it is the slow one) and reported per head.
+Both loops do the work spinjax does for all three matrices (the summaries spinjax derives
+from the histograms cost it little). Heads per second for each and the ratios are printed as a
+markdown table. The full-SVD loop is timed on a few heads only (it is the slow one) and
+reported per head.
 
     python benchmarks/bench_heads.py [--shapes 160m,1.4b] [--loop-heads 2]
 """
@@ -33,22 +36,26 @@ SHAPES = {  # name: (d_model, n_heads, d_head)
 
 
 def numpy_head(wq: np.ndarray, wk: np.ndarray, *, factored: bool) -> dict:
-    """One head the plain way: explicit W_QK, histograms, moments, singular values."""
+    """One head the plain way: explicit W_QK; moments, histograms, singular values of all three."""
     w = wq.T @ wk
-    flat = w.ravel()
-    mean, std = flat.mean(), flat.std()
-    out = {
-        "skew": stats.skew(flat),
-        "kurt": stats.kurtosis(flat),
-        "zhist": np.histogram((flat - mean) / std, zbin_edges())[0],
-        "hist": np.histogram(flat, bin_edges())[0],
-    }
+    out = {}
+    for name, m in (("W_Q", wq), ("W_K", wk), ("W_QK", w)):
+        flat = m.ravel()
+        mean, std = flat.mean(), flat.std()
+        out[name] = {
+            "skew": stats.skew(flat),
+            "kurt": stats.kurtosis(flat),
+            "zhist": np.histogram((flat - mean) / std, zbin_edges())[0],
+            "hist": np.histogram(flat, bin_edges())[0],
+        }
     if factored:
         rq = np.linalg.qr(wq.T, mode="r")
         rk = np.linalg.qr(wk.T, mode="r")
-        out["sv"] = np.linalg.svd(rq @ rk.T, compute_uv=False)
+        matrices = {"W_Q": rq, "W_K": rk, "W_QK": rq @ rk.T}
     else:
-        out["sv"] = np.linalg.svd(w, compute_uv=False)[: wq.shape[0]]
+        matrices = {"W_Q": wq, "W_K": wk, "W_QK": w}
+    for name, m in matrices.items():
+        out[name]["sv"] = np.linalg.svd(m, compute_uv=False)[: wq.shape[0]]
     return out
 
 
