@@ -21,7 +21,7 @@ from safetensors.numpy import load_file
 import spinjax
 from spinjax import store as store_mod
 from spinjax.errors import InputError
-from spinjax.kernels import block_rows_for_budget, layer_statistics
+from spinjax.kernels import block_entries_cap, block_rows_for_budget, layer_statistics
 from spinjax.layouts import Geometry, layout_for
 from spinjax.pipeline import default_memory_budget, run
 from spinjax.sources import Checkpoint
@@ -192,16 +192,20 @@ def test_xarray_opens_the_model_group(neox_store):
 
 
 def test_store_values_are_the_kernel_values(neox_store):
-    """The store holds exactly what layer_statistics computes on the layout's factors."""
+    """The store holds exactly what layer_statistics computes on the layout's factors, with the
+    run's blocks and its default ``--pairs layer`` (float32 sums follow the block shape)."""
     checkpoint = Checkpoint(NEOX)
     layout = layout_for(checkpoint.config, str(NEOX))
     geometry = layout.geometry(checkpoint.config, str(NEOX))
     assert geometry == Geometry(D_MODEL, N_LAYERS, N_HEADS, N_HEADS, D_HEAD)
-    block_rows = block_rows_for_budget(N_HEADS, D_MODEL, default_memory_budget())
+    block_rows = block_rows_for_budget(
+        N_HEADS, D_MODEL, default_memory_budget(), max_entries=block_entries_cap(), inner=True
+    )
     g = _group(neox_store)
     for layer in range(N_LAYERS):
         wq, wk = layout.extract(checkpoint.tensor, layer, geometry)
-        expected = layer_statistics(wq, wk, block_rows=block_rows)
+        expected = layer_statistics(wq, wk, block_rows=block_rows, inner=True)
+        expected.pop("qk_inner")
         assert set(expected) == set(DATA) - {"done"}
         for name, value in expected.items():
             np.testing.assert_allclose(
