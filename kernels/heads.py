@@ -73,36 +73,29 @@ def _factor_blocks(n_heads: int, d_head: int, d_model: int) -> int:
     return d_head // max(r for r in range(1, d_head + 1) if d_head % r == 0 and r <= fit)
 
 
-@partial(jax.jit, static_argnames="n_blocks")
-def _factor_sums(w: jax.Array, n_blocks: int = 1) -> tuple[elements.Sums, jax.Array, jax.Array]:
-    """Exact passes over factor matrices (H, d_head, d_model) in ``n_blocks`` row blocks:
-    the mean, then the std about it, then the sums binned with both."""
+@partial(jax.jit, static_argnames=("n_blocks", "masked"))
+def factor_sums(
+    w: jax.Array, shift: jax.Array, scale: jax.Array, *, n_blocks: int, masked: bool
+) -> elements.Sums:
+    """One pass over factor matrices (H, d_head, d_model) in ``n_blocks`` row blocks, binned
+    with ``shift`` and ``scale`` (see :func:`elements.add_block`)."""
     n_heads, d_head, d_model = w.shape
     blocks = w.reshape(n_heads, n_blocks, d_head // n_blocks, d_model)
+    return jax.lax.fori_loop(
+        0, n_blocks,
+        lambda i, acc: elements.add_block(acc, blocks[:, i], shift, scale, masked=masked),
+        elements.empty_sums(n_heads),
+    )  # fmt: skip
 
-    def over_blocks(step, init):
-        return jax.lax.fori_loop(0, n_blocks, lambda i, acc: step(acc, blocks[:, i]), init)
 
-    def count_and_sum(acc, x):
-        finite = jnp.isfinite(x)
-        return acc[0] + finite.sum((1, 2)), acc[1] + jnp.where(finite, x, 0.0).sum((1, 2))
-
-    zeros = jnp.zeros((n_heads,), jnp.float32)
-    n, total = over_blocks(count_and_sum, (jnp.zeros((n_heads,), jnp.int32), zeros))
-    mean = total / n
-
-    def squares(acc, x):
-        dev = jnp.where(jnp.isfinite(x), x - mean[:, None, None], 0.0)
-        return acc + (dev * dev).sum((1, 2))
-
-    scale = jnp.sqrt(over_blocks(squares, zeros) / n)  # the pass and histograms() take 0 as 1
-    empty = elements.empty_sums(n_heads)
-    sums = jax.lax.cond(
-        (n == d_head * d_model).all(),
-        lambda: over_blocks(lambda acc, x: elements.add_block(acc, x, mean, scale, masked=False), empty),
-        lambda: over_blocks(lambda acc, x: elements.add_block(acc, x, mean, scale, masked=True), empty),
-    )
-    return sums, mean, scale
+@jax.jit
+def factor_moments_from_gram(w: jax.Array, gram: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean and std of every factor (H, d_head, d_model) from its sum and its Gram's trace
+    (see :func:`_gram`), so that the factor's pass needs no passes of its own for them."""
+    n = w.shape[1] * w.shape[2]
+    mean = w.sum((1, 2)) / n
+    var = jnp.trace(gram, axis1=1, axis2=2) / n - mean * mean
+    return mean, jnp.sqrt(jnp.maximum(var, 0.0))
 
 
 def _gram(w: jax.Array) -> jax.Array:
@@ -248,6 +241,48 @@ def _over_heads(x: jax.Array) -> jax.Array:
     return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("heads")))
 
 
+@jax.jit
+def _pass_flags(sums: elements.Sums, shift: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return elements.saw_nonfinite(sums).any(), elements.needs_refinement(sums, shift, scale).any()
+
+
+def _factor_pass(w: jax.Array, n_blocks: int | None = None):
+    """:func:`factor_sums` over ``w`` as a pass for :func:`_settled_pass`."""
+    n_blocks = n_blocks or _factor_blocks(*w.shape)
+
+    def run(shift, scale, masked, _):
+        return factor_sums(w, shift, scale, n_blocks=n_blocks, masked=masked), None
+
+    return run
+
+
+def _settled_pass(run, shift: jax.Array, scale: jax.Array):
+    """(sums, shift, scale, extra) of an element pass ``run(shift, scale, masked, with_extra)
+    -> (Sums, extra)`` that binned with the final mean and std.
+
+    ``shift`` and ``scale`` are guesses, NaN where none could be made. Finite inputs (the
+    rule) make finite entries unless they overflow, so a pass with finite guesses runs unmasked
+    first, and masked again if it met a non-finite entry. A guess off the measured mean or std
+    (non-finite inputs, cancellation) makes it bin again with the measured ones, which are exact
+    whatever the shift was; ``extra`` (the heads' inner products) does not depend on the
+    binning and is kept from the pass before.
+    """
+    guessed = jnp.isfinite(shift) & jnp.isfinite(scale)
+    shift, scale = jnp.where(guessed, shift, 0.0), jnp.where(guessed, scale, 1.0)
+    masked = not bool(guessed.all())
+    sums, extra = run(shift, scale, masked, True)
+    nonfinite, off = (bool(flag) for flag in _pass_flags(sums, shift, scale))
+    if nonfinite and not masked:
+        masked = True
+        sums, extra = run(shift, scale, masked, True)
+        off = bool(_pass_flags(sums, shift, scale)[1])
+    if off:
+        shift, m2, _, _ = elements.central_moments(sums, shift)
+        scale = jnp.sqrt(m2)
+        sums, _ = run(shift, scale, masked, False)
+    return sums, shift, scale, extra
+
+
 def layer_statistics(wq, wk, *, block_rows: int, inner: bool = False) -> dict[str, np.ndarray]:
     """Every statistic of SPEC section 4 for every query head of one layer.
 
@@ -276,7 +311,8 @@ def layer_statistics(wq, wk, *, block_rows: int, inner: bool = False) -> dict[st
         # kept for those heads only, so that a head's values never depend on its neighbours'
         redone = spectra.factor_singular_values(wq, wk)
         svals = jnp.where(trusted[:, None, None], svals, redone)
-    shift, scale = qk_moments_from_factors(wq, wk, gram_q, gram_k)
+    guesses = [factor_moments_from_gram(wq, gram_q), factor_moments_from_gram(wk, gram_k)]
+    guesses.append(qk_moments_from_factors(wq, wk, gram_q, gram_k))
     if jax.default_backend() == "cpu":
         # The spectra's LAPACK calls ran on one device (the same call on several CPU devices at
         # once deadlocks like two calls in one program, see spectra.py); they finish before any
@@ -285,27 +321,15 @@ def layer_statistics(wq, wk, *, block_rows: int, inner: bool = False) -> dict[st
         svals = jax.block_until_ready(svals)
     wk_per_head = _over_heads(expand_kv(wk, n_heads))
     wq, wk = _over_heads(wq), _over_heads(wk)
-    guessed = jnp.isfinite(shift) & jnp.isfinite(scale)
-    shift = _over_heads(jnp.where(guessed, shift, 0.0))
-    scale = _over_heads(jnp.where(guessed, scale, 1.0))
-    # Finite factors (the rule) make finite products unless they overflow: try unmasked first.
-    masked = not bool(guessed.all())
+    guesses = [tuple(_over_heads(v) for v in guess) for guess in guesses]
     blocks = {"block_rows": block_rows, "group": heads_per_block(n_heads, inner)}
-    sums, gram = qk_sums(wq, wk_per_head, shift, scale, masked=masked, inner=inner, **blocks)
-    if not masked and bool(elements.saw_nonfinite(sums).any()):
-        masked = True
-        sums, gram = qk_sums(wq, wk_per_head, shift, scale, masked=True, inner=inner, **blocks)
-    if bool(elements.needs_refinement(sums, shift, scale).any()):
-        # The guess was off (non-finite factors, or cancellation in the Gram formula): bin
-        # again with the measured mean and std, which are exact whatever the shift was.
-        shift, m2, _, _ = elements.central_moments(sums, shift)
-        scale = jnp.sqrt(m2)
-        sums, _ = qk_sums(wq, wk_per_head, shift, scale, masked=masked, **blocks)
 
-    out = _summaries(
-        _factor_sums(wq, _factor_blocks(*wq.shape)), _factor_sums(wk, _factor_blocks(*wk.shape)),
-        (sums, shift, scale), kv_of_head, svals,
-    )  # fmt: skip
+    def qk_pass(shift, scale, masked, with_inner):
+        return qk_sums(wq, wk_per_head, shift, scale, masked=masked, inner=inner and with_inner, **blocks)
+
+    q, k = _settled_pass(_factor_pass(wq), *guesses[0]), _settled_pass(_factor_pass(wk), *guesses[1])
+    *qk, gram = _settled_pass(qk_pass, *guesses[2])
+    out = _summaries(q[:3], k[:3], tuple(qk), kv_of_head, svals)
     if inner:
         out["qk_inner"] = gram
     return jax.device_get(out)

@@ -169,25 +169,34 @@ def test_heads_per_block_does_not_change_sums(block_rows):
 def test_binning_guess_from_fp16_factors_needs_no_second_pass(monkeypatch):
     # fp16 weights (Pythia's) make exact products whose running sums in a GEMM drift: the Gram
     # diagonal then lost ~1.5e-6 of ||W_QK||^2, the guessed std failed the 1e-6 check and every
-    # layer ran the W_QK pass twice. The guess must be float32-accurate, and one pass enough.
+    # layer ran the W_QK pass twice. The guesses (W_QK's and the factors' own, from the same
+    # Grams) must be float32-accurate, and one pass of each matrix enough.
     from spinjax.kernels import heads
 
     rng = np.random.default_rng(5)
-    wq, wk = (np.float32(np.float16(rng.standard_normal((4, 128, 2048)) * 0.02)) for _ in "qk")
+    wq, wk = (np.float32(np.float16(rng.standard_normal((4, 128, 2048)) * 0.02 + 0.001)) for _ in "qk")
     wq_j, wk_j = jax.numpy.asarray(wq), jax.numpy.asarray(wk)
-    _, std = heads.qk_moments_from_factors(wq_j, wk_j, *heads.factor_grams(wq_j, wk_j))
+    grams = heads.factor_grams(wq_j, wk_j)
+    _, std = heads.qk_moments_from_factors(wq_j, wk_j, *grams)
     for h in range(4):
         exact = (wq[h].astype(np.float64).T @ wk[h].astype(np.float64)).std()
         assert abs(float(std[h]) - exact) <= 3e-7 * exact, h
-    passes, original = [], heads.qk_sums
+    for w, gram in zip((wq, wk), grams, strict=True):
+        mean, std = heads.factor_moments_from_gram(jax.numpy.asarray(w), gram)
+        w64 = w.astype(np.float64)
+        for h in range(4):
+            assert abs(float(std[h]) - w64[h].std()) <= 3e-7 * w64[h].std(), h
+            assert abs(float(mean[h]) - w64[h].mean()) <= 3e-7 * w64[h].std(), h
+    passes = {"qk_sums": [], "factor_sums": []}
+    for name, original in [(name, getattr(heads, name)) for name in passes]:
 
-    def counting(*args, **kwargs):
-        passes.append(kwargs["masked"])
-        return original(*args, **kwargs)
+        def counting(*args, _name=name, _original=original, **kwargs):
+            passes[_name].append(kwargs["masked"])
+            return _original(*args, **kwargs)
 
-    monkeypatch.setattr(heads, "qk_sums", counting)
+        monkeypatch.setattr(heads, name, counting)
     heads.layer_statistics(wq, wk, block_rows=512)
-    assert passes == [False]
+    assert passes == {"qk_sums": [False], "factor_sums": [False, False]}
 
 
 def test_random_product_matches_analytic_moments():
@@ -326,7 +335,9 @@ def test_each_program_holds_at_most_one_qr_and_one_svd():
     grams = heads.factor_grams(wq, wk)
     assert lapack(spectra.gram_singular_values, *grams) == ["cholesky", "svd"]
     assert lapack(heads.qk_moments_from_factors, wq, wk, *grams) == []
-    sums = heads._factor_sums(wq)
+    assert lapack(heads.factor_moments_from_gram, wq, grams[0]) == []
+    sums = heads.factor_sums(wq, np.zeros(4, np.float32), np.ones(4, np.float32), n_blocks=1, masked=True)
+    sums = (sums, np.zeros(4, np.float32), np.ones(4, np.float32))
     out = jax.make_jaxpr(heads._summaries)(sums, sums, sums, np.arange(4), np.ones((4, 3, 8), np.float32))
     assert not {"svd", "qr", "geqrf", "lu", "lu_pivots_to_permutation", "triangular_solve"} & set(
         _primitives(out.jaxpr)
