@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import log_ndtr as scipy_log_ndtr
 
 ZMAX = 10.0
 NZ = 402  # 400 inner bins of width 0.05 plus two unbounded tail bins
@@ -35,17 +36,14 @@ def bin_edges() -> np.ndarray:
     return np.concatenate([[-np.inf], -pos[::-1], pos, [np.inf]])
 
 
-def log_normal_bin_mass(lo: np.ndarray, hi: np.ndarray, xp=np):
+def log_normal_bin_mass(lo: np.ndarray, hi: np.ndarray, *, xp=np, log_ndtr=scipy_log_ndtr):
     """ln(Phi(hi) - Phi(lo)) for lo < hi, in log space so that it never underflows or cancels.
 
     Bins on the upper half are mirrored to the lower half, where log_ndtr is accurate;
     a bin that straddles zero has mass >= its larger half and is computed as 1 - both tails.
-    ``xp`` is numpy (with scipy) or jax.numpy, so the kernels and the references share it.
+    ``xp`` and ``log_ndtr`` are numpy's and scipy's, or jax.numpy's and jax.scipy's, so that
+    the kernels and the float64 references share this one definition.
     """
-    if xp is np:
-        from scipy.special import log_ndtr
-    else:
-        from jax.scipy.special import log_ndtr
     upper = lo >= 0
     a = xp.where(upper, -hi, lo)  # mirrored bin [a, b) lies at or below zero
     b = xp.where(upper, -lo, hi)

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.special
 import numpy as np
 
 from . import bins
@@ -228,7 +229,7 @@ def log_bin_mass(m: jax.Array, s: jax.Array) -> jax.Array:
     e = jnp.asarray(bins.zbin_edges(), jnp.float32)
     lo = (e[None, :-1] - m[:, None]) / s[:, None]
     hi = (e[None, 1:] - m[:, None]) / s[:, None]
-    return bins.log_normal_bin_mass(lo, hi, xp=jnp)
+    return bins.log_normal_bin_mass(lo, hi, xp=jnp, log_ndtr=jax.scipy.special.log_ndtr)
 
 
 def _kl(p: jax.Array, log_q: jax.Array) -> jax.Array:

@@ -7,9 +7,11 @@ For heads i, j with factors W_Q (d_head, d_model) and W_K (d_head, d_model):
 
 two d_head x d_head cross-Gram matrices multiplied entry by entry: no d_model x d_model
 matrix is ever formed. Hence the squared Frobenius distance ||W^i - W^j||^2 = n_i + n_j -
-2 <i, j> (n_i = <i, i>) and the cosine similarity <i, j> / sqrt(n_i n_j). The cost is
-O(N^2 d_head^2 d_model) for N heads, computed in square blocks of heads so that memory stays
-bounded whatever N (``pairs="model"``: every head of every layer against every other).
+2 <i, j> (n_i = <i, i>) and the cosine similarity <i, j> / sqrt(n_i n_j) (:func:`pair_summaries`).
+The cost is O(N_a N_b d_head^2 d_model) for two blocks of N_a and N_b heads: a run holds blocks of
+layers that fit its memory budget (``spinjax.run.features.model_pairs``). Within one layer the
+run takes the inner products from the W_QK blocks its element pass forms anyway
+(``heads.qk_sums(..., inner=True)``).
 
 Distances come from a difference of inner products, so their absolute error is about
 float32 eps * (n_i + n_j): two heads closer than ~1e-3 of their norms are not resolved.
@@ -25,11 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .heads import expand_kv
-
 _HIGHEST = jax.lax.Precision.HIGHEST
-# bytes live per (head pair, d_head^2) entry of a block: two float32 cross-Grams and their product
-_BYTES_PER_PAIR_ENTRY = 12
 
 
 @jax.jit
@@ -53,44 +51,6 @@ def squared_norms(wq: jax.Array, wk: jax.Array) -> jax.Array:
     return (gq * gk).sum((1, 2))
 
 
-def block_heads_for_budget(d_head: int, d_model: int, budget_bytes: int) -> int:
-    """Heads per block so that one block pair (factors and cross-Grams) fits ``budget_bytes``."""
-    per_head_factors = 2 * 2 * 4 * d_head * d_model  # q and k, both blocks of the pair
-    per_pair = _BYTES_PER_PAIR_ENTRY * d_head * d_head
-    # b^2 per_pair + b per_head_factors <= budget
-    a, b, c = per_pair, per_head_factors, -float(budget_bytes)
-    return max(1, int((-b + np.sqrt(b * b - 4 * a * c)) / (2 * a)))
-
-
-def _inner_matrix(wq: np.ndarray, wk: np.ndarray, block: int) -> np.ndarray:
-    """(N, N) inner products of per-head factors (N, d_head, d_model), ``block`` heads at a time.
-
-    Only blocks on and above the diagonal are computed (the rest mirrored); the last block is
-    zero-padded to full size so that every call has one shape (one compilation).
-    """
-    n = wq.shape[0]
-    block = max(1, min(block, n))
-    n_blocks = -(-n // block)
-    pad = n_blocks * block - n
-    if pad:
-        zeros = np.zeros((pad,) + wq.shape[1:], wq.dtype)
-        wq, wk = np.concatenate([wq, zeros]), np.concatenate([wk, zeros])
-    out = np.empty((n_blocks * block,) * 2, np.float32)
-    for bi in range(n_blocks):
-        si = slice(bi * block, (bi + 1) * block)
-        qa, ka = jax.device_put(wq[si]), jax.device_put(wk[si])
-        for bj in range(bi, n_blocks):
-            sj = slice(bj * block, (bj + 1) * block)
-            if bj == bi:
-                g = np.asarray(cross_inner(qa, ka, qa, ka))
-                out[si, si] = 0.5 * (g + g.T)  # exactly symmetric
-            else:
-                g = np.asarray(cross_inner(qa, ka, jax.device_put(wq[sj]), jax.device_put(wk[sj])))
-                out[si, sj] = g
-                out[sj, si] = g.T
-    return out[:n, :n]
-
-
 def pair_summaries(inner: np.ndarray, norms: np.ndarray) -> dict[str, np.ndarray]:
     """Distances and cosines from inner products (N, N) and squared norms (N,), numpy float32:
     exactly symmetric, distance 0 and cosine 1 on the diagonal, cosine NaN for a zero norm."""
@@ -111,75 +71,6 @@ def pair_summaries(inner: np.ndarray, norms: np.ndarray) -> dict[str, np.ndarray
         "cosine": cosine.astype(np.float32),
         "sq_norm": norms.astype(np.float32),
     }
-
-
-def head_geometry(wq, wk, *, pairs: str = "layer", block_heads: int | None = None) -> dict[str, np.ndarray]:
-    """Frobenius inner products, distances and cosines between the W_QK of heads.
-
-    Args:
-      wq: (n_layers, n_heads, d_head, d_model) query factors, or (n_heads, d_head, d_model)
-        for one layer.
-      wk: (n_layers, n_kv_heads, d_head, d_model) key factors (or without the layer dim);
-        query head h uses key head h // (n_heads // n_kv_heads).
-      pairs: ``"layer"``: every pair of heads within each layer; ``"model"``: every pair of
-        heads of the model, across layers (heads flattened layer-major: index l * n_heads + h).
-      block_heads: heads per block (memory ~ block_heads^2 d_head^2; see
-        :func:`block_heads_for_budget`); None computes each matrix in one block.
-
-    Returns:
-      ``inner`` (<i, j>_F), ``sq_distance`` (||W^i - W^j||_F^2), ``distance`` (its square
-      root), ``cosine`` (NaN where a norm is zero): (n_layers, n_heads, n_heads) for
-      ``"layer"`` ((n_heads, n_heads) for one layer given without a layer dim), (N, N) with
-      N = n_layers n_heads for ``"model"``; ``sq_norm`` (||W^i||_F^2) with the heads' shape.
-      Symmetric, zero diagonal distance, unit diagonal cosine; float32 numpy arrays.
-    """
-    if pairs not in ("layer", "model"):
-        raise ValueError(f"pairs must be 'layer' or 'model', not {pairs!r}")
-    wq = np.asarray(wq, np.float32)
-    wk = np.asarray(wk, np.float32)
-    single = wq.ndim == 3
-    if single:
-        wq, wk = wq[None], wk[None]
-    if (
-        wq.ndim != 4
-        or wk.shape[0] != wq.shape[0]
-        or wk.shape[2:] != wq.shape[2:]
-        or wq.shape[1] % wk.shape[1]
-    ):
-        raise ValueError(f"incompatible factors: wq {wq.shape}, wk {wk.shape}")
-    n_layers, n_heads = wq.shape[:2]
-    wk = np.repeat(wk, n_heads // wk.shape[1], axis=1)  # what expand_kv does, on the host
-    if pairs == "model":
-        flat_q = wq.reshape((n_layers * n_heads,) + wq.shape[2:])
-        flat_k = wk.reshape(flat_q.shape)
-        norms = np.asarray(squared_norms(flat_q, flat_k))
-        inner = _inner_matrix(flat_q, flat_k, block_heads or flat_q.shape[0])
-        return pair_summaries(inner, norms)
-    per_layer = []
-    for layer in range(n_layers):
-        norms = np.asarray(squared_norms(wq[layer], wk[layer]))
-        per_layer.append(pair_summaries(_inner_matrix(wq[layer], wk[layer], block_heads or n_heads), norms))
-    out = {name: np.stack([p[name] for p in per_layer]) for name in per_layer[0]}
-    return {name: v[0] for name, v in out.items()} if single else out
-
-
-@jax.jit
-def layer_geometry(wq: jax.Array, wk: jax.Array) -> dict[str, jax.Array]:
-    """Jit-friendly one-layer version of :func:`head_geometry` (one block, JAX arrays).
-
-    wq (H, d_head, d_model), wk (H_kv, d_head, d_model) -> ``inner``, ``sq_distance``,
-    ``distance``, ``cosine`` (H, H) and ``sq_norm`` (H,); vmap it over layers.
-    """
-    wk = expand_kv(wk, wq.shape[0])
-    g = cross_inner(wq, wk, wq, wk)
-    norms = jnp.diagonal(g)
-    eye = jnp.eye(g.shape[0], dtype=bool)
-    inner = jnp.where(eye, norms[:, None], 0.5 * (g + g.T))
-    sq = jnp.where(eye, 0.0, jnp.maximum(norms[:, None] + norms[None, :] - 2.0 * inner, 0.0))
-    denom = jnp.sqrt(norms[:, None] * norms[None, :])
-    cosine = jnp.clip(inner / jnp.where(denom > 0, denom, 1.0), -1.0, 1.0)
-    cosine = jnp.where(denom > 0, jnp.where(eye, 1.0, cosine), jnp.nan)
-    return {"inner": inner, "sq_distance": sq, "distance": jnp.sqrt(sq), "cosine": cosine, "sq_norm": norms}
 
 
 @jax.jit

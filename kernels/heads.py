@@ -20,7 +20,6 @@ import numpy as np
 
 from . import elements, spectra
 
-MATRICES = ("W_Q", "W_K", "W_QK")
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Bytes live per W_QK entry of a block while it is summarised: the float32 block, its shifted
 # copy and powers, z and two bin indices; a deliberate over-estimate so the budget holds.
@@ -295,7 +294,7 @@ def layer_statistics(wq, wk, *, block_rows: int, inner: bool = False) -> dict[st
         every two heads' W_QK (see :func:`qk_sums`), for the cross-head geometry.
 
     Returns:
-      name -> array with leading dims (n_heads, 3) over ``MATRICES``: the scalar statistics,
+      name -> array with leading dims (n_heads, 3) over (W_Q, W_K, W_QK): the scalar statistics,
       ``zhist`` (.., NZ), ``hist`` (.., NB), ``singular_values`` (.., d_head), ``n_nonfinite``.
     """
     wq = jnp.asarray(wq, jnp.float32)

@@ -15,7 +15,7 @@ import zarr
 import spinjax
 from spinjax.analysis import UnknownModelError
 from spinjax.errors import InputError
-from spinjax.tinypythia import STEPS
+from spinjax.sources.tinypythia import STEPS
 
 TP = "tiny-pythia"
 NEOX = "gpt_neox"
@@ -34,7 +34,7 @@ def raw(trajectory_store):
 def test_import_spinjax_stays_light():
     code = (
         "import sys, spinjax; heavy = {'jax', 'zarr', 'xarray', 'pandas', 'matplotlib'} & set(sys.modules);"
-        "assert not heavy, heavy; f = spinjax.open_store; assert f.__module__ == 'spinjax.analysis';"
+        "assert not heavy, heavy; f = spinjax.open_store; assert f.__module__ == 'spinjax.analysis.reader';"
         "assert 'jax' not in sys.modules, 'open_store imported jax'"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -18,10 +18,11 @@ import zarr
 from click.testing import CliRunner
 from scipy import special, stats
 
-from spinjax.baseline import compute_baseline, read_baseline
 from spinjax.cli import main
 from spinjax.kernels import block_entries_cap, block_rows_for_budget, layer_statistics
 from spinjax.kernels.null import gaussian_factors, matched_scale, null_zscores
+from spinjax.run.baseline import compute_baseline
+from spinjax.store.baseline import read_baseline
 
 D = 128  # geometry of the analytic checks (entries of one matrix: D^2 = 16384)
 SIGMA = D**-0.25  # sigma^2 = 1/sqrt(d): W_QK = (unit W_Q)^T (unit W_K) / sqrt(d)

@@ -12,11 +12,12 @@ from conftest import NEOX
 from reference import js_divergence as js_reference
 
 from spinjax import store as store_mod
-from spinjax.derived import model_pairs
 from spinjax.kernels.null import SCALE_LOG, SCALE_MUL
-from spinjax.layouts import layout_for
-from spinjax.pipeline import run
-from spinjax.sources import Checkpoint
+from spinjax.run.features import model_pairs
+from spinjax.run.options import RunOptions
+from spinjax.run.pipeline import run
+from spinjax.sources.hf import HFCheckpoint as Checkpoint
+from spinjax.sources.layouts import layout_for
 
 SAMPLES = 40
 
@@ -37,7 +38,7 @@ def _qk64(wq, wk):
 @pytest.fixture(scope="module")
 def derived_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("derived") / "store.zarr"
-    run(str(NEOX), steps="all", store_path=path, null=True, null_samples=SAMPLES, pairs="model")
+    run(str(NEOX), RunOptions(steps="all", store=path, null=True, null_samples=SAMPLES, pairs="model"))
     return path
 
 
@@ -121,21 +122,21 @@ def test_null_added_later_scores_finished_steps_and_sticks(neox_store, derived_s
     shutil.copytree(neox_store, path)
     shutil.copytree(derived_store / "baseline", path / "baseline")  # the same null, not recomputed
     store_mod.consolidate(store_mod.open_store(path, create=True, consolidated=False))
-    result = run(str(NEOX), steps="all", store_path=path, null=True, null_samples=SAMPLES)
+    result = run(str(NEOX), RunOptions(steps="all", store=path, null=True, null_samples=SAMPLES))
     assert result.computed == [] and result.skipped == [-1]
     later = xr.open_zarr(path, group="gpt_neox")
     fresh = xr.open_zarr(derived_store, group="gpt_neox")
     for name in ("kurt_z", "entropy_z", "singular_values_z"):
         np.testing.assert_allclose(later[name].values, fresh[name].values, rtol=1e-5, atol=1e-6)
     # sticky: a recompute without --null still writes them
-    run(str(NEOX), steps="all", store_path=path, recompute=True)
+    run(str(NEOX), RunOptions(steps="all", store=path, recompute=True))
     again = xr.open_zarr(path, group="gpt_neox")
     np.testing.assert_allclose(again.kurt_z.values, fresh.kurt_z.values, rtol=1e-5, atol=1e-6)
 
 
 def test_pairs_none_writes_no_geometry(tmp_path):
     path = tmp_path / "s.zarr"
-    run(str(NEOX), steps="all", store_path=path, pairs="none")
+    run(str(NEOX), RunOptions(steps="all", store=path, pairs="none"))
     ds = xr.open_zarr(path, group="gpt_neox")
     assert "qk_distance" not in ds and "std_z" not in ds and "std" in ds
 
@@ -152,7 +153,7 @@ def _extracted(arch: str, variant: str = "raw"):
 
 def test_ov_matrices_equal_explicit_float64_with_gqa(tmp_path):
     path = tmp_path / "s.zarr"
-    run(str(VARIANTS / "llama"), steps="all", store_path=path, ov=True, pairs="none")
+    run(str(VARIANTS / "llama"), RunOptions(steps="all", store=path, ov=True, pairs="none"))
     ds = xr.open_zarr(path, group="llama")
     assert list(ds.matrix.values) == ["W_Q", "W_K", "W_QK", "W_V", "W_O", "W_OV"]
     ckpt, layout, g = _extracted("llama")
@@ -176,8 +177,8 @@ def test_ov_matrices_equal_explicit_float64_with_gqa(tmp_path):
 
 def test_bias_variant_is_the_augmented_form_in_its_own_group(tmp_path):
     path = tmp_path / "s.zarr"
-    run(str(VARIANTS / "gpt2"), steps="all", store_path=path, pairs="none")
-    run(str(VARIANTS / "gpt2"), steps="all", store_path=path, variant="bias", pairs="none")
+    run(str(VARIANTS / "gpt2"), RunOptions(steps="all", store=path, pairs="none"))
+    run(str(VARIANTS / "gpt2"), RunOptions(steps="all", store=path, variant="bias", pairs="none"))
     raw, aug = xr.open_zarr(path, group="gpt2"), xr.open_zarr(path, group="gpt2@bias")
     assert aug.attrs["variant"] == "bias" and raw.attrs["variant"] == "raw"
     ckpt, layout, g = _extracted("gpt2")
@@ -197,12 +198,12 @@ def test_variant_and_ov_errors_leave_the_store_unchanged(tmp_path, snapshot):
     from spinjax.errors import InputError
 
     path = tmp_path / "s.zarr"
-    run(str(VARIANTS / "llama"), steps="all", store_path=path, pairs="none")
+    run(str(VARIANTS / "llama"), RunOptions(steps="all", store=path, pairs="none"))
     before = snapshot(path)
     with pytest.raises(InputError, match=r"q_proj\.bias.*--variant bias needs it"):
-        run(str(VARIANTS / "llama"), steps="all", store_path=path, variant="bias")
+        run(str(VARIANTS / "llama"), RunOptions(steps="all", store=path, variant="bias"))
     with pytest.raises(InputError, match="holds the matrices W_Q, W_K, W_QK.*--ov"):
-        run(str(VARIANTS / "llama"), steps="all", store_path=path, ov=True, recompute=True)
+        run(str(VARIANTS / "llama"), RunOptions(steps="all", store=path, ov=True, recompute=True))
     assert snapshot(path) == before
 
 

@@ -220,8 +220,8 @@ def test_planted_repulsion_is_a_repulsion():
 
 
 def _factors(step: int, layer: int):
-    from spinjax import models
-    from spinjax.layouts import layout_for
+    from spinjax.sources import registry as models
+    from spinjax.sources.layouts import layout_for
 
     source = models.resolve("tiny-pythia")
     checkpoint = source.open(step, f"step{step}")
@@ -238,11 +238,12 @@ def _svd64(step: int, layer: int, head: int):
 @pytest.fixture(scope="module")
 def dyn_store(tiny_pythia, tmp_path_factory):
     """tiny-pythia steps 0, 1, 4 and a first dynamics pass (top_k 4); (path, result)."""
-    from spinjax.dynamics import compute_dynamics
-    from spinjax.pipeline import run
+    from spinjax.run.dynamics import compute_dynamics
+    from spinjax.run.options import RunOptions
+    from spinjax.run.pipeline import run
 
     path = tmp_path_factory.mktemp("dynamics") / "store.zarr"
-    assert run("tiny-pythia", steps="0,1,4", store_path=path).computed == [0, 1, 4]
+    assert run("tiny-pythia", RunOptions(steps="0,1,4", store=path)).computed == [0, 1, 4]
     return path, compute_dynamics("tiny-pythia", path, top_k=4)
 
 
@@ -298,8 +299,9 @@ def test_pass_writes_what_the_references_give(dyn_store):
 
 
 def test_rerun_and_new_steps_read_only_what_is_needed(dyn_store, tmp_path, snapshot):
-    from spinjax.dynamics import compute_dynamics
-    from spinjax.pipeline import run
+    from spinjax.run.dynamics import compute_dynamics
+    from spinjax.run.options import RunOptions
+    from spinjax.run.pipeline import run
 
     path = tmp_path / "store.zarr"
     shutil.copytree(dyn_store[0], path)
@@ -310,7 +312,7 @@ def test_rerun_and_new_steps_read_only_what_is_needed(dyn_store, tmp_path, snaps
     overlap_1_4 = xr.open_zarr(path, group="tiny-pythia")["overlap_left"].sel(step=4).values
 
     # a step inserted between two others and one appended: only their pairs are computed
-    run("tiny-pythia", steps="2,8", store_path=path)
+    run("tiny-pythia", RunOptions(steps="2,8", store=path))
     more = compute_dynamics("tiny-pythia", path, top_k=4)
     assert (more.read, more.pairs, more.reused) == ([1, 2, 4, 8], [(1, 2), (2, 4), (4, 8)], [(0, 1)])
     ds = xr.open_zarr(path, group="tiny-pythia")
@@ -323,7 +325,7 @@ def test_rerun_and_new_steps_read_only_what_is_needed(dyn_store, tmp_path, snaps
     assert (ds["mode_event"].sel(step=[1, 2, 4, 8]).values >= 0).all()
 
     # a recomputed step resets its derived variables: only its pair is redone
-    run("tiny-pythia", steps="8", store_path=path, recompute=True)
+    run("tiny-pythia", RunOptions(steps="8", store=path, recompute=True))
     assert np.isnan(xr.open_zarr(path, group="tiny-pythia")["overlap_left"].sel(step=8).values).all()
     redo = compute_dynamics("tiny-pythia", path, top_k=4)
     assert (redo.read, redo.pairs) == ([4, 8], [(4, 8)])
@@ -349,7 +351,7 @@ def test_rerun_and_new_steps_read_only_what_is_needed(dyn_store, tmp_path, snaps
 
 
 def test_needs_two_finished_steps(neox_store, dyn_store):
-    from spinjax.dynamics import compute_dynamics
+    from spinjax.run.dynamics import compute_dynamics
 
     with pytest.raises(InputError, match="needs at least two finished steps; run more steps first"):
         compute_dynamics(str(NEOX), neox_store)
@@ -381,11 +383,12 @@ def test_cli_dynamics_summary_and_exit_codes(dyn_store, neox_store, tmp_path):
 
 def test_dynamics_of_a_variant_group_with_ov(tiny_pythia, tmp_path):
     # the group `tiny-pythia@bias` (d + 1 columns, six matrices) as `spinjax run` named it
-    from spinjax.dynamics import compute_dynamics
-    from spinjax.pipeline import run
+    from spinjax.run.dynamics import compute_dynamics
+    from spinjax.run.options import RunOptions
+    from spinjax.run.pipeline import run
 
     path = tmp_path / "s.zarr"
-    run("tiny-pythia", steps="0,4", store_path=path, variant="bias", ov=True, pairs="none")
+    run("tiny-pythia", RunOptions(steps="0,4", store=path, variant="bias", ov=True, pairs="none"))
     res = compute_dynamics("tiny-pythia", path, top_k=4, variant="bias")
     assert res.key == "tiny-pythia@bias" and res.read == [0, 4] and res.pairs == [(0, 4)]
     g = zarr.open_group(str(path), mode="r")["tiny-pythia@bias"]

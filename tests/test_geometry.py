@@ -1,21 +1,18 @@
-"""Cross-head geometry (kernels/geometry.py) against explicit float64 d x d computations."""
+"""Cross-head geometry against explicit float64 d x d computations: the layer pairs from the
+element pass (``layer_statistics(..., inner=True)``), the model pairs from the factors' cross-Grams
+in blocks of layers (``run.features.model_pairs``), JS divergences of histograms."""
 
 from __future__ import annotations
 
 import math
 
-import jax
 import numpy as np
 import pytest
 from reference import js_divergence as js_reference
 
-from spinjax.kernels.geometry import (
-    block_heads_for_budget,
-    head_geometry,
-    js_divergence,
-    layer_geometry,
-    pairwise_js,
-)
+from spinjax.kernels.geometry import js_divergence, pair_summaries, pairwise_js
+from spinjax.kernels.heads import layer_statistics
+from spinjax.run.features import model_pairs
 
 
 def _factors(rng, n_layers=2, n_heads=6, n_kv=2, d_head=4, d=24):
@@ -45,79 +42,81 @@ def _reference(mats):
     return inner, sq, inner / np.sqrt(norms[:, None] * norms[None, :])
 
 
+def _layer_pairs(wq, wk):
+    """What ``run --pairs layer`` computes for one layer: inner products from the element pass."""
+    inner = np.asarray(layer_statistics(wq, wk, block_rows=7, inner=True)["qk_inner"], np.float64)
+    return pair_summaries(inner, np.diagonal(inner).copy())
+
+
+def _model_pairs(wq, wk, layers_per_block=None):
+    """What ``run --pairs model`` computes, in blocks of ``layers_per_block`` layers (all: None)."""
+    per_layer = 2 * wq[0].nbytes
+    budget = 2 * per_layer * (layers_per_block or len(wq))
+    out = model_pairs(lambda layer: (wq[layer], wk[layer]), len(wq), budget)
+    n = wq.shape[0] * wq.shape[1]
+    return {name.removesuffix("_model"): v.reshape(n, n) for name, v in out.items()}
+
+
 @pytest.mark.parametrize("n_kv", [6, 2], ids=["mha", "gqa"])
 def test_layer_pairs_equal_explicit_float64(n_kv):
     wq, wk = _factors(np.random.default_rng(0), n_kv=n_kv)
-    got = head_geometry(wq, wk, pairs="layer")
-    assert got["distance"].shape == (2, 6, 6) and got["sq_norm"].shape == (2, 6)
     mats = _explicit(wq, wk).reshape(2, 6, *wq.shape[-1:] * 2)
     for layer in range(2):
+        got = _layer_pairs(wq[layer], wk[layer])
+        assert got["distance"].shape == (6, 6) and got["sq_norm"].shape == (6,)
         inner, sq, cos = _reference(mats[layer])
         scale = np.diag(inner).max()
-        np.testing.assert_allclose(got["inner"][layer], inner, atol=1e-5 * scale)
-        np.testing.assert_allclose(got["sq_distance"][layer], sq, atol=1e-5 * scale)
-        np.testing.assert_allclose(got["distance"][layer], np.sqrt(sq), rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(got["cosine"][layer], cos, atol=1e-5)
-        np.testing.assert_allclose(got["sq_norm"][layer], np.diag(inner), rtol=1e-5)
+        np.testing.assert_allclose(got["inner"], inner, atol=1e-5 * scale)
+        np.testing.assert_allclose(got["sq_distance"], sq, atol=1e-5 * scale)
+        np.testing.assert_allclose(got["distance"], np.sqrt(sq), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got["cosine"], cos, atol=1e-5)
+        np.testing.assert_allclose(got["sq_norm"], np.diag(inner), rtol=1e-5)
 
 
 def test_model_pairs_blockwise_equal_explicit_and_unblocked():
     wq, wk = _factors(np.random.default_rng(1), n_layers=3, n_heads=4, n_kv=2)
     inner, sq, cos = _reference(_explicit(wq, wk))
-    whole = head_geometry(wq, wk, pairs="model")
-    blocked = head_geometry(wq, wk, pairs="model", block_heads=5)  # 12 heads: 3 blocks, last padded
+    whole = _model_pairs(wq, wk)
+    blocked = _model_pairs(wq, wk, layers_per_block=2)  # 3 layers: blocks of 2 and 1
+    single = _model_pairs(wq, wk, layers_per_block=1)
     scale = np.diag(inner).max()
-    for got in (whole, blocked):
-        assert got["distance"].shape == (12, 12)
-        np.testing.assert_allclose(got["sq_distance"], sq, atol=1e-5 * scale)
-        np.testing.assert_allclose(got["cosine"], cos, atol=1e-5)
-    np.testing.assert_allclose(blocked["inner"], whole["inner"], atol=1e-6 * scale)
-    # within-layer pairs of the model matrix are the per-layer matrices
-    per_layer = head_geometry(wq, wk, pairs="layer")
+    for got in (whole, blocked, single):
+        assert got["qk_distance"].shape == (12, 12)
+        np.testing.assert_allclose(got["qk_distance"] ** 2, sq, atol=1e-5 * scale)
+        np.testing.assert_allclose(got["qk_cosine"], cos, atol=1e-5)
+        np.testing.assert_allclose(got["qk_distance"], whole["qk_distance"], rtol=1e-6, atol=1e-6)
+    # within-layer pairs of the model matrix are the layer pairs of the element pass
     for layer in range(3):
         s = slice(4 * layer, 4 * layer + 4)
-        np.testing.assert_allclose(blocked["distance"][s, s], per_layer["distance"][layer], atol=1e-5)
+        per_layer = _layer_pairs(wq[layer], wk[layer])
+        np.testing.assert_allclose(blocked["qk_distance"][s, s], per_layer["distance"], atol=1e-5)
 
 
 def test_symmetric_zero_diagonal_and_related_heads():
     wq, wk = _factors(np.random.default_rng(2), n_layers=1, n_heads=5, n_kv=5)
     wq[0, 3], wk[0, 3] = wq[0, 1], wk[0, 1]  # head 3 is a copy of head 1
     wq[0, 4], wk[0, 4] = -2.0 * wq[0, 0], wk[0, 0]  # W_QK of head 4 is -2 W_QK of head 0
-    for pairs, block in (("layer", None), ("model", 2)):
-        got = head_geometry(wq, wk, pairs=pairs, block_heads=block)
-        d, c, n = got["distance"].reshape(5, 5), got["cosine"].reshape(5, 5), got["sq_norm"].ravel()
+    layer = _layer_pairs(wq[0], wk[0])
+    model = _model_pairs(wq, wk)
+    n = layer["sq_norm"]
+    for d, c in ((layer["distance"], layer["cosine"]), (model["qk_distance"], model["qk_cosine"])):
         assert np.array_equal(d, d.T) and np.array_equal(c, c.T)
         assert np.all(np.diag(d) == 0.0) and np.all(np.diag(c) == 1.0)
         assert d[1, 3] < 1e-3 * math.sqrt(n[1]) and c[1, 3] == pytest.approx(1.0, abs=1e-6)
         assert c[0, 4] == pytest.approx(-1.0, abs=1e-6)
-        assert n[4] == pytest.approx(4.0 * n[0], rel=1e-5)
         assert d[0, 4] ** 2 == pytest.approx(9.0 * n[0], rel=1e-5)  # ||W + 2W||^2
-
-
-def test_one_layer_input_and_jit_vmap_version():
-    wq, wk = _factors(np.random.default_rng(3), n_layers=2, n_heads=4, n_kv=2)
-    host = head_geometry(wq, wk)
-    one = head_geometry(wq[1], wk[1])
-    assert one["distance"].shape == (4, 4)
-    np.testing.assert_allclose(one["distance"], host["distance"][1], rtol=1e-6)
-    traced = jax.vmap(layer_geometry)(wq, wk)
-    for name in ("inner", "sq_distance", "cosine", "sq_norm"):
-        np.testing.assert_allclose(np.asarray(traced[name]), host[name], rtol=1e-4, atol=1e-5)
+    assert n[4] == pytest.approx(4.0 * n[0], rel=1e-5)
 
 
 def test_zero_head_has_nan_cosine_and_norm_distance():
     wq, wk = _factors(np.random.default_rng(4), n_layers=1, n_heads=3, n_kv=3)
     wq[0, 2] = 0.0
-    got = head_geometry(wq, wk)
-    assert np.isnan(got["cosine"][0, 2, 0]) and np.isnan(got["cosine"][0, 2, 2])
-    assert got["sq_distance"][0, 2, 0] == pytest.approx(got["sq_norm"][0, 0], rel=1e-6)
-
-
-def test_block_heads_for_budget_fits():
-    b = block_heads_for_budget(128, 5120, 1 << 30)
-    used = 12 * b * b * 128 * 128 + 16 * b * 128 * 5120
-    assert 1 <= b and used <= 1 << 30 and 12 * (b + 1) ** 2 * 128**2 + 16 * (b + 1) * 128 * 5120 > 1 << 30
-    assert block_heads_for_budget(64, 64, 1) == 1
+    layer = _layer_pairs(wq[0], wk[0])
+    model = _model_pairs(wq, wk)
+    for c in (layer["cosine"], model["qk_cosine"]):
+        assert np.isnan(c[2, 0]) and np.isnan(c[2, 2])
+    assert layer["sq_distance"][2, 0] == pytest.approx(layer["sq_norm"][0], rel=1e-6)
+    assert model["qk_distance"][2, 0] ** 2 == pytest.approx(layer["sq_norm"][0], rel=1e-5)
 
 
 def test_js_identical_disjoint_and_reference():
@@ -153,8 +152,6 @@ def test_pairwise_js_blocks_symmetric():
 
 @pytest.mark.parametrize("block_rows", [24, 7])  # whole blocks, and padded last block (masked pass)
 def test_inner_products_from_the_element_pass_equal_float64(block_rows):
-    from spinjax.kernels import layer_statistics
-
     rng = np.random.default_rng(5)
     wq, wk = _factors(rng, n_layers=1)
     wq, wk = wq[0], wk[0]

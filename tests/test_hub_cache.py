@@ -33,13 +33,14 @@ import zarr
 from huggingface_hub import constants, hf_hub_download, scan_cache_dir
 from safetensors.numpy import save as safetensors_bytes
 
-import spinjax.hub
-from spinjax import pipeline
+import spinjax.sources.hub
 from spinjax.errors import InputError
-from spinjax.hub import hub_source
-from spinjax.models import KNOWN, KnownModel
+from spinjax.run import pipeline
+from spinjax.run.options import RunOptions
+from spinjax.sources.hub import HubKind
+from spinjax.sources.known import KNOWN, KnownModel
+from spinjax.sources.torchbin import TorchBinFile
 from spinjax.store import VARIABLES
-from spinjax.torchbin import TorchBinFile
 
 FIXTURES = Path(__file__).parent / "fixtures" / "torchbin"
 REPO = "spinjax-tests/tiny-neox"
@@ -163,7 +164,7 @@ def local_values(files, tmp_path_factory):
         shutil.copytree(cache / "snapshots" / _commit(revision), directory)  # dereferences links
         assert not any(p.is_symlink() for p in directory.iterdir())
         store_path = base / f"store-{revision}"
-        result = pipeline.run(str(directory), store_path=store_path, memory_budget=64 << 20)
+        result = pipeline.run(str(directory), RunOptions(store=store_path, memory_budget=64 << 20))
         assert result.computed == [-1]
         out[revision] = _values(store_path, result.key, -1)
     return out
@@ -194,7 +195,7 @@ def hub(tmp_path, files, monkeypatch):
         fetched.append((revision, name, True))
         return path
 
-    monkeypatch.setattr(spinjax.hub, "hf_hub_download", recording_download)
+    monkeypatch.setattr(spinjax.sources.hub, "hf_hub_download", recording_download)
     return cache, root, fetched
 
 
@@ -226,10 +227,10 @@ def test_cache_layout_is_the_one_huggingface_hub_reads(hub):
 
 
 def test_offered_revisions_follow_known_model(hub):
-    source = hub_source(NAME)
+    source = HubKind().open(NAME)
     assert source.source == REPO and source.key == NAME
-    assert source.offered == list(REVISIONS.items())
-    assert hub_source(REPO).offered == source.offered  # by repo id too, through KNOWN
+    assert list(source.offered) == list(REVISIONS.items())
+    assert HubKind().open(REPO).offered == source.offered  # by repo id too, through KNOWN
     assert [KNOWN[NAME].revision(s) for s in STEPS] == list(REVISIONS.values())
 
 
@@ -237,7 +238,7 @@ def test_every_revision_from_the_cache_equals_a_local_run(hub, tmp_path, local_v
     cache, _, fetched = hub
     before = {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()}
     store_path = tmp_path / "store"
-    result = pipeline.run(NAME, steps="all", store_path=store_path, memory_budget=64 << 20)
+    result = pipeline.run(NAME, RunOptions(steps="all", store=store_path, memory_budget=64 << 20))
     assert {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()} == before  # cache untouched
     assert result.computed == list(STEPS) and result.skipped == []
     group = zarr.open_group(str(store_path), mode="r")[NAME]
@@ -263,7 +264,7 @@ def test_every_revision_from_the_cache_equals_a_local_run(hub, tmp_path, local_v
 
     # a rerun finds every step done and fetches nothing
     fetched.clear()
-    again = pipeline.run(NAME, steps="all", store_path=store_path)
+    again = pipeline.run(NAME, RunOptions(steps="all", store=store_path))
     assert again.computed == [] and again.skipped == list(STEPS)
     assert fetched == []
 
@@ -286,7 +287,7 @@ def test_hub_id_in_a_subprocess_with_only_environment_variables(hub, tmp_path, l
 
 def test_revision_not_in_the_cache_names_repo_revision_and_file(hub, tmp_path, monkeypatch):
     with pytest.raises(InputError) as err:
-        hub_source(NAME).open(5, "step5")
+        HubKind().open(NAME).open(5, "step5")
     assert all(s in str(err.value) for s in (REPO, "step5", "config.json", "offline", "tiny-pythia"))
 
     # in a run: earlier steps stay done, the missing one is not
@@ -294,7 +295,7 @@ def test_revision_not_in_the_cache_names_repo_revision_and_file(hub, tmp_path, m
     monkeypatch.setitem(KNOWN, gap.name, gap)
     store_path = tmp_path / "store"
     with pytest.raises(InputError) as err:
-        pipeline.run("tiny-neox-gap", steps="all", store_path=store_path)
+        pipeline.run("tiny-neox-gap", RunOptions(steps="all", store=store_path))
     assert all(s in str(err.value) for s in (REPO, "step5", "config.json"))
     group = zarr.open_group(str(store_path), mode="r")["tiny-neox-gap"]
     assert dict(zip([int(s) for s in group["step"][:]], group["done"][:], strict=True)) == {
@@ -306,7 +307,7 @@ def test_revision_with_only_its_config_cached(hub, tmp_path, files):
     cache, _, _ = hub
     build_cache(cache, {"step3": {"config.json": files["step0"]["config.json"]}})
     with pytest.raises(InputError) as err:
-        hub_source(NAME).open(3, "step3")
+        HubKind().open(NAME).open(3, "step3")
     assert REPO in str(err.value) and "step3" in str(err.value)
 
 
@@ -316,7 +317,7 @@ def test_missing_shard_blob_names_the_file(hub, tmp_path, shard):
     _blob_of(root, "step1", SHARDS[shard]).unlink()  # snapshot link now dangles
     store_path = tmp_path / "store"
     with pytest.raises(InputError) as err:
-        pipeline.run(NAME, steps="1", store_path=store_path)
+        pipeline.run(NAME, RunOptions(steps="1", store=store_path))
     assert all(s in str(err.value) for s in (REPO, "step1", SHARDS[shard]))
     assert not store_path.exists()  # bad input of the first step leaves the store untouched
 
@@ -325,9 +326,9 @@ def test_missing_shard_blob_names_the_file(hub, tmp_path, shard):
 def test_downloaded_files_of_finished_steps_are_evicted_unless_kept(hub, tmp_path, monkeypatch, keep):
     # Pretend nothing was cached before the run, so every file counts as downloaded by it.
     cache, root, _ = hub
-    monkeypatch.setattr(spinjax.hub, "try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.setattr(spinjax.sources.hub, "try_to_load_from_cache", lambda *a, **k: None)
     blobs_before = {p.name for p in (root / "blobs").iterdir()}
-    result = pipeline.run(NAME, steps="0,2", store_path=tmp_path / "s.zarr", keep_downloads=keep)
+    result = pipeline.run(NAME, RunOptions(steps="0,2", store=tmp_path / "s.zarr", keep_downloads=keep))
     assert result.computed == [0, 2]
     for revision in ("step0", "step2"):
         left = [p.name for p in (root / "snapshots" / _commit(revision)).iterdir()]

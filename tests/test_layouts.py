@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from spinjax.errors import InputError
-from spinjax.layouts import LAYOUTS, layout_for
-from spinjax.sources import Checkpoint
+from spinjax.sources.hf import HFCheckpoint as Checkpoint
+from spinjax.sources.layouts import LAYOUTS, layout_for
 
 FIXTURES = Path(__file__).parent / "fixtures" / "extraction"
 ARCHS = ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "bert"]

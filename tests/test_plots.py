@@ -9,10 +9,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 import spinjax
-from spinjax import plots
+from spinjax.analysis import plots
 from spinjax.cli import main
 from spinjax.errors import InputError
-from spinjax.tinypythia import STEPS
+from spinjax.sources.tinypythia import STEPS
 
 TP, NEOX = "tiny-pythia", "gpt_neox"
 LAYER, HEAD, STEP = 1, 2, 1280

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -13,31 +12,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from spinjax.analysis.plots import FIGURES
+from spinjax.analysis.report import build_report
 from spinjax.cli import main
-from spinjax.plots import FIGURES
-from spinjax.report import build_report
 
 TP, NEOX = "tiny-pythia", "gpt_neox"
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Debian's chromium, installed here (once) when missing and this process may do so."""
-    exe = shutil.which("chromium")
-    if exe is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        try:
-            subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=300)
-            subprocess.run(
-                ["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
-                env=env, capture_output=True, timeout=900,
-            )  # fmt: skip
-        except subprocess.TimeoutExpired:
-            pass
-        exe = shutil.which("chromium")
-    if exe is None:
-        pytest.skip("chromium is not installed and cannot be installed here (needs root and apt-get)")
-    return exe
 
 
 def browse(chromium: str, page: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

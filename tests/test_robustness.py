@@ -33,8 +33,9 @@ from safetensors.numpy import load_file, save_file
 from spinjax import store as store_mod
 from spinjax.cli import main
 from spinjax.errors import InputError
-from spinjax.locking import LockFile
-from spinjax.pipeline import run
+from spinjax.run.options import RunOptions
+from spinjax.run.pipeline import run
+from spinjax.store.locking import LockFile
 
 NEOX = Path(__file__).parent / "fixtures" / "extraction" / "gpt_neox"  # also in conftest
 KEY = "traj"
@@ -69,7 +70,7 @@ def trajectory(tmp_path_factory) -> Path:
 def reference(trajectory, tmp_path_factory) -> Path:
     """One uninterrupted run over every step (do not modify)."""
     path = tmp_path_factory.mktemp("reference") / "store.zarr"
-    assert run(str(trajectory), steps="all", store_path=path, memory_budget=BUDGET).computed == STEPS
+    assert run(str(trajectory), RunOptions(steps="all", store=path, memory_budget=BUDGET)).computed == STEPS
     return path
 
 
@@ -188,7 +189,7 @@ def test_sigkill_then_rerun_completes_the_missing_steps_only(
     assert json.loads(shown.stdout)["models"][KEY]["steps"] == finished
 
     # rerunning breaks the dead process's lock and claims and computes only what is missing
-    result = run(str(trajectory), steps="all", store_path=path, memory_budget=BUDGET)
+    result = run(str(trajectory), RunOptions(steps="all", store=path, memory_budget=BUDGET))
     assert result.computed == [s for s in STEPS if s not in finished]
     assert result.skipped == finished
     assert by_step(path).keys() == set(STEPS)
@@ -202,6 +203,15 @@ def test_sigkill_then_rerun_completes_the_missing_steps_only(
 
 
 # ---- Ctrl-C ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def default_sigint():
+    """Python's own Ctrl-C handler for the test: a shell starts background jobs (``&``, nohup)
+    with SIGINT ignored, and the process inherits that; put back what was there after."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def _interrupt_while_writing(monkeypatch, step: int, times: int) -> None:
@@ -218,7 +228,9 @@ def _interrupt_while_writing(monkeypatch, step: int, times: int) -> None:
     monkeypatch.setattr(store_mod.ModelGroup, "write_step", interrupted)
 
 
-def test_ctrl_c_finishes_the_current_step_then_stops(trajectory, reference, tmp_path, monkeypatch):
+def test_ctrl_c_finishes_the_current_step_then_stops(
+    trajectory, reference, tmp_path, monkeypatch, default_sigint
+):
     path = tmp_path / "s.zarr"
     _interrupt_while_writing(monkeypatch, 1000, times=1)
     result = invoke(*_args(trajectory, path))
@@ -232,13 +244,15 @@ def test_ctrl_c_finishes_the_current_step_then_stops(trajectory, reference, tmp_
     assert leftover_files(path) == []
 
     monkeypatch.undo()
-    again = run(str(trajectory), steps="all", store_path=path, memory_budget=BUDGET)
+    again = run(str(trajectory), RunOptions(steps="all", store=path, memory_budget=BUDGET))
     assert again.computed == [2000, 3000] and again.skipped == [0, 1000]
     assert_same_steps(path, reference)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
-def test_second_ctrl_c_stops_at_once_leaving_the_step_undone(trajectory, reference, tmp_path, monkeypatch):
+def test_second_ctrl_c_stops_at_once_leaving_the_step_undone(
+    trajectory, reference, tmp_path, monkeypatch, default_sigint
+):
     path = tmp_path / "s.zarr"
     _interrupt_while_writing(monkeypatch, 1000, times=2)
     result = invoke(*_args(trajectory, path))
@@ -247,7 +261,8 @@ def test_second_ctrl_c_stops_at_once_leaving_the_step_undone(trajectory, referen
     assert done_steps(path) == [0]
     assert leftover_files(path) == []
     monkeypatch.undo()
-    assert run(str(trajectory), steps="all", store_path=path, memory_budget=BUDGET).computed == STEPS[1:]
+    again = run(str(trajectory), RunOptions(steps="all", store=path, memory_budget=BUDGET))
+    assert again.computed == STEPS[1:]
     assert_same_steps(path, reference)
 
 
@@ -255,7 +270,9 @@ def test_second_ctrl_c_stops_at_once_leaving_the_step_undone(trajectory, referen
 
 LOGGED = r"""
 import os, sys, time
-from spinjax import pipeline, store
+from spinjax import store
+from spinjax.run import pipeline
+from spinjax.run.options import RunOptions
 
 log, pause = sys.argv[1], float(sys.argv[2])
 write_step, statistics = store.ModelGroup.write_step, pipeline.layer_statistics
@@ -389,7 +406,7 @@ def test_lock_file_is_exclusive_and_stale_locks_are_broken(tmp_path):
 def test_a_second_model_goes_into_an_existing_store(reference, tmp_path):
     path = tmp_path / "two.zarr"
     shutil.copytree(reference, path)
-    assert run(str(NEOX), steps="all", store_path=path, memory_budget=BUDGET).computed == [-1]
+    assert run(str(NEOX), RunOptions(steps="all", store=path, memory_budget=BUDGET)).computed == [-1]
     assert sorted(zarr.open_group(str(path), mode="r").group_keys()) == ["gpt_neox", KEY]
     assert_same_steps(path, reference)
     assert xr.open_zarr(str(path), group="gpt_neox")["done"].values.tolist() == [True]
@@ -509,7 +526,7 @@ def test_full_disk_while_writing_a_step_exits_2_keeping_finished_steps(
     assert leftover_files(path) == []
 
     monkeypatch.undo()
-    again = run(str(trajectory), steps="all", store_path=path, memory_budget=BUDGET)
+    again = run(str(trajectory), RunOptions(steps="all", store=path, memory_budget=BUDGET))
     assert again.computed == [2000, 3000]
     assert_same_steps(path, reference)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from spinjax.errors import InputError
-from spinjax.models import PYTHIA_STEPS
-from spinjax.steps import nearest, select_steps
+from spinjax.errors import InputError, nearest
+from spinjax.sources.known import PYTHIA_STEPS
+from spinjax.sources.steps import select_steps
 
 OFFERED = list(PYTHIA_STEPS)
 

@@ -22,9 +22,10 @@ import spinjax
 from spinjax import store as store_mod
 from spinjax.errors import InputError
 from spinjax.kernels import block_entries_cap, block_rows_for_budget, layer_statistics
-from spinjax.layouts import Geometry, layout_for
-from spinjax.pipeline import default_memory_budget, run
-from spinjax.sources import Checkpoint
+from spinjax.run.options import RunOptions, default_memory_budget
+from spinjax.run.pipeline import run
+from spinjax.sources.hf import HFCheckpoint as Checkpoint
+from spinjax.sources.layouts import Geometry, layout_for
 
 KEY = "gpt_neox"
 NEOX = Path(__file__).parent / "fixtures" / "extraction" / KEY  # also in conftest
@@ -235,14 +236,14 @@ def test_store_values_match_a_float64_reference(neox_store):
 
 def test_second_run_computes_nothing_and_changes_nothing(store_copy, snapshot):
     before = snapshot(store_copy)
-    result = run(str(NEOX), steps="all", store_path=store_copy)
+    result = run(str(NEOX), RunOptions(steps="all", store=store_copy))
     assert result.key == KEY
     assert result.computed == [] and result.skipped == [-1]
     assert snapshot(store_copy) == before
 
 
 def test_recompute_recomputes(store_copy, neox_store):
-    result = run(str(NEOX), steps="all", store_path=store_copy, recompute=True)
+    result = run(str(NEOX), RunOptions(steps="all", store=store_copy, recompute=True))
     assert result.computed == [-1] and result.skipped == []
     _assert_same_values(_values(store_copy), _values(neox_store))
     g = _group(store_copy)
@@ -265,7 +266,7 @@ def test_interrupted_write_leaves_step_not_done_and_rerun_completes(tmp_path, ne
 
     monkeypatch.setattr(zarr.Array, "__setitem__", failing_setitem)
     with pytest.raises(OSError, match="simulated"):
-        run(str(NEOX), steps="all", store_path=path)
+        run(str(NEOX), RunOptions(steps="all", store=path))
     monkeypatch.setattr(zarr.Array, "__setitem__", real_setitem)
     assert {"mean", "std"} <= set(written)
 
@@ -277,7 +278,7 @@ def test_interrupted_write_leaves_step_not_done_and_rerun_completes(tmp_path, ne
     info = store_mod.summary(path)["models"][KEY]
     assert (info["steps_done"], info["steps_requested"], info["steps"]) == (0, 1, [])
 
-    result = run(str(NEOX), steps="all", store_path=path)
+    result = run(str(NEOX), RunOptions(steps="all", store=path))
     assert result.computed == [-1] and result.skipped == []
     _assert_same_values(_values(path), _values(neox_store))
     runs = _group(path).attrs["runs"]
@@ -289,7 +290,7 @@ def test_plan_appends_new_steps_in_request_order_and_skips_done(tmp_path):
     root = store_mod.open_store(tmp_path / "plan.zarr", create=True)
     geometry = Geometry(d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, d_head=4)
     group = store_mod.ModelGroup.create_or_check(
-        root, "m", geometry=geometry, architecture="llama", attrs={"source": "x", "dtype": "float32"},
+        root, "m", shape=geometry.attrs(), architecture="llama", attrs={"source": "x", "dtype": "float32"},
         n_sv=4,
     )  # fmt: skip
     assert group.plan([(3, "step3"), (1, "step1")], recompute=False) == [(0, 3, "step3"), (1, 1, "step1")]
@@ -308,12 +309,12 @@ def test_plan_appends_new_steps_in_request_order_and_skips_done(tmp_path):
     assert group.plan([(3, "step3")], recompute=True) == [(0, 3, "step3")]
     # reopening checks the geometry
     same = store_mod.ModelGroup.create_or_check(
-        root, "m", geometry=geometry, architecture="llama", attrs={}, n_sv=4
+        root, "m", shape=geometry.attrs(), architecture="llama", attrs={}, n_sv=4
     )
     assert same.steps == [3, 1, 7]
     with pytest.raises(InputError, match="geometry"):
         store_mod.ModelGroup.create_or_check(
-            root, "m", geometry=Geometry(8, 2, 2, 1, 4), architecture="llama", attrs={}, n_sv=4
+            root, "m", shape=Geometry(8, 2, 2, 1, 4).attrs(), architecture="llama", attrs={}, n_sv=4
         )
 
 
@@ -325,7 +326,7 @@ def test_store_of_another_schema_is_refused(store_copy, snapshot):
     root.attrs["spinjax"] = {"version": "9.9.9", "schema": 2}
     before = snapshot(store_copy)
     with pytest.raises(InputError, match="schema 2"):
-        run(str(NEOX), steps="all", store_path=store_copy)
+        run(str(NEOX), RunOptions(steps="all", store=store_copy))
     with pytest.raises(InputError, match="schema"):
         store_mod.summary(store_copy)
     with pytest.raises(InputError, match="schema"):
@@ -338,7 +339,7 @@ def test_zarr_group_not_written_by_spinjax_is_refused(tmp_path, snapshot):
     zarr.open_group(str(path), mode="w", zarr_format=3).attrs["hello"] = 1
     before = snapshot(path)
     with pytest.raises(InputError, match="not written by spinjax"):
-        run(str(NEOX), steps="all", store_path=path)
+        run(str(NEOX), RunOptions(steps="all", store=path))
     assert snapshot(path) == before
 
 
@@ -348,7 +349,7 @@ def test_non_store_directory_with_files_is_refused(tmp_path, snapshot):
     (path / "todo.txt").write_text("keep me")
     before = snapshot(path)
     with pytest.raises(InputError, match=str(path)):
-        run(str(NEOX), steps="all", store_path=path)
+        run(str(NEOX), RunOptions(steps="all", store=path))
     assert snapshot(path) == before
     with pytest.raises(InputError, match="not empty"):
         store_mod.open_store(path, create=True)
@@ -359,14 +360,14 @@ def test_store_path_that_is_a_file_is_refused(tmp_path):
     path = tmp_path / "file.zarr"
     path.write_text("x")
     with pytest.raises(InputError, match="not a Zarr store"):
-        run(str(NEOX), steps="all", store_path=path)
+        run(str(NEOX), RunOptions(steps="all", store=path))
     assert path.read_text() == "x"
 
 
 def test_empty_directory_becomes_a_store(tmp_path):
     path = tmp_path / "empty.zarr"
     path.mkdir()
-    result = run(str(NEOX), steps="all", store_path=path)
+    result = run(str(NEOX), RunOptions(steps="all", store=path))
     assert result.computed == [-1]
     assert _group(path)["done"][:].tolist() == [True]
 
@@ -385,7 +386,7 @@ def other_geometry(tmp_path) -> Path:
 def test_group_key_of_another_source_is_refused(store_copy, other_geometry, snapshot):
     before = snapshot(store_copy)
     with pytest.raises(InputError, match="holds results of") as info:
-        run(str(other_geometry), steps="all", store_path=store_copy, recompute=True)
+        run(str(other_geometry), RunOptions(steps="all", store=store_copy, recompute=True))
     assert repr(KEY) in str(info.value) and str(other_geometry.resolve()) in str(info.value)
     assert snapshot(store_copy) == before
 
@@ -396,7 +397,7 @@ def test_group_key_of_another_source_is_refused_even_when_its_steps_are_done(
     before = snapshot(store_copy)
     try:
         with pytest.raises(InputError, match="holds results of .*use another --store"):
-            run(str(other_geometry), steps="all", store_path=store_copy)
+            run(str(other_geometry), RunOptions(steps="all", store=store_copy))
     finally:
         assert snapshot(store_copy) == before
 

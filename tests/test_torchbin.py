@@ -16,9 +16,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from spinjax import torchbin
 from spinjax.errors import InputError, UnsafeCheckpointError
-from spinjax.torchbin import TorchBinFile
+from spinjax.sources import torchbin
+from spinjax.sources.torchbin import TorchBinFile
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "torchbin"
 SENTINEL = Path("/tmp/spinjax_pwned_sentinel")  # what the malicious fixtures would create

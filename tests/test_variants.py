@@ -16,8 +16,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from spinjax.errors import InputError
-from spinjax.layouts import VARIANTS, layout_for
-from spinjax.sources import Checkpoint
+from spinjax.sources.hf import HFCheckpoint as Checkpoint
+from spinjax.sources.layouts import VARIANTS, layout_for
 
 FIXTURES = Path(__file__).parent / "fixtures" / "variants"
 ALL = ["gpt2", "gpt2_ln", "gpt_neox", "gpt_neox_ln", "qwen2", "llama", "mistral", "bert", "bert_ln"]

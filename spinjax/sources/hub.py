@@ -12,9 +12,10 @@ from pathlib import Path
 from huggingface_hub import errors as hf_errors
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-from .errors import InputError
-from .models import KNOWN, Source
-from .sources import Checkpoint
+from ..errors import InputError
+from .base import Source
+from .hf import HFCheckpoint
+from .known import KNOWN, KnownModel
 
 _BAD_REFERENCE = (
     hf_errors.RepositoryNotFoundError,
@@ -24,18 +25,23 @@ _BAD_REFERENCE = (
 )
 
 
-def hub_fetch(repo: str, revision: str, downloaded: list[Path]):
-    """A ``Fetch`` that downloads (or finds in the cache) one file of ``repo`` at ``revision``.
+class HubFiles:
+    """The files of ``repo`` at ``revision``, downloaded (or found in the cache) one at a time.
 
-    Files that were not in the cache before are appended to ``downloaded`` (for eviction).
+    :meth:`release` removes from the cache the files that were not there before.
     """
 
-    def fetch(name: str) -> Path:
+    def __init__(self, repo: str, revision: str):
+        self.repo, self.revision = repo, revision
+        self.downloaded: list[Path] = []
+
+    def __call__(self, name: str) -> Path:
+        repo, revision = self.repo, self.revision
         try:
             cached = try_to_load_from_cache(repo, name, revision=revision)
             path = Path(hf_hub_download(repo, name, revision=revision))
             if not isinstance(cached, str):
-                downloaded.append(path)
+                self.downloaded.append(path)
             return path
         except hf_errors.LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError
             raise FileNotFoundError(
@@ -49,30 +55,38 @@ def hub_fetch(repo: str, revision: str, downloaded: list[Path]):
         except (hf_errors.HfHubHTTPError, OSError) as exc:
             raise InputError(f"hub repo {repo!r} revision {revision!r}, file {name!r}: {exc}") from exc
 
-    return fetch
+    def release(self) -> None:
+        evict_downloads(self.downloaded)
 
 
-def hub_source(model: str) -> Source:
-    """A known model name or an ``owner/name`` hub id as a source of checkpoints."""
+def _known(model: str) -> KnownModel | None:
     known = KNOWN.get(model) or next((m for m in KNOWN.values() if m.repo == model), None)
-    repo = known.repo if known else model
-    if known and known.steps != (-1,):
-        offered = [(s, known.revision(s)) for s in known.steps]
-    else:
-        offered = [(-1, "main")]
+    return known if known is not None and known.repo is not None else None
 
-    def open_checkpoint(step: int, revision: str) -> Checkpoint:
-        downloaded: list[Path] = []
-        fetch = hub_fetch(repo, revision, downloaded)
-        ckpt = Checkpoint(fetch=fetch, step=step, revision=revision, label=f"{repo}@{revision}")
-        ckpt.downloaded = downloaded
-        return ckpt
 
-    key = (known.name if known else repo).replace("/", "__")
-    return Source(
-        key=key, source=repo, offered=offered, open=open_checkpoint,
-        evict=lambda ckpt: evict_downloads(ckpt.downloaded),
-    )  # fmt: skip
+class HubKind:
+    """A known model name (``spinjax models``) or an ``owner/name`` hub repo id."""
+
+    name = "hugging face hub"
+
+    def can_open(self, model: str) -> bool:
+        looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1
+        return _known(model) is not None or ("/" in model and not looks_like_path)
+
+    def open(self, model: str) -> Source:
+        known = _known(model)
+        repo = known.repo if known else model
+        if known and known.steps != (-1,):
+            offered = tuple((s, known.revision(s)) for s in known.steps)
+        else:
+            offered = ((-1, "main"),)
+
+        def open_checkpoint(step: int, revision: str) -> HFCheckpoint:
+            files = HubFiles(repo, revision)
+            return HFCheckpoint(files=files, step=step, revision=revision, label=f"{repo}@{revision}")
+
+        key = (known.name if known else repo).replace("/", "__")
+        return Source(key=key, source=repo, offered=offered, open=open_checkpoint)
 
 
 def evict_downloads(paths: list[Path]) -> None:

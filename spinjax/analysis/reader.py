@@ -13,7 +13,7 @@ Only numpy, pandas, xarray and zarr are imported here (no JAX), so opening a sto
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,14 +21,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import xarray as xr
-import zarr
 
-from . import RESERVED_GROUPS
-from .errors import InputError
-from .schema import check_root_attrs
-
-BASE_DIMS = ("step", "layer", "head", "matrix")
-"""Dimensions of the scalar statistics (SPEC section 3)."""
+from .. import store
+from ..errors import InputError
+from ..kernels import bins
+from ..store import BASE_DIMS
 
 _HIST = {"z": ("zhist", "zbin", "zbin_edges"), "raw": ("hist", "bin", "bin_edges")}
 
@@ -72,12 +69,12 @@ class StoreReader:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.root = _open_root(self.path)
+        self.root = store.open_store(self.path)
 
     @property
     def models(self) -> list[str]:
         """Model keys (group names), sorted."""
-        return sorted(k for k in self.root.group_keys() if k not in RESERVED_GROUPS)
+        return store.model_keys(self.root)
 
     @property
     def completeness(self) -> dict[str, Completeness]:
@@ -160,17 +157,6 @@ def open_store(path: str | Path) -> StoreReader:
 def _str(values: np.ndarray) -> np.ndarray:
     """Plain fixed-width unicode (zarr gives numpy's variable-width StringDType)."""
     return np.array([str(v) for v in np.ravel(values).tolist()], dtype=str).reshape(np.shape(values))
-
-
-def _open_root(path: Path) -> zarr.Group:
-    if not (path / "zarr.json").is_file():
-        raise InputError(f"{path}: not a Zarr store (no zarr.json)")
-    try:
-        root = zarr.open_group(str(path), mode="r", zarr_format=3)
-    except Exception as exc:
-        raise InputError(f"{path}: cannot open as a Zarr v3 group ({exc})") from exc
-    check_root_attrs(root.attrs, path)
-    return root
 
 
 # ---- helpers on datasets ----------------------------------------------------------------
@@ -290,8 +276,6 @@ def density(ds: xr.Dataset | xr.DataArray, kind: str = "z", *, tails: str = "exc
 
 
 def _standard_edges(kind: str) -> np.ndarray:
-    from .kernels import bins  # the only path that imports JAX (via spinjax.kernels)
-
     return bins.zbin_edges() if kind == "z" else bins.bin_edges()
 
 
@@ -379,8 +363,3 @@ def _interp_layers(d: xr.Dataset, frac: np.ndarray, grid: np.ndarray) -> xr.Data
     w = xr.DataArray(w, dims=dim)
     out = a * (1 - w) + b * w
     return out.drop_vars("layer", errors="ignore").assign_coords(layer_fraction=(dim, grid))
-
-
-def nearest(values: Iterable[int], target: int, n: int = 3) -> list[int]:
-    """The ``n`` values closest to ``target`` (for error messages)."""
-    return sorted(sorted(values, key=lambda v: (abs(v - target), v))[:n])

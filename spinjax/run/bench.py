@@ -25,8 +25,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
-from .kernels import block_entries_cap, block_rows_for_budget, heads_per_block, layer_statistics
+from ..kernels.heads import block_entries_cap, block_rows_for_budget, heads_per_block, layer_statistics
+from ..version import __version__
+from .threads import one_blas_thread_under_lapack
 
 SHAPES = {  # name: (d_model, n_heads, d_head, n_layers), Pythia geometries
     "160m": (768, 12, 64, 12),
@@ -100,9 +104,6 @@ def _best_in_turns(fns: dict, repeat: int) -> dict[str, float]:
 
 def _read_time(wq: np.ndarray, wk: np.ndarray) -> float:
     """Seconds to read one layer's Q and K (as fp16 safetensors) back from a file."""
-    from safetensors import safe_open
-    from safetensors.numpy import save_file
-
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "layer.safetensors"
         save_file({"q": wq.astype(np.float16), "k": wk.astype(np.float16)}, str(path))
@@ -116,6 +117,7 @@ def _read_time(wq: np.ndarray, wk: np.ndarray) -> float:
 
 def measure_shape(name: str, *, budget_bytes: int = 1 << 30, repeat: int = 2) -> ShapeResult:
     """spinjax's time per layer at a Pythia shape, and the floor parts, on the default device."""
+    one_blas_thread_under_lapack()
     d, n_heads, d_head, n_layers = SHAPES[name]
     rng = np.random.default_rng(0)
     # fp16 values, as checkpoints store them: their exact products are what the kernels meet
@@ -181,8 +183,6 @@ def machine() -> str:
 
 def results_section(results: list[ShapeResult]) -> str:
     """A dated markdown section naming the machine and device, with the table of ``results``."""
-    from . import __version__
-
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"## `spinjax bench`, {when}, spinjax {__version__}\n\n{machine()}\n\n{markdown(results)}\n"
 

@@ -20,6 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
+from ..errors import InputError
+
 HOST = socket.gethostname()
 STALE_AFTER = 60.0  # seconds without heartbeat before a lock of another host counts as dead
 BREAKER_STALE = 10.0  # a ``.break`` file lives for microseconds; older ones are leftovers
@@ -125,8 +127,7 @@ class LockFile:
         return False
 
     def acquire(self) -> None:
-        from .errors import InputError
-
+        """Wait (up to ``timeout`` seconds) for the lock; an InputError naming its holder after."""
         deadline, pause = time.monotonic() + self.timeout, 0.01
         while not self.try_acquire():
             if time.monotonic() > deadline:

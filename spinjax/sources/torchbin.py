@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from spinjax.errors import InputError, UnsafeCheckpointError
+from ..errors import InputError, UnsafeCheckpointError
 
 __all__ = ["TorchBinFile"]
 

@@ -11,31 +11,28 @@ materialised where the storage format allows slicing.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
-from .errors import InputError
-
-
-class Tensor(Protocol):
-    """A stored tensor that materialises only what is indexed (rows of its first axis)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    def __getitem__(self, rows: slice) -> np.ndarray: ...
+from ..errors import InputError
+from .base import Tensor
 
 
 @dataclass(frozen=True)
 class Geometry:
+    """A model's attention geometry, as config.json gives it."""
+
     d_model: int
     n_layers: int
     n_heads: int
     n_kv_heads: int
     d_head: int
+
+    def attrs(self) -> dict[str, int]:
+        """The five numbers by name (what a store group records)."""
+        return asdict(self)
 
 
 TensorLookup = Callable[[str], Tensor]

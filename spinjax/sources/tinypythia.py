@@ -28,6 +28,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +37,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-NAME = "tiny-pythia"
+from .base import Source
+from .jaxtree import OrbaxKind
+from .known import TINY_PYTHIA
+
+NAME = TINY_PYTHIA.name
 VERSION = 1
-D_MODEL, N_HEADS, N_LAYERS, VOCAB, CONTEXT = 64, 4, 4, 256, 64
+D_MODEL, N_HEADS, N_LAYERS = TINY_PYTHIA.d_model, TINY_PYTHIA.n_heads, TINY_PYTHIA.n_layers
+VOCAB, CONTEXT = 256, 64
 D_HEAD = D_MODEL // N_HEADS
 ROTARY_PCT, ROTARY_BASE = 0.25, 10000.0
-FINAL_STEP = 1280
-STEPS: tuple[int, ...] = (0, *(2**k for k in range(10)), *range(768, FINAL_STEP + 1, 256))
+STEPS: tuple[int, ...] = TINY_PYTHIA.steps
 """Saved steps: 0, 1, 2, 4, ..., 512 (log-spaced like Pythia), then every 256 to 1280."""
+FINAL_STEP = STEPS[-1]
 
 SEED, BATCH, LR, WARMUP, WEIGHT_DECAY = 0, 8, 3e-3, 50, 0.1
 CORPUS_MODULES = (
@@ -268,3 +274,16 @@ def ensure_tiny_pythia(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+class EmbeddedKind:
+    """``--model tiny-pythia``: the embedded model's trajectory, trained here on first use."""
+
+    name = "embedded model"
+
+    def can_open(self, model: str) -> bool:
+        return model == NAME
+
+    def open(self, model: str) -> Source:
+        source = OrbaxKind().open(str(ensure_tiny_pythia()))
+        return replace(source, key=NAME, source=f"{NAME} (embedded, trained by spinjax)")

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .errors import InputError
-
-
-def nearest(step: int, offered: Sequence[int], k: int = 3) -> list[int]:
-    """The ``k`` offered steps closest to ``step``, in ascending order."""
-    return sorted(sorted(offered, key=lambda s: (abs(s - step), s))[:k])
+from ..errors import InputError, nearest
 
 
 def _int(text: str, spec: str) -> int:

@@ -4,7 +4,8 @@ Every figure function takes a :class:`Selection` (the model's finished steps and
 step, layer, head, matrix and statistic) and returns a ``matplotlib.figure.Figure`` built
 without pyplot (no global state, no GUI backend; files are written by the Agg canvas).
 
->>> from spinjax import open_store, plots
+>>> from spinjax import open_store
+>>> from spinjax.analysis import plots
 >>> reader = open_store("store/spinjax.zarr")                        # doctest: +SKIP
 >>> fig = plots.make_figure("hist", reader, "tiny-pythia", layer=2)  # doctest: +SKIP
 >>> plots.save(fig, "figures/tiny-pythia_hist")   # PNG and PDF       # doctest: +SKIP
@@ -28,8 +29,8 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .analysis import StoreReader, density, nearest, open_store, scalar_variables
-from .errors import InputError
+from ..errors import InputError, nearest
+from .reader import StoreReader, density, open_store, scalar_variables
 
 
 @dataclass
@@ -82,7 +83,7 @@ def select(
     if step is None:
         step = steps[-1]
     elif step not in steps:
-        raise InputError(f"model {model!r} has no finished step {step}; nearest: {nearest(steps, step)}")
+        raise InputError(f"model {model!r} has no finished step {step}; nearest: {nearest(step, steps)}")
     layer = _index(ds, "layer", 0 if layer is None else layer, model)
     head = _index(ds, "head", 0 if head is None else head, model)
     matrices = [str(m) for m in ds["matrix"].values]

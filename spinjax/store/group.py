@@ -1,158 +1,43 @@
-"""The Zarr v3 store of schema 1 (SPEC section 3): layout, writing one step, resuming.
+"""A model's group in the store (schema 1): its layout, planning steps, writing one step.
 
 Every array carries ``dimension_names``; coordinates are arrays named after their dimension
 (plus ``revision`` along ``step``), so ``xarray.open_zarr(path, group=key)`` gives a labelled
 Dataset. Data are chunked one step per chunk, and ``done[step]`` is written only after every
-array of that step, so a step with ``done`` false holds no trusted data.
-
-Crashes and concurrent writers: every metadata change (creating the store or a model group,
-appending steps, the ``runs`` attribute, consolidation) happens under the store's lock file
-(:func:`locked`) and ends with a consolidation, which is the commit: zarr-python replaces each
-file atomically, a new group is built aside and renamed into place, and a half-done append
-(a process killed between array resizes) is rolled back to the consolidated shapes by the next
-writer. Readers going through the consolidated metadata (xarray's default) always see a
-consistent store. Step data are written outside the lock: each step is its own chunks.
+array of that step, so a step with ``done`` false holds no trusted data. Step data are written
+outside the store's lock (each step is its own chunks); everything else under it (root.py).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import shutil
 import socket
-import uuid
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-import zarr.codecs
 
-from . import RESERVED_GROUPS, SCHEMA, __version__
-from .errors import InputError
-from .kernels import bins
-from .layouts import Geometry
-from .locking import LockFile
-from .schema import check_root_attrs
+from ..errors import InputError
+from ..kernels import bins
+from ..version import __version__
+from .root import COMPRESSORS, build_aside, commit_group, consolidate, model_keys, open_store, store_path
+from .schema import BASE_DIMS, MATRICES, VARIABLES, VariableSpec
 
-MATRICES = ("W_Q", "W_K", "W_QK")
-OV_MATRICES = MATRICES + ("W_V", "W_O", "W_OV")  # `spinjax run --ov`
-BASE_DIMS = ("step", "layer", "head", "matrix")
-SCALARS = (
-    "mean", "std", "skew", "kurt", "min", "max",
-    "entropy", "entropy_residual", "entropy_mm", "kl_gauss", "kl_gauss_mm",
-    "mu_fit", "sigma_fit", "kl_fit", "tail_mass",
-    "spectral_norm", "frobenius_norm", "stable_rank", "spectral_entropy",
-    "effective_rank", "participation_ratio", "condition_number",
-)  # fmt: skip
-# name -> (extra trailing dimension or None, dtype, fill value)
-VARIABLES: dict[str, tuple[str | None, str, Any]] = {
-    **{name: (None, "float32", np.nan) for name in SCALARS},
-    "n_nonfinite": (None, "int64", 0),
-    "zhist": ("zbin", "uint32", 0),
-    "hist": ("bin", "uint32", 0),
-    "singular_values": ("sv", "float32", np.nan),
-}
-# Optional per-step variables (schema 1 additions), created in a group when first asked for:
-# name -> (dims, dtype, fill value). Runs add the ``null`` and ``pairs`` families (see
-# ``spinjax run --null / --pairs``); ``spinjax dynamics`` adds its own (spinjax.dynamics).
-NULL_VARIABLES: dict[str, tuple[tuple[str, ...], str, Any]] = {
-    **{f"{name}_z": (BASE_DIMS, "float32", np.nan) for name in SCALARS},
-    "singular_values_z": (BASE_DIMS + ("sv",), "float32", np.nan),
-}
-_PAIR_DIMS = ("step", "layer", "head", "head2")
-PAIR_VARIABLES = {name: (_PAIR_DIMS, "float32", np.nan) for name in ("qk_distance", "qk_cosine", "js_head")}
-_MODEL_PAIR_DIMS = ("step", "layer", "head", "layer2", "head2")
-MODEL_PAIR_VARIABLES = {
-    name: (_MODEL_PAIR_DIMS, "float32", np.nan) for name in ("qk_distance_model", "qk_cosine_model")
-}
-_COMPRESSORS = (zarr.codecs.ZstdCodec(level=3),)
-META_DIR = ".spinjax"  # lock, step claims and groups being built; not a zarr node, readers skip it
-
-
-class StoreWriteError(InputError, OSError):
-    """The store cannot be written (permissions, full disk, read-only file system)."""
+SHAPE_ATTRS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head")
+"""The group attributes giving a model's attention geometry."""
 
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _consolidate(path: Path, key: str | None = None) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # consolidated metadata is a zarr-python extension
-        if key is not None:  # what xarray.open_zarr(store, group=key) reads
-            zarr.consolidate_metadata(str(path), path=key)
-        zarr.consolidate_metadata(str(path))
-
-
-def check_can_hold(path: Path) -> None:
-    """Refuse a path that is a file, or a folder holding something else than a store."""
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{path}: exists and is not a Zarr store directory")
-    if not (path / "zarr.json").exists() and path.exists():
-        if any(p.name != META_DIR for p in path.iterdir()):
-            raise InputError(f"{path}: directory is not empty and is not a Zarr store")
-
-
-def open_store(path: str | Path, *, create: bool, consolidated: bool = True) -> zarr.Group:
-    """Open (or create) the store's root group, refusing anything that is not schema 1.
-
-    ``consolidated=False`` reads every node's own metadata (what writers holding the lock
-    need); else the consolidated copy, the last committed state. Creating a store should
-    happen under :func:`locked` when other processes may create it too.
-    """
-    path = Path(path)
-    check_can_hold(path)
-    if not (path / "zarr.json").exists():
-        if not create:
-            raise InputError(f"{path}: not a Zarr store (no zarr.json)")
-        # one write of zarr.json with the attribute: a crash cannot leave an unmarked store
-        return zarr.create_group(
-            store=str(path), zarr_format=3, attributes={"spinjax": {"version": __version__, "schema": SCHEMA}}
-        )
-    try:
-        mode, use = ("r+" if create else "r"), (None if consolidated else False)
-        root = zarr.open_group(str(path), mode=mode, zarr_format=3, use_consolidated=use)
-    except Exception as exc:
-        raise InputError(f"{path}: cannot open as a Zarr v3 group ({exc})") from exc
-    check_root_attrs(root.attrs, path)
-    return root
-
-
-@contextmanager
-def locked(path: str | Path) -> Iterator[zarr.Group]:
-    """The root group (created if missing), fresh from disk, with the store's lock held.
-
-    Everything that changes metadata goes in here and ends with :func:`consolidate`. Groups
-    left half-built by a killed process are removed first.
-    """
-    path = Path(path)
-    check_can_hold(path)  # refuse a foreign directory before writing into it
-    (path / META_DIR).mkdir(parents=True, exist_ok=True)
-    with LockFile(path / META_DIR / "lock"):
-        shutil.rmtree(path / META_DIR / "new", ignore_errors=True)  # only the lock holder builds there
-        for claim in (path / META_DIR / "claims").glob("*/*"):  # left by killed processes
-            if not claim.name.endswith(".break"):
-                LockFile(claim).break_if_stale()
-        yield open_store(path, create=True, consolidated=False)
-
-
-def claim_path(path: str | Path, key: str, step: int) -> Path:
-    """The lock file by which one process claims the computation of ``step`` of model ``key``."""
-    return Path(path) / META_DIR / "claims" / key / f"step{step}"
-
-
 def step_done(path: str | Path, key: str, step: int) -> bool:
     """Whether ``step`` of ``key`` is done in the committed (consolidated) state of the store."""
     if not (Path(path) / "zarr.json").exists():
         return False
-    root = open_store(path, create=False)
+    root = open_store(path)
     if key not in root:
         return False
     group = ModelGroup(root, key)
@@ -162,7 +47,7 @@ def step_done(path: str | Path, key: str, step: int) -> bool:
 def _committed_length(root: zarr.Group, key: str) -> int | None:
     """Steps of ``key`` in its group's consolidated metadata (the last commit), if recorded."""
     try:
-        meta = json.loads((Path(str(root.store.root)) / key / "zarr.json").read_text())
+        meta = json.loads((store_path(root) / key / "zarr.json").read_text())
         return int(meta["consolidated_metadata"]["metadata"]["step"]["shape"][0])
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -215,8 +100,9 @@ class ModelGroup:
         return tuple(str(m) for m in self.group["matrix"][:])
 
     @property
-    def geometry(self) -> Geometry:
-        return Geometry(*(int(self.group.attrs[k]) for k in Geometry.__dataclass_fields__))
+    def shape(self) -> dict[str, int]:
+        """The model's attention geometry as stored (``SHAPE_ATTRS``)."""
+        return {k: int(self.group.attrs[k]) for k in SHAPE_ATTRS}
 
     @property
     def done(self) -> np.ndarray:
@@ -228,28 +114,28 @@ class ModelGroup:
         root: zarr.Group,
         key: str,
         *,
-        geometry: Geometry,
+        shape: Mapping[str, int],
         architecture: str,
         attrs: dict[str, Any],
         n_sv: int,
         matrices: Sequence[str] = MATRICES,
     ) -> ModelGroup:
-        """The model group ``key``, created with coordinates if new, else checked to match."""
+        """The model group ``key``, created with coordinates if new, else checked to match.
+
+        ``shape`` holds the ``SHAPE_ATTRS``; under :func:`~spinjax.store.root.locked`.
+        """
         if key in root:
             existing = cls(root, key)
-            existing.check_holds(geometry, architecture, matrices)
+            existing.check_holds(shape, architecture, matrices)
             return existing
-        # Built under META_DIR and renamed into place, so a crash never leaves a half group.
-        store_path = Path(str(root.store.root))
-        building = store_path / META_DIR / "new" / f"{key}.{uuid.uuid4().hex}"
-        building.parent.mkdir(parents=True, exist_ok=True)
-        group_attrs = {**attrs, "architecture": architecture, **asdict(geometry),
+        shape = {k: int(shape[k]) for k in SHAPE_ATTRS}
+        group_attrs = {**attrs, "architecture": architecture, **shape,
                        "spinjax_version": __version__, "runs": []}  # fmt: skip
-        group = zarr.create_group(store=str(building), zarr_format=3, attributes=group_attrs)
-        g = geometry
+        group = build_aside(root, key, group_attrs)
+        n_layers, n_heads = shape["n_layers"], shape["n_heads"]
         write_coordinates(
             group,
-            {"layer": np.arange(g.n_layers, dtype=np.int32), "head": np.arange(g.n_heads, dtype=np.int32)},
+            {"layer": np.arange(n_layers, dtype=np.int32), "head": np.arange(n_heads, dtype=np.int32)},
             n_sv,
             matrices,
         )
@@ -258,19 +144,18 @@ class ModelGroup:
         group.create_array(
             "done", shape=(0,), chunks=(1,), dtype="bool", fill_value=False, dimension_names=["step"]
         )
-        sizes = {"layer": g.n_layers, "head": g.n_heads, "matrix": len(matrices),
+        sizes = {"layer": n_layers, "head": n_heads, "matrix": len(matrices),
                  "zbin": bins.NZ, "bin": bins.NB, "sv": n_sv}  # fmt: skip
         for name, (extra, dtype, fill) in VARIABLES.items():
             dims = BASE_DIMS + ((extra,) if extra else ())
             shape = (0,) + tuple(sizes[d] for d in dims[1:])
             arr = group.create_array(
                 name, shape=shape, chunks=(1,) + shape[1:], dtype=dtype, fill_value=fill,
-                compressors=_COMPRESSORS, dimension_names=list(dims),
+                compressors=COMPRESSORS, dimension_names=list(dims),
             )  # fmt: skip
             arr.attrs["coordinates"] = "revision"
-        os.rename(building, store_path / key)
-        _consolidate(store_path, key)  # the commit of the new group
-        return cls(zarr.open_group(str(store_path), mode="r+", zarr_format=3, use_consolidated=False), key)
+        commit_group(root, group, key)
+        return cls(open_store(store_path(root), create=True, consolidated=False), key)
 
     def check_source(self, source: str) -> None:
         """Refuse a run of another source under this key (e.g. two directories of one name)."""
@@ -281,10 +166,12 @@ class ModelGroup:
                 "use another --store"
             )
 
-    def check_holds(self, geometry: Geometry, architecture: str, matrices: Sequence[str] = MATRICES) -> None:
+    def check_holds(
+        self, shape: Mapping[str, int], architecture: str, matrices: Sequence[str] = MATRICES
+    ) -> None:
         """Refuse to mix another model into this group (same key, other architecture or shape),
         or other matrices (the ``matrix`` dimension is fixed when the group is created)."""
-        want = {"architecture": architecture, **asdict(geometry)}
+        want = {"architecture": architecture, **{k: int(shape[k]) for k in SHAPE_ATTRS}}
         stored = {k: self.group.attrs.get(k) for k in want}
         if stored != want:
             raise InputError(
@@ -316,7 +203,7 @@ class ModelGroup:
         return [n for n in self.step_arrays() if n not in ("step", "revision", "done")]
 
     def add_variables(
-        self, specs: dict[str, tuple[tuple[str, ...], str, Any]], coords: dict[str, np.ndarray]
+        self, specs: Mapping[str, VariableSpec], coords: dict[str, np.ndarray]
     ) -> list[str]:
         """Create the arrays of ``specs`` that the group lacks, with the group's current steps
         (fill values until written), and the coordinate arrays of new dimensions from ``coords``.
@@ -340,7 +227,7 @@ class ModelGroup:
             chunks = (1,) + shape[1:] if dims[0] == "step" else shape  # per-group ones: one chunk
             arr = self.group.create_array(
                 name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
-                compressors=_COMPRESSORS, dimension_names=list(dims),
+                compressors=COMPRESSORS, dimension_names=list(dims),
             )  # fmt: skip
             arr.attrs["coordinates"] = "revision"
             created.append(name)
@@ -374,7 +261,7 @@ class ModelGroup:
             self.group["step"][n_old:] = np.array([s for s, _ in new], dtype=np.int64)
             for i, (s, _) in enumerate(new):
                 position[s] = n_old + i
-            _consolidate(Path(str(self.root.store.root)), self.key)
+            consolidate(self.root, self.key)
             done = np.concatenate([done, np.zeros(len(new), bool)])
         todo = []
         for s, r in requested:
@@ -431,20 +318,9 @@ class ModelGroup:
             self.group.attrs["runs"] = runs
 
 
-def consolidate(root: zarr.Group, key: str | None = None) -> None:
-    """Refresh the consolidated metadata (of the model group ``key`` and of the root) after
-    shapes or attributes changed: the commit of a metadata change, made under :func:`locked`."""
-    _consolidate(Path(str(root.store.root)), key)
-
-
-def model_keys(root: zarr.Group) -> list[str]:
-    """The model groups of a store (every root group but the reserved ones)."""
-    return sorted(k for k in root.group_keys() if k not in RESERVED_GROUPS)
-
-
 def summary(path: str | Path) -> dict[str, Any]:
     """What ``spinjax show`` prints: per model, geometry, steps done / requested, sizes."""
-    root = open_store(path, create=False)
+    root = open_store(path)
     meta = root.attrs["spinjax"]
     models = {}
     for key in model_keys(root):
@@ -453,19 +329,7 @@ def summary(path: str | Path) -> dict[str, Any]:
         steps, done = group.steps, group.done
         size = sum(f.stat().st_size for f in (Path(path) / key).rglob("*") if f.is_file())
         models[key] = {
-            **{
-                k: attrs.get(k)
-                for k in (
-                    "source",
-                    "architecture",
-                    "dtype",
-                    "d_model",
-                    "n_layers",
-                    "n_heads",
-                    "n_kv_heads",
-                    "d_head",
-                )
-            },  # fmt: skip
+            **{k: attrs.get(k) for k in ("source", "architecture", "dtype", *SHAPE_ATTRS)},
             "steps_done": int(done.sum()),
             "steps_requested": len(steps),
             "steps": [s for s, d in zip(steps, done, strict=True) if d],

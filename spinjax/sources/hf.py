@@ -1,29 +1,33 @@
-"""Checkpoint sources: a directory in Hugging Face layout, opened lazily (SPEC section 5).
+"""Checkpoints in Hugging Face layout: config.json and safetensors or pickled .bin weights.
 
-A :class:`Checkpoint` knows its config and where every tensor lives; it hands out
-:class:`layouts.Tensor` handles that read only the indexed rows from disk. Nothing is read
-until a layout asks for a tensor, and only the attention Q/K tensors are ever asked for.
+An :class:`HFCheckpoint` knows its config and where every tensor lives; it hands out
+:class:`~spinjax.sources.base.Tensor` handles that read only the indexed rows from disk.
+Nothing is read until a layout asks for a tensor, and only the tensors the statistics need
+are ever asked for. Files come through a :class:`Files` (a local directory here, hub
+downloads in :mod:`spinjax.sources.hub`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from safetensors import safe_open
 
-from .errors import InputError
+from ..errors import InputError
+from .base import Source
+from .torchbin import TorchBinFile
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; InputError naming the file if it is missing or not an object."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -75,8 +79,6 @@ class _TorchBinFile:
     """Adapter of the safe pickle reader to the file interface used here."""
 
     def __init__(self, path: Path):
-        from .torchbin import TorchBinFile
-
         self.path = path
         self._file = TorchBinFile(path)
 
@@ -105,46 +107,61 @@ def _open_weights(path: Path):
     return _TorchBinFile(path) if path.suffix == ".bin" else _SafetensorsFile(path)
 
 
-Fetch = Callable[[str], Path]
-"""Maps a file name of the checkpoint to a local path; FileNotFoundError if it has none."""
-
 WEIGHT_CANDIDATES = (SAFETENSORS_INDEX, "model.safetensors", TORCH_INDEX, "pytorch_model.bin")
 
 
-def local_fetch(directory: Path) -> Fetch:
-    def fetch(name: str) -> Path:
-        path = directory / name
+class Files(Protocol):
+    """Where a checkpoint's files come from."""
+
+    def __call__(self, name: str) -> Path:
+        """A local path of the file ``name``; FileNotFoundError if there is none."""
+        ...
+
+    def release(self) -> None:
+        """Free what was fetched (hub downloads); local files are never touched."""
+        ...
+
+
+class LocalFiles:
+    """The files of a local directory."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def __call__(self, name: str) -> Path:
+        path = self.directory / name
         if not path.is_file():
             raise FileNotFoundError(f"file {name!r} not found")
         return path
 
-    return fetch
+    def release(self) -> None:
+        pass
 
 
-class Checkpoint:
+class HFCheckpoint:
     """One checkpoint in Hugging Face layout: config.json plus weight files.
 
     Weights are ``*.safetensors`` (preferred) or ``pytorch_model*.bin``, single or sharded
-    with an index json. Files come through ``fetch`` (a local directory by default, or a
-    hub download), and only when a tensor in them is asked for. Tensor names resolve exactly
+    with an index json. Files come through ``files`` (a local directory by default, or hub
+    downloads), and only when a tensor in them is asked for. Tensor names resolve exactly
     or by suffix, so that prefixes such as ``transformer.`` (GPT2LMHeadModel) or ``bert.``
     match the layouts' canonical names.
     """
 
     def __init__(
         self, directory: str | os.PathLike | None = None, *, step: int = -1, revision: str | None = None,
-        fetch: Fetch | None = None, label: str | None = None,
+        files: Files | None = None, label: str | None = None,
     ):  # fmt: skip
-        if fetch is None:
+        if files is None:
             directory = Path(directory)
             if not directory.is_dir():
                 raise InputError(f"{directory}: not a checkpoint directory")
-            fetch = local_fetch(directory)
+            files = LocalFiles(directory)
         self.label = label or str(directory)
         self.step = step
         self.revision = revision if revision is not None else self.label
-        self._fetch = fetch
-        self.config = _read_json(self._path("config.json"))
+        self._fetch = files
+        self.config = read_json(self._path("config.json"))
         self._files: dict[str, Any] = {}
         self._where = self._index_tensors()
 
@@ -163,7 +180,7 @@ class Checkpoint:
                 continue
             if not name.endswith(".json"):
                 return [name]
-            weight_map = _read_json(path).get("weight_map")
+            weight_map = read_json(path).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise InputError(f"{path}: no 'weight_map' object")
             return weight_map
@@ -189,10 +206,6 @@ class Checkpoint:
             self._files[name] = _open_weights(self._path(name))
         return self._files[name]
 
-    def files(self) -> list[Path]:
-        """Local paths of the weight files opened so far (what a run read or downloaded)."""
-        return [f.path for f in self._files.values()]
-
     def _resolve(self, name: str) -> str:
         if name in self._where:
             return name
@@ -210,3 +223,22 @@ class Checkpoint:
         if key not in file.keys():
             raise InputError(f"{file.path}: tensor {key!r} listed in the index is missing")
         return file.tensor(key)
+
+    def release(self) -> None:
+        self._fetch.release()
+
+
+class HFDirectoryKind:
+    """A local directory with config.json and weights in Hugging Face layout: one checkpoint."""
+
+    name = "huggingface directory"
+
+    def can_open(self, model: str) -> bool:
+        return (Path(model).expanduser() / "config.json").is_file()
+
+    def open(self, model: str) -> Source:
+        path = Path(model).expanduser().resolve()
+        return Source(
+            key=path.name, source=str(path), offered=((-1, str(path)),),
+            open=lambda step, revision: HFCheckpoint(path, step=step, revision=revision),
+        )  # fmt: skip

@@ -37,19 +37,21 @@ from pathlib import Path
 
 import numpy as np
 
-from . import DEFAULT_STORE, store
-from .errors import InputError
-from .kernels import dynamics as kd
-from .kernels import js_divergence
-from .pipeline import Progress, open_checkpoint, resolve_source
+from .. import store
+from ..errors import InputError
+from ..kernels import dynamics as kd
+from ..kernels.geometry import js_divergence
+from ..store.schema import (
+    DEFAULT_STORE,
+    DYNAMICS_HIST_VARIABLES,
+    EVENT_VARIABLES,
+    LARGEST_CHANGE,
+    OVERLAP_VARIABLES,
+)
+from .options import Progress
+from .reader import open_step, variant_source
+from .threads import one_blas_thread_under_lapack
 
-HIST_VARIABLES = {
-    name: (store.BASE_DIMS, "float32", np.nan) for name in ("kl_first", "js_first", "change_js")
-}
-LARGEST = {"largest_change_step": (("layer", "head", "matrix"), "int64", -1)}
-_OVERLAP_DIMS = ("step", "layer", "head", "mode", "mode2")
-OVERLAP_VARIABLES = {name: (_OVERLAP_DIMS, "float32", np.nan) for name in ("overlap_left", "overlap_right")}
-EVENT_VARIABLES = {"mode_event": (("step", "layer", "head", "mode"), "int8", kd.NO_PREDECESSOR)}
 _K_DEPENDENT = (*OVERLAP_VARIABLES, *EVENT_VARIABLES, "mode", "mode2")
 
 
@@ -80,9 +82,10 @@ def compute_dynamics(
         raise InputError(f"--top-k must be at least 1, not {top_k}")
     progress = progress or Progress()
     store_path = Path(store_path)
-    source = resolve_source(model, variant)
+    one_blas_thread_under_lapack()
+    source = variant_source(model, variant)
     key = source.key
-    root = store.open_store(store_path, create=False)
+    root = store.open_store(store_path)
     if key not in root:
         raise InputError(f"{store_path}: no group {key!r}; run `spinjax run --model {model}` first")
     group = store.ModelGroup(root, key)
@@ -142,7 +145,7 @@ def _prepare(store_path: Path, key: str, k: int, gap_tol: float) -> list[list[in
             "pairs": meta.get("pairs", []),
         }
         coords = {"mode": np.arange(k, dtype=np.int32), "mode2": np.arange(k, dtype=np.int32)}
-        specs = {**HIST_VARIABLES, **LARGEST, **OVERLAP_VARIABLES, **EVENT_VARIABLES}
+        specs = {**DYNAMICS_HIST_VARIABLES, **LARGEST_CHANGE, **OVERLAP_VARIABLES, **EVENT_VARIABLES}
         group.add_variables(specs, coords)
         group.group["largest_change_step"].attrs.pop("coordinates", None)  # not along step
         group.group["mode_event"].attrs.update(
@@ -185,31 +188,29 @@ def _overlap_pass(
     reads = sorted({s for pair in todo for s in pair})
     if not reads:
         return
-    revisions = group.group["revision"][:]
-    n_layers = int(group.group.attrs["n_layers"])
-    progress.on_plan(len(reads), n_layers)
+    progress.on_plan(len(reads), int(group.group.attrs["n_layers"]))
     previous: tuple[int, list] | None = None
 
-    def open_step(step: int):
-        checkpoint, layout, geometry, _ = open_checkpoint(source, step, str(revisions[index[step]]), variant)
-        group.check_holds(geometry, layout.architecture, group.matrices)
-        return checkpoint, layout, geometry
+    def open_checked(step: int):
+        opened = open_step(source, step, variant)
+        group.check_holds(opened.geometry.attrs(), opened.layout.architecture, group.matrices)
+        return opened
 
     with ThreadPoolExecutor(1) as pool:  # opens (for hub sources: downloads) one step ahead
-        opening = pool.submit(open_step, reads[0])
+        opening = pool.submit(open_checked, reads[0])
         for n, step in enumerate(reads):
-            checkpoint, layout, geometry = opening.result()
+            opened = opening.result()
             if n + 1 < len(reads):
-                opening = pool.submit(open_step, reads[n + 1])
+                opening = pool.submit(open_checked, reads[n + 1])
             vectors = []
-            for layer in range(geometry.n_layers):
-                wq, wk = layout.extract(checkpoint.tensor, layer, geometry, variant)
+            for layer in range(opened.geometry.n_layers):
+                wq, wk = opened.layout.extract(opened.checkpoint.tensor, layer, opened.geometry, variant)
                 _, left, right = kd.top_singular_vectors(wq, wk, result.top_k)
                 vectors.append((left, right))
                 progress.on_layer(step, layer)
             result.read.append(step)
             if not keep_downloads:
-                source.evict(checkpoint)
+                opened.checkpoint.release()
             if step in later and previous is not None and previous[0] == later[step]:
                 both = list(zip(previous[1], vectors, strict=True))  # per layer: (left, right) of a, b
                 values = {

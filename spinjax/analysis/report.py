@@ -6,7 +6,7 @@ Figures that the store cannot support (training dynamics with one finished step)
 with the reason instead. A small script marks ``<body data-loaded="true">`` once every image
 has loaded (``"false"`` if one is broken), which the tests read from headless Chromium.
 
->>> from spinjax.report import build_report
+>>> from spinjax.analysis.report import build_report
 >>> build_report("store/spinjax.zarr", "tiny-pythia", "report").path   # doctest: +SKIP
 PosixPath('report/index.html')
 """
@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .analysis import open_store
-from .errors import InputError
+from ..errors import InputError
+from ..version import __version__
 from .plots import FIGURES, Selection, save, select
+from .reader import open_store
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1300px; color: #222; }

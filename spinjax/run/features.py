@@ -1,4 +1,4 @@
-"""Per-step results beyond SPEC section 4 that ``spinjax run`` adds on request (schema 1 additions).
+"""Per-step results beyond the core statistics that ``spinjax run`` adds on request (schema 1 additions).
 
 - ``--null``: ``<stat>_z``, each head statistic as a z-score against the random-matrix null of
   the same geometry (``baseline/<d>x<dh>``, computed and stored when missing) at the head's own
@@ -19,23 +19,25 @@ from pathlib import Path
 
 import numpy as np
 
-from . import store
-
-PAIRS = ("none", "layer", "model")
-DEFAULT_NULL_SAMPLES = 1000
+from ..kernels.geometry import cross_inner, pair_summaries, pairwise_js, squared_norms
+from ..kernels.heads import expand_kv
+from ..kernels.null import matched_scale, null_zscores
+from ..store.baseline import baseline_key, read_baseline, stored_attrs
+from ..store.schema import MODEL_PAIR_VARIABLES, NULL_VARIABLES, PAIR_VARIABLES, VariableSpec
+from .baseline import run_baseline
 
 FactorsOf = Callable[[int], tuple[np.ndarray, np.ndarray]]  # layer -> (wq, wk)
 
 
-def variables(*, null: bool, pairs: str) -> dict[str, tuple[tuple[str, ...], str, object]]:
+def variables(*, null: bool, pairs: str) -> dict[str, VariableSpec]:
     """The optional store variables a run with these options writes."""
     specs = {}
     if null:
-        specs.update(store.NULL_VARIABLES)
+        specs.update(NULL_VARIABLES)
     if pairs in ("layer", "model"):
-        specs.update(store.PAIR_VARIABLES)
+        specs.update(PAIR_VARIABLES)
     if pairs == "model":
-        specs.update(store.MODEL_PAIR_VARIABLES)
+        specs.update(MODEL_PAIR_VARIABLES)
     return specs
 
 
@@ -50,9 +52,6 @@ def layer_pairs(inner: np.ndarray, hist: np.ndarray) -> dict[str, np.ndarray]:
     element pass: ``layer_statistics(..., inner=True)``); ``hist`` (heads, matrix, bin) the
     layer's raw histograms, of which W_QK's (matrix 2) are compared.
     """
-    from .kernels import pairwise_js
-    from .kernels.geometry import pair_summaries
-
     inner = np.asarray(inner, np.float64)
     geometry = pair_summaries(inner, np.diagonal(inner).copy())
     return {
@@ -69,9 +68,6 @@ def model_pairs(factors_of: FactorsOf, n_layers: int, budget_bytes: int) -> dict
     compared with), so a model of any size needs about ``budget_bytes`` plus one layer pair's
     cross-Grams; each block after the first is read once per earlier block.
     """
-    from .kernels.geometry import cross_inner, pair_summaries, squared_norms
-    from .kernels.heads import expand_kv
-
     def load(layer: int):
         wq, wk = factors_of(layer)
         return wq, np.asarray(expand_kv(wk, wq.shape[0]))
@@ -109,17 +105,15 @@ class NullScorer:
     """``<stat>_z`` of a step's results against the stored null of the run's geometry."""
 
     def __init__(self, store_path: Path, d_model: int, d_head: int, *, samples: int, on_message=print):
-        from . import baseline
-
         self.d_model, self.d_head = d_model, d_head
-        self.key = baseline.baseline_key(d_model, d_head)
-        if baseline.stored_attrs(store_path, d_model, d_head) is None:
+        self.key = baseline_key(d_model, d_head)
+        if stored_attrs(store_path, d_model, d_head) is None:
             on_message(f"--null: computing the null {self.key} ({samples} random heads), once per store")
-            baseline.run_baseline(d_model, d_head, store_path=store_path, samples=samples)
-        ds = baseline.read_baseline(store_path, d_model, d_head)
+            run_baseline(d_model, d_head, store_path=store_path, samples=samples)
+        ds = read_baseline(store_path, d_model, d_head)
         self.sigma = float(ds.attrs["sigma"])
         self.samples = int(ds.attrs["samples"])
-        names = [n for n in store.NULL_VARIABLES if n.removesuffix("_z") in ds.data_vars]
+        names = [n for n in NULL_VARIABLES if n.removesuffix("_z") in ds.data_vars]
         self.null = {n.removesuffix("_z"): np.asarray(ds[n.removesuffix("_z")].values) for n in names}
 
     def attrs(self) -> dict:
@@ -131,8 +125,6 @@ class NullScorer:
         Matrices come in triples (factor A, factor B, A^T B): (W_Q, W_K, W_QK) and, with
         ``--ov``, (W_V, W_O, W_OV); each triple is scored against the null's three.
         """
-        from .kernels import matched_scale, null_zscores
-
         parts = []
         for first in range(0, results["frobenius_norm"].shape[2], 3):
             triple = {name: np.asarray(results[name])[:, :, first : first + 3] for name in self.null}

@@ -1,10 +1,10 @@
 """JAX-native checkpoint sources: orbax CheckpointManager directories and Flax msgpack files.
 
-Both hand out the same :class:`TreeCheckpoint` objects as :class:`spinjax.sources.Checkpoint`
-does (``step``, ``revision``, ``config``, ``tensor(name)``), so the layouts read them
-unchanged. A params pytree is flattened to ``/``-joined paths
-(``gpt_neox/layers/0/attention/query_key_value/kernel``) and the Hugging Face tensor names that
-the layouts ask for are translated to those paths by a small mapping:
+Both hand out :class:`TreeCheckpoint` objects, which implement the
+:class:`~spinjax.sources.base.Checkpoint` protocol, so the layouts read them unchanged. A params
+pytree is flattened to ``/``-joined paths (``gpt_neox/layers/0/attention/query_key_value/kernel``)
+and the Hugging Face tensor names that the layouts ask for are translated to those paths by a
+small mapping:
 
 ``{"<HF name pattern>": {"path": "<param path pattern>", "transpose": <bool>}}``
 
@@ -27,8 +27,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from .errors import InputError
-from .sources import _read_json
+from ..errors import InputError, nearest
+from .base import Source
+from .hf import read_json
 
 MAPPING_FILE = "spinjax_mapping.json"
 
@@ -63,7 +64,7 @@ def load_mapping(root: Path) -> dict[str, dict[str, Any]]:
     mapping = dict(DEFAULT_MAPPING)
     path = root / MAPPING_FILE
     if path.exists():
-        for name, rule in _read_json(path).items():
+        for name, rule in read_json(path).items():
             ok = isinstance(rule, dict) and isinstance(rule.get("path"), str)
             if not ok or not isinstance(rule.get("transpose", False), bool):
                 raise InputError(f'{path}: entry {name!r} must be {{"path": str, "transpose": bool}}')
@@ -98,13 +99,16 @@ class TreeTensor:
 
 
 class TreeCheckpoint:
-    """One params pytree seen through a mapping: the interface of ``sources.Checkpoint``."""
+    """One params pytree seen through a mapping, as a :class:`~spinjax.sources.base.Checkpoint`."""
 
     def __init__(self, where: str, step: int, revision: str, config: dict, mapping: dict,
                  leaves: dict[str, Any], load: Callable[[str], np.ndarray]):  # fmt: skip
-        self.directory, self.step, self.revision, self.config = where, step, revision, config
+        self.label, self.step, self.revision, self.config = where, step, revision, config
         self.param_paths = sorted(leaves)
         self._mapping, self._leaves, self._load = mapping, leaves, load
+
+    def release(self) -> None:
+        pass  # local files only
 
     def _rule(self, name: str) -> tuple[str, bool]:
         for pattern, rule in self._mapping.items():
@@ -114,7 +118,7 @@ class TreeCheckpoint:
                 path = rule["path"].replace("{i}", m.groupdict().get("i") or "")
                 return path, bool(rule.get("transpose", False))
         raise InputError(
-            f"{self.directory} (step {self.step}): no mapping for tensor {name!r}; add it to {MAPPING_FILE} "
+            f"{self.label} (step {self.step}): no mapping for tensor {name!r}; add it to {MAPPING_FILE} "
             f'as {{"{name}": {{"path": "<param/path>", "transpose": true|false}}}}'
         )
 
@@ -125,7 +129,7 @@ class TreeCheckpoint:
         if len(hits) != 1:
             what = "is ambiguous" if hits else "is missing"
             raise InputError(
-                f"{self.directory} (step {self.step}): param {path!r} for tensor {name!r} {what}"
+                f"{self.label} (step {self.step}): param {path!r} for tensor {name!r} {what}"
                 + (f": {hits}" if hits else "")
             )
         leaf = self._leaves[hits[0]]  # an array or orbax's metadata of one
@@ -147,7 +151,7 @@ class OrbaxModel:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise InputError(f"{self.directory}: not an orbax checkpoint directory")
-        self.config = _read_json(self.directory / "config.json")
+        self.config = read_json(self.directory / "config.json")
         self.mapping = load_mapping(self.directory)
         self._paths = {
             utils.step_from_checkpoint_name(p.name): Path(p)
@@ -176,8 +180,9 @@ class OrbaxModel:
         from etils import epath
 
         if step not in self._paths:
-            near = sorted(sorted(self._paths, key=lambda s: (abs(s - step), s))[:3])
-            raise InputError(f"{self.directory}: no checkpoint for step {step}; nearest: {near}")
+            raise InputError(
+                f"{self.directory}: no checkpoint for step {step}; nearest: {nearest(step, self._paths)}"
+            )
         item = epath.Path(self._item_dir(self._paths[step]))
         handler = ocp.PyTreeCheckpointHandler()
         metadata = handler.metadata(item)
@@ -218,7 +223,7 @@ class FlaxMsgpackModel:
         if not self.file.is_file():
             raise InputError(f"{path}: no Flax msgpack file ({self.FILENAME}) found")
         self.directory = self.file.parent
-        self.config = _read_json(self.directory / "config.json")
+        self.config = read_json(self.directory / "config.json")
         self.mapping = load_mapping(self.directory)
         self.steps = [-1]
         self._tree = None
@@ -236,3 +241,42 @@ class FlaxMsgpackModel:
         leaves = {p: np.asarray(v) for p, (_, v) in _flatten(self._tree).items()}
         return TreeCheckpoint(str(self.file), -1, str(self.file), self.config, self.mapping,
                               leaves, leaves.__getitem__)  # fmt: skip
+
+
+def _group_key(path: Path) -> str:
+    """A local checkpoint's store group: its directory's name."""
+    return path.resolve().name
+
+
+class FlaxMsgpackKind:
+    """A ``flax_model.msgpack`` file, or a directory holding one, with config.json beside it."""
+
+    name = "flax msgpack"
+
+    def can_open(self, model: str) -> bool:
+        path = Path(model).expanduser()
+        return (path.is_file() and path.suffix == ".msgpack") or (path / FlaxMsgpackModel.FILENAME).is_file()
+
+    def open(self, model: str) -> Source:
+        path = Path(model).expanduser()
+        flax_model = FlaxMsgpackModel(path)
+        resolved = str(path.resolve())
+        return Source(key=_group_key(path), source=resolved, offered=((-1, resolved),),
+                      open=lambda step, revision: flax_model.checkpoint(step))  # fmt: skip
+
+
+class OrbaxKind:
+    """An orbax ``CheckpointManager`` directory (numbered step folders) with config.json."""
+
+    name = "orbax"
+
+    def can_open(self, model: str) -> bool:
+        path = Path(model).expanduser()
+        return path.is_dir() and any(p.name.isdigit() and p.is_dir() for p in path.iterdir())
+
+    def open(self, model: str) -> Source:
+        path = Path(model).expanduser()
+        orbax_model = OrbaxModel(path)
+        return Source(key=_group_key(path), source=str(path.resolve()),
+                      offered=tuple((s, f"step{s}") for s in orbax_model.steps),
+                      open=lambda step, revision: orbax_model.checkpoint(step))  # fmt: skip
