@@ -17,6 +17,14 @@ Diagonals are exact: distance 0, cosine 1.
 
 Jensen-Shannon divergence between element distributions uses the raw histograms on the
 shared grid (``hist``), natural log: always finite, in [0, ln 2].
+
+The examples use two heads sharing a key head, d_head 2, d_model 4: W_QK^0 has the entries
+(0, 0) = 2 and (1, 2) = 1, W_QK^1 the entries (0, 0) = 2, (1, 0) = 2 and (3, 2) = 1, so
+n_0 = 5, n_1 = 9, <0, 1> = 4, distance sqrt(5 + 9 - 8) and cosine 4 / sqrt(45).
+
+References:
+  J. Lin, "Divergence measures based on the Shannon entropy", IEEE Trans. Inf. Theory 37(1),
+  1991 (Jensen-Shannon divergence).
 """
 
 from __future__ import annotations
@@ -39,6 +47,18 @@ def cross_inner(wq_a: jax.Array, wk_a: jax.Array, wq_b: jax.Array, wk_b: jax.Arr
     Args:
       wq_a, wk_a: (H_a, d_head, d_model) per-head query and key factors (key heads already
         repeated per query head, see :func:`heads.expand_kv`); likewise ``wq_b``, ``wk_b``.
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels.geometry import cross_inner, squared_norms
+      >>> wq = np.array([[[1, 0, 0, 0], [0, 1, 0, 0]], [[1, 1, 0, 0], [0, 0, 0, 1]]], np.float32)
+      >>> wk = np.array([[[2, 0, 0, 0], [0, 0, 1, 0]]], np.float32)  # one key head for both
+      >>> wk = np.repeat(wk, 2, axis=0)  # per query head
+      >>> print(cross_inner(wq, wk, wq, wk))
+      [[5. 4.]
+       [4. 9.]]
+      >>> print(squared_norms(wq, wk))
+      [5. 9.]
     """
     gq = jnp.einsum("iad,jbd->ijab", wq_a, wq_b, precision=_HIGHEST)
     gk = jnp.einsum("iad,jbd->ijab", wk_a, wk_b, precision=_HIGHEST)
@@ -47,14 +67,23 @@ def cross_inner(wq_a: jax.Array, wk_a: jax.Array, wq_b: jax.Array, wk_b: jax.Arr
 
 @jax.jit
 def squared_norms(wq: jax.Array, wk: jax.Array) -> jax.Array:
-    """||W_QK^h||_F^2 = <W_Q W_Q^T, W_K W_K^T> per head (H,), from (H, d_head, d_model) factors."""
+    """||W_QK^h||_F^2 = <W_Q W_Q^T, W_K W_K^T> per head (H,), from (H, d_head, d_model) factors
+    (example: :func:`cross_inner`)."""
     gq = jnp.einsum("had,hbd->hab", wq, wq, precision=_HIGHEST)
     gk = jnp.einsum("had,hbd->hab", wk, wk, precision=_HIGHEST)
     return (gq * gk).sum((1, 2))
 
 
 def block_heads_for_budget(d_head: int, d_model: int, budget_bytes: int) -> int:
-    """Heads per block so that one block pair (factors and cross-Grams) fits ``budget_bytes``."""
+    """Heads per block so that one block pair (factors and cross-Grams) fits ``budget_bytes``.
+
+    The largest b with 12 d_head^2 b^2 + 16 d_head d_model b <= budget_bytes, at least 1.
+
+    Examples:
+      >>> from spinjax.kernels.geometry import block_heads_for_budget
+      >>> block_heads_for_budget(128, 2048, 64 << 20)  # b = 32 / 3
+      10
+    """
     per_head_factors = 2 * 2 * 4 * d_head * d_model  # q and k, both blocks of the pair
     per_pair = _BYTES_PER_PAIR_ENTRY * d_head * d_head
     # b^2 per_pair + b per_head_factors <= budget
@@ -93,7 +122,18 @@ def _inner_matrix(wq: np.ndarray, wk: np.ndarray, block: int) -> np.ndarray:
 
 def pair_summaries(inner: np.ndarray, norms: np.ndarray) -> dict[str, np.ndarray]:
     """Distances and cosines from inner products (N, N) and squared norms (N,), numpy float32:
-    exactly symmetric, distance 0 and cosine 1 on the diagonal, cosine NaN for a zero norm."""
+    exactly symmetric, distance 0 and cosine 1 on the diagonal, cosine NaN for a zero norm.
+
+    sq_distance_ij = max(n_i + n_j - 2 <i, j>, 0), cosine_ij = <i, j> / sqrt(n_i n_j) clipped
+    to [-1, 1].
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels.geometry import pair_summaries
+      >>> out = pair_summaries(np.array([[5.0, 4.0], [4.0, 9.0]]), np.array([5.0, 9.0]))
+      >>> print(out["sq_distance"][0, 1], round(float(out["cosine"][0, 1]), 4))
+      6.0 0.5963
+    """
     n = inner.shape[0]
     eye = np.eye(n, dtype=bool)
     inner = 0.5 * (inner + inner.T)
@@ -132,6 +172,20 @@ def head_geometry(wq, wk, *, pairs: str = "layer", block_heads: int | None = Non
       ``"layer"`` ((n_heads, n_heads) for one layer given without a layer dim), (N, N) with
       N = n_layers n_heads for ``"model"``; ``sq_norm`` (||W^i||_F^2) with the heads' shape.
       Symmetric, zero diagonal distance, unit diagonal cosine; float32 numpy arrays.
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels import head_geometry
+      >>> wq = np.array([[[1, 0, 0, 0], [0, 1, 0, 0]], [[1, 1, 0, 0], [0, 0, 0, 1]]], np.float32)
+      >>> wk = np.array([[[2, 0, 0, 0], [0, 0, 1, 0]]], np.float32)  # one key head for both
+      >>> g = head_geometry(wq, wk)  # one layer
+      >>> print(g["inner"][0, 1], round(float(g["distance"][0, 1]), 4), round(float(g["cosine"][0, 1]), 4))
+      4.0 2.4495 0.5963
+      >>> g = head_geometry(np.stack([wq, wq]), np.stack([wk, 2 * wk]), pairs="model")  # layer 1: 2 W_QK
+      >>> print(np.round(g["distance"][0], 4))  # head 0 of layer 0 against (l, h) = 00 01 10 11
+      [0.     2.4495 2.2361 5.    ]
+      >>> print(np.round(g["cosine"][0], 4))  # a scaled copy has cosine 1
+      [1.     0.5963 1.     0.5963]
     """
     if pairs not in ("layer", "model"):
         raise ValueError(f"pairs must be 'layer' or 'model', not {pairs!r}")
@@ -169,6 +223,15 @@ def layer_geometry(wq: jax.Array, wk: jax.Array) -> dict[str, jax.Array]:
 
     wq (H, d_head, d_model), wk (H_kv, d_head, d_model) -> ``inner``, ``sq_distance``,
     ``distance``, ``cosine`` (H, H) and ``sq_norm`` (H,); vmap it over layers.
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels import layer_geometry
+      >>> wq = np.array([[[1, 0, 0, 0], [0, 1, 0, 0]], [[1, 1, 0, 0], [0, 0, 0, 1]]], np.float32)
+      >>> wk = np.array([[[2, 0, 0, 0], [0, 0, 1, 0]]], np.float32)  # one key head for both
+      >>> print(np.round(layer_geometry(wq, wk)["cosine"], 4))
+      [[1.     0.5963]
+       [0.5963 1.    ]]
     """
     wk = expand_kv(wk, wq.shape[0])
     g = cross_inner(wq, wk, wq, wk)
@@ -190,6 +253,16 @@ def js_divergence(p_counts: jax.Array, q_counts: jax.Array) -> jax.Array:
     probabilities; each is normalised). JS = KL(P || M)/2 + KL(Q || M)/2 with M = (P + Q)/2:
     finite, in [0, ln 2], 0 for identical and ln 2 for disjoint histograms; NaN when a
     histogram is empty.
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels import js_divergence
+      >>> print(np.round(js_divergence(np.array([1.0, 0.0]), np.array([0.0, 1.0])), 4))  # ln 2
+      0.6931
+      >>> print(js_divergence(np.array([1.0, 3.0]), np.array([2.0, 6.0])))  # same shape: 0
+      0.0
+      >>> print(js_divergence(np.zeros(2), np.ones(2)))
+      nan
     """
     p = jnp.asarray(p_counts, jnp.float32)
     q = jnp.asarray(q_counts, jnp.float32)
@@ -209,6 +282,14 @@ def pairwise_js(hist_a, hist_b=None, *, block: int = 64) -> np.ndarray:
 
     ``hist_b`` defaults to ``hist_a`` (then the result is symmetric with a zero diagonal).
     Rows are processed ``block`` at a time, so memory is ~ block * Nb * B floats.
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels import pairwise_js
+      >>> print(np.round(pairwise_js(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])), 4))
+      [[0.     0.6931 0.2158]
+       [0.6931 0.     0.2158]
+       [0.2158 0.2158 0.    ]]
     """
     a = np.asarray(hist_a, np.float32)
     b = a if hist_b is None else np.asarray(hist_b, np.float32)
