@@ -131,7 +131,7 @@ def null_zscores(
 
     Returns:
       ``<name>_z`` -> float32 array of the value's shape; NaN where the null's std is 0 or
-      not finite, or the value is not finite.
+      not finite, or the value is NaN; an infinite value gives an infinite z-score.
 
     Examples:
       >>> import jax.numpy as jnp
