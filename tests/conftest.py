@@ -7,7 +7,18 @@ from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).parent / "fixtures" / "extraction"
+# Session fixtures whose first use trains the embedded model (~1 min on 2 cores) or runs whole
+# trajectories: every test that needs one is in the slow tier (`pytest -m "not slow"` skips it).
+SLOW_FIXTURES = {"tiny_pythia", "trajectory_store"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+FIXTURES_ROOT = Path(__file__).parent / "fixtures"  # made by the committed fixtures/make_*.py scripts
+FIXTURES = FIXTURES_ROOT / "extraction"
 NEOX = FIXTURES / "gpt_neox"  # 2 layers, 6 heads, d_model 96, stored float16
 
 

@@ -19,6 +19,7 @@ import zarr
 from safetensors.numpy import load_file
 
 import spinjax
+from conftest import FIXTURES_ROOT
 from spinjax import store as store_mod
 from spinjax.errors import InputError
 from spinjax.kernels import block_entries_cap, block_rows_for_budget, layer_statistics
@@ -28,7 +29,7 @@ from spinjax.sources.hf import HFCheckpoint as Checkpoint
 from spinjax.sources.layouts import Geometry, layout_for
 
 KEY = "gpt_neox"
-NEOX = Path(__file__).parent / "fixtures" / "extraction" / KEY  # also in conftest
+NEOX = FIXTURES_ROOT / "extraction" / KEY  # also in conftest
 N_LAYERS, N_HEADS, D_HEAD, D_MODEL = 2, 6, 16, 96
 NZ = 402  # SPEC section 4 default: 400 inner z-bins plus two tails
 

@@ -9,17 +9,16 @@ factors alone, with numpy.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import FIXTURES_ROOT
 from safetensors.numpy import load_file
 
 from spinjax.errors import InputError
 from spinjax.sources.hf import HFCheckpoint as Checkpoint
 from spinjax.sources.layouts import VARIANTS, layout_for
 
-FIXTURES = Path(__file__).parent / "fixtures" / "variants"
+FIXTURES = FIXTURES_ROOT / "variants"
 ALL = ["gpt2", "gpt2_ln", "gpt_neox", "gpt_neox_ln", "qwen2", "llama", "mistral", "bert", "bert_ln"]
 BIASED = ["gpt2", "gpt_neox", "qwen2", "bert"]
 LN_REAL = ["gpt2_ln", "gpt_neox_ln", "bert_ln", "llama", "mistral"]  # all biases and norm biases zero

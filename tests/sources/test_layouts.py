@@ -8,16 +8,15 @@ x^T W_Q^hT W_K^h x * scale from spinjax's extraction alone.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import FIXTURES_ROOT
 
 from spinjax.errors import InputError
 from spinjax.sources.hf import HFCheckpoint as Checkpoint
 from spinjax.sources.layouts import LAYOUTS, layout_for
 
-FIXTURES = Path(__file__).parent / "fixtures" / "extraction"
+FIXTURES = FIXTURES_ROOT / "extraction"
 ARCHS = ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "bert"]
 
 

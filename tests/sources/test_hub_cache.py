@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from conftest import FIXTURES_ROOT
 from huggingface_hub import constants, hf_hub_download, scan_cache_dir
 from safetensors.numpy import save as safetensors_bytes
 
@@ -42,7 +43,7 @@ from spinjax.sources.known import KNOWN, KnownModel
 from spinjax.sources.torchbin import TorchBinFile
 from spinjax.store import VARIABLES
 
-FIXTURES = Path(__file__).parent / "fixtures" / "torchbin"
+FIXTURES = FIXTURES_ROOT / "torchbin"
 REPO = "spinjax-tests/tiny-neox"
 NAME = "tiny-neox"
 STEPS = (0, 1, 2, 3)  # KnownModel.revision: step0, step1, step2, and the last one -> main

@@ -28,6 +28,7 @@ import pytest
 import xarray as xr
 import zarr
 from click.testing import CliRunner
+from conftest import FIXTURES_ROOT
 from safetensors.numpy import load_file, save_file
 
 from spinjax import store as store_mod
@@ -37,7 +38,7 @@ from spinjax.run.options import RunOptions
 from spinjax.run.pipeline import run
 from spinjax.store.locking import LockFile
 
-NEOX = Path(__file__).parent / "fixtures" / "extraction" / "gpt_neox"  # also in conftest
+NEOX = FIXTURES_ROOT / "extraction" / "gpt_neox"  # also in conftest
 KEY = "traj"
 STEPS = [0, 1000, 2000, 3000]
 D, HEADS, D_HEAD, LAYERS = 96, 6, 16, 2  # as the gpt_neox fixture

@@ -15,12 +15,13 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import FIXTURES_ROOT
 
 from spinjax.errors import InputError, UnsafeCheckpointError
 from spinjax.sources import torchbin
 from spinjax.sources.torchbin import TorchBinFile
 
-FIX = Path(__file__).resolve().parent / "fixtures" / "torchbin"
+FIX = FIXTURES_ROOT / "torchbin"
 SENTINEL = Path("/tmp/spinjax_pwned_sentinel")  # what the malicious fixtures would create
 
 NP_DTYPES = {
