@@ -3,9 +3,11 @@
 A pass over a batch of blocks ``x`` of shape (H, rows, cols) accumulates, per head, the finite
 count, the power sums of ``x - shift`` (orders 1..4), min, max, the non-finite count and both
 histograms. ``shift`` and ``scale`` are the mean and std the caller expects; the z-histogram
-bins ``(x - shift) / scale``. The summaries then recover the exact central moments from the
-shifted sums, so a slightly-off shift costs no accuracy; a caller checks with
-:func:`needs_refinement` that the scale used for binning was the final std.
+bins ``(x - shift) / scale``, on a grid ``bins.SUBBINS`` times finer than the stored one, which
+gives the stored z-histogram and the Kolmogorov-Smirnov distance from the normal. The
+summaries then recover the exact central moments from the shifted sums, so a slightly-off
+shift costs no accuracy; a caller checks with :func:`needs_refinement` that the scale used for
+binning was the final std.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.special
 import numpy as np
+import scipy.special
 
 from . import bins
 
@@ -33,11 +36,15 @@ class Sums(NamedTuple):
     min: jax.Array
     max: jax.Array
     n_nonfinite: jax.Array  # int32
-    counts: jax.Array  # int32 (H, N_MERGED): both histograms at once, see :func:`histograms`
+    counts: jax.Array  # int32 (H, n_merged(subbins)): both histograms at once, see :func:`histograms`
 
 
-def empty_sums(n_heads: int) -> Sums:
-    """The identity of :func:`add_block`: zero counts and sums, min +inf, max -inf."""
+def empty_sums(n_heads: int, subbins: int = bins.SUBBINS) -> Sums:
+    """The identity of :func:`add_block`: zero counts and sums, min +inf, max -inf.
+
+    ``subbins``: the z grid counts each stored z bin in that many parts (1: only the stored
+    grid, no Kolmogorov-Smirnov distance); the passes adding to these sums follow it.
+    """
     zf = jnp.zeros((n_heads,), jnp.float32)
     zi = jnp.zeros((n_heads,), jnp.int32)
     return Sums(
@@ -45,25 +52,29 @@ def empty_sums(n_heads: int) -> Sums:
         min=jnp.full((n_heads,), jnp.inf, jnp.float32),
         max=jnp.full((n_heads,), -jnp.inf, jnp.float32),
         n_nonfinite=zi,
-        counts=jnp.zeros((n_heads, N_MERGED), jnp.int32),
+        counts=jnp.zeros((n_heads, n_merged(subbins)), jnp.int32),
     )  # fmt: skip
 
 
-def zbin_index(z: jax.Array) -> jax.Array:
-    """Index into ``bins.zbin_edges()`` of each z (bin i is [e_i, e_{i+1})).
+def zbin_index(z: jax.Array, subbins: int = bins.SUBBINS) -> jax.Array:
+    """Index into ``bins.fine_zbin_edges(subbins)`` of each z (bin i is [e_i, e_{i+1})).
 
-    i = clip(floor((z + zmax) / dz), -1, nz - 2) + 1 with dz = 2 zmax / (nz - 2): 0 is the
-    lower tail (z < -zmax), nz - 1 the upper one (z >= zmax, +inf included).
+    i = clip(floor((z + zmax) / dz), -1, m) + 1 with m = (nz - 2) subbins inner bins of width
+    dz = 2 zmax / m: 0 is the lower tail (z < -zmax), m + 1 the upper one (z >= zmax, +inf
+    included).
 
     Examples:
       >>> import jax.numpy as jnp
       >>> from spinjax.kernels.elements import zbin_index
-      >>> print(zbin_index(jnp.array([-11.0, -10.0, -0.01, 0.0, 9.99, 10.0, jnp.inf])))
+      >>> z = jnp.array([-11.0, -10.0, -0.01, 0.0, 9.99, 10.0, jnp.inf])
+      >>> print(zbin_index(z, 1))  # the stored grid: inner bins of 0.05
       [  0   1 200 201 400 401 401]
+      >>> print(zbin_index(z))  # the counting grid: inner bins of 0.0025
+      [   0    1 3997 4001 7997 8001 8001]
     """
-    dz = 2.0 * bins.ZMAX / (bins.NZ - 2)
-    inner = jnp.floor((z + bins.ZMAX) / dz)
-    return (jnp.clip(inner, -1, bins.NZ - 2) + 1).astype(jnp.int32)
+    m = (bins.NZ - 2) * subbins
+    inner = jnp.floor((z + bins.ZMAX) * (m / (2.0 * bins.ZMAX)))
+    return (jnp.clip(inner, -1, m) + 1).astype(jnp.int32)
 
 
 def raw_bin_index(w: jax.Array) -> jax.Array:
@@ -97,41 +108,121 @@ def raw_bin_index(w: jax.Array) -> jax.Array:
 # grid at or below an entry, so r + j counts the edges of both grids together: the bin of the
 # entry on the merged, sorted edges. Each merged bin lies inside one raw and one z bin, which
 # :func:`histograms` recovers from the edges' order. One scatter instead of two halves the
-# costliest step of the pass on CPUs, where XLA's scatter-add runs one entry at a time.
-N_MERGED = bins.NB + bins.NZ - 1
+# costliest step of the pass on CPUs, where XLA's scatter-add runs one entry at a time; the
+# finer z grid costs no work per entry, only a larger array of counts.
+def n_merged(subbins: int = bins.SUBBINS) -> int:
+    """Bins of the merged grid: NB raw bins, (NZ - 2) subbins + 2 z bins, less one."""
+    return bins.NB + (bins.NZ - 2) * subbins + 1
+
+
+N_MERGED = n_merged()
+
+
+def _subbins(acc: Sums) -> int:
+    """The z grid's ``subbins`` of a pass, from the size of its counts (see :func:`n_merged`)."""
+    return (acc.counts.shape[1] - bins.NB - 1) // (bins.NZ - 2)
+
+
+def _running_sum(x: jax.Array) -> jax.Array:
+    """Inclusive cumulative sum of int counts along the last axis, exact.
+
+    XLA:CPU lowers ``jnp.cumsum`` to an associative scan, ~4x slower on (16, 9060) counts than
+    a loop adding one column to the next in place; accelerators want the scan (a loop of
+    thousands of steps is thousands of launches there).
+    """
+    if jax.default_backend() != "cpu":
+        return jnp.cumsum(x, axis=-1, dtype=x.dtype)
+    return jax.lax.fori_loop(1, x.shape[-1], lambda i, a: a.at[..., i].add(a[..., i - 1]), x)
 
 
 def histograms(acc: Sums, shift: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(zhist (H, NZ), hist (H, NB)) from a pass's merged counts; same ``shift``, ``scale``.
+    """(fine zhist (H, (NZ - 2) subbins + 2), hist (H, NB)) from a pass's merged counts.
 
-    Merged bin m holds the entries with exactly m edges (of both grids) at or below them. An
-    edge's place among all edges is its index in its own grid plus the number of the other
-    grid's edges before it, so each raw or z bin is a run of consecutive merged bins: a
-    difference of the counts' running sum. Entries within float32 rounding of an edge may land
-    one bin over, as binning allows.
+    Same ``shift``, ``scale`` as the pass. The z counts are on ``bins.fine_zbin_edges(subbins)``;
+    :func:`coarse_zhist` sums them to the stored grid. Merged bin m holds the entries whose raw
+    bin r and z bin j add up to m. The entries of z bin j have raw bins from that of its lower
+    edge to that of its upper edge, so they fill the merged bins j + r(lower edge) ..
+    j + r(upper edge), and the next z bin starts right after: each z bin (and likewise each
+    raw bin) is a run of consecutive merged bins, a difference of the counts' running sum.
+    The runs' bounds come from the same index functions as the entries' bins, at the other
+    grid's edges; entries within float32 rounding of an edge may land one bin over, as
+    binning allows.
 
     Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
-      >>> from spinjax.kernels.elements import add_block, empty_sums, histograms
+      >>> from spinjax.kernels.elements import add_block, coarse_zhist, empty_sums, histograms
       >>> x = jnp.array([[[1.0, 2.0], [3.0, 4.0]]])  # one head, z = x about shift 0, scale 1
       >>> acc = jax.jit(add_block)(empty_sums(1), x, jnp.zeros(1), jnp.ones(1))
-      >>> zhist, hist = jax.jit(histograms)(acc, jnp.zeros(1), jnp.ones(1))
-      >>> print(np.flatnonzero(zhist[0]), np.flatnonzero(hist[0]))  # z = 1: bin 201 + 1 / 0.05
+      >>> zfine, hist = jax.jit(histograms)(acc, jnp.zeros(1), jnp.ones(1))
+      >>> print(np.flatnonzero(zfine[0]))  # z = 1: bin 4001 + 1 / 0.0025
+      [4401 4801 5201 5601]
+      >>> print(np.flatnonzero(coarse_zhist(zfine)[0]), np.flatnonzero(hist[0]))  # 201 + 1 / 0.05
       [221 241 261 281] [866 880 888 894]
     """
     scale = jnp.where(scale > 0, scale, 1.0)
+    subbins = _subbins(acc)
     raw = jnp.asarray(bins.bin_edges()[1:-1], jnp.float32)
-    z = shift[:, None] + scale[:, None] * jnp.asarray(bins.zbin_edges()[1:-1], jnp.float32)
-    # ties between the grids: the raw edge counts as first, on both sides
-    raw_place = jnp.arange(raw.size) + jax.vmap(lambda zh: jnp.searchsorted(zh, raw, side="left"))(z)
-    z_place = jnp.arange(z.shape[1]) + jnp.searchsorted(raw, z, side="right")
-    total = jnp.pad(jnp.cumsum(acc.counts, axis=1, dtype=jnp.int32), ((0, 0), (1, 0)))
+    zgrid = jnp.asarray(bins.fine_zbin_edges(subbins)[1:-1], jnp.float32)
+    z_at_raw = (raw[None, :] - shift[:, None]) * (1.0 / scale)[:, None]  # as add_block computes z
+    raw_starts = jnp.arange(1, raw.size + 1) + zbin_index(z_at_raw, subbins)
+    z_starts = jnp.arange(1, zgrid.size + 1) + raw_bin_index(shift[:, None] + scale[:, None] * zgrid)
+    total = jnp.pad(_running_sum(acc.counts), ((0, 0), (1, 0)))
 
-    def runs(place):  # counts of the bins between consecutive edges at these places
-        bounds = jnp.pad(place + 1, ((0, 0), (1, 1)), constant_values=(0, N_MERGED))
-        return jnp.diff(jnp.take_along_axis(total, bounds, axis=1), axis=1)
+    def runs(starts):  # counts of the runs of merged bins starting at ``starts``
+        bounds = jnp.pad(starts, ((0, 0), (1, 1)), constant_values=(0, acc.counts.shape[1]))
+        return jnp.diff(jnp.take_along_axis(total, bounds, axis=1, mode="promise_in_bounds"), axis=1)
 
-    return runs(z_place), runs(raw_place)
+    return runs(z_starts), runs(raw_starts)
+
+
+def coarse_zhist(zfine: jax.Array) -> jax.Array:
+    """The stored z-histogram (.., NZ) from counts on the finer grid (.., (NZ - 2) s + 2):
+    the tails as they are, each inner bin the sum of its s sub-bins."""
+    inner = zfine[..., 1:-1]
+    inner = inner.reshape(*inner.shape[:-1], bins.NZ - 2, -1).sum(-1)
+    return jnp.concatenate([zfine[..., :1], inner, zfine[..., -1:]], axis=-1)
+
+
+def ks_from_counts(zfine: jax.Array, n: jax.Array) -> jax.Array:
+    """Kolmogorov-Smirnov distance sup_z |F_n(z) - Phi(z)| from counts of z on a grid.
+
+    ``zfine`` (H, m + 2) counts the n entries' z on ``bins.fine_zbin_edges`` (m inner bins).
+    At each edge e_k the empirical CDF's left limit F_k = #(z < e_k) / n is known exactly, so
+    L = max_k |F_k - Phi(e_k)| <= D. Inside a bin [e_k, e_{k+1}) F_n lies between F_k and
+    F_{k+1}, so F_n - Phi <= F_{k+1} - Phi(e_k) and Phi - F_n <= Phi(e_{k+1}) - F_k; U, the
+    largest of these, is >= D, and U - L <= max_k (Phi(e_{k+1}) - Phi(e_k)) whatever the
+    entries (each term is one edge's |F - Phi| plus the bin's Phi mass). The midpoint
+    (L + U) / 2 is returned: within half the largest bin mass of D, dz phi(0) / 2 = 5.0e-4 on
+    bins of 0.0025 (the tails' mass, Phi(-10) = 7.6e-24, is nothing), plus what float32
+    rounding moves across an edge.
+
+    Examples:
+      >>> import numpy as np
+      >>> from scipy import stats
+      >>> from spinjax.kernels.bins import fine_zbin_edges
+      >>> from spinjax.kernels.elements import ks_from_counts
+      >>> u = (np.arange(1000) + 0.5) / 1000  # a uniform sample, standardized
+      >>> z = (u - u.mean()) / u.std()
+      >>> counts = np.histogram(z, fine_zbin_edges())[0][None]
+      >>> print(round(float(ks_from_counts(counts, np.array([1000]))[0]), 4))
+      0.0581
+      >>> print(round(stats.kstest(z, "norm").statistic, 4))  # exact, from the sorted entries
+      0.0577
+
+    References:
+      A. N. Kolmogorov, "Sulla determinazione empirica di una legge di distribuzione",
+      Giornale dell'Istituto Italiano degli Attuari 4, 1933; H. W. Lilliefors, "On the
+      Kolmogorov-Smirnov test for normality with mean and variance unknown", JASA 62, 1967.
+    """
+    edges = bins.fine_zbin_edges((zfine.shape[-1] - 2) // (bins.NZ - 2))
+    phi = jnp.asarray(scipy.special.ndtr(edges), jnp.float32)  # 0 at -inf, 1 at +inf
+    n = jnp.asarray(n, jnp.float32)[:, None]
+    cdf = _running_sum(zfine)[:, :-1] / n  # F at the finite edges
+    cdf = jnp.pad(cdf, ((0, 0), (1, 0)))
+    cdf = jnp.concatenate([cdf, jnp.ones_like(cdf[:, :1])], axis=-1)  # F at all edges, ends 0 and 1
+    lower = jnp.abs(cdf - phi).max(-1)
+    upper = jnp.maximum(cdf[:, 1:] - phi[:-1], phi[1:] - cdf[:, :-1]).max(-1)
+    return 0.5 * (lower + upper)
 
 
 def _scatter_parts(n: int) -> int:
@@ -171,8 +262,8 @@ def add_block(
 
     Per head, over the kept (finite, real) entries x: n += count, s_k += sum (x - shift)^k for
     k = 1..4, min and max, n_nonfinite += non-finite real entries, and one count per entry in
-    the merged bin ``raw_bin_index(x) + zbin_index((x - shift) / scale)`` (see
-    :func:`histograms`).
+    the merged bin ``raw_bin_index(x) + zbin_index((x - shift) / scale, subbins)`` (see
+    :func:`histograms`; ``subbins`` as ``acc`` was made by :func:`empty_sums`).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -208,7 +299,8 @@ def add_block(
         min=jnp.minimum(acc.min, lo),
         max=jnp.maximum(acc.max, hi),
         n_nonfinite=acc.n_nonfinite + n_nonfinite,
-        counts=acc.counts + _per_head_counts(raw_bin_index(x) + zbin_index(z), keep, N_MERGED),
+        counts=acc.counts
+        + _per_head_counts(raw_bin_index(x) + zbin_index(z, _subbins(acc)), keep, acc.counts.shape[1]),
     )
 
 
@@ -383,7 +475,9 @@ def summarize(acc: Sums, shift: jax.Array, scale: jax.Array) -> dict[str, jax.Ar
       the inner bins with |centre z_i| <= 2 and a count, weights the counts; s = sqrt(-1 / (2c)),
       m = b s^2, mu_fit = mu + sigma m, sigma_fit = sigma s, kl_fit = KL of p against the
       N(m, s^2) masses of the z bins; NaN when c >= 0 or fewer than 3 bins qualify;
-    - tail_mass = (zhist_0 + zhist_last) / n.
+    - tail_mass = (zhist_0 + zhist_last) / n;
+    - ks_normal = sup_z |F_n(z) - Phi(z)| from the finer counts (:func:`ks_from_counts`), only
+      when the pass counted on a finer grid (``subbins`` > 1 in :func:`empty_sums`).
 
     Every z-histogram value is NaN when sigma = 0 or n = 0 (``zhist`` then all zeros).
 
@@ -396,24 +490,28 @@ def summarize(acc: Sums, shift: jax.Array, scale: jax.Array) -> dict[str, jax.Ar
       >>> shift, scale = jnp.zeros(1), jnp.ones(1)  # the exact mean and std
       >>> acc = jax.jit(add_block)(empty_sums(1), x, shift, scale)
       >>> out = jax.jit(summarize)(acc, shift, scale)
-      >>> for k in ("std", "kurt", "entropy_residual", "kl_gauss", "kl_gauss_mm", "sigma_fit"):
-      ...     print(k, round(float(out[k][0]), 3) + 0.0)
+      >>> for k in ("std", "kurt", "entropy_residual", "kl_gauss", "kl_gauss_mm", "sigma_fit",
+      ...           "ks_normal"):
+      ...     print(k, round(float(out[k][0]), 4) + 0.0)
       std 1.0
-      kurt -0.009
-      entropy_residual -0.003
-      kl_gauss 0.003
-      kl_gauss_mm -0.013
-      sigma_fit 1.001
+      kurt -0.0085
+      entropy_residual -0.0026
+      kl_gauss 0.0027
+      kl_gauss_mm -0.0133
+      sigma_fit 1.0009
+      ks_normal 0.0006
 
       KL against the Gaussian of the same mean and variance is the negentropy, so kl_gauss
-      ~ -entropy_residual; 131 more occupied bins than one make kl_gauss_mm 131 / 8192 lower.
+      ~ -entropy_residual; 131 more occupied bins than one make kl_gauss_mm 131 / 8192 lower;
+      the quantiles' empirical CDF is 1 / (2n) = 0.0001 from Phi (ks_normal: within 5e-4).
 
     References:
       G. A. Miller, "Note on the bias of information estimates", in Information Theory in
       Psychology, 1955; L. Paninski, "Estimation of entropy and mutual information", Neural
       Computation 15(6), 2003.
     """
-    zhist, hist = histograms(acc, shift, scale)
+    zfine, hist = histograms(acc, shift, scale)
+    zhist = coarse_zhist(zfine)
     mean, m2, m3, m4 = central_moments(acc, shift)
     std = jnp.sqrt(m2)
     flat = m2 == 0
@@ -441,6 +539,9 @@ def summarize(acc: Sums, shift: jax.Array, scale: jax.Array) -> dict[str, jax.Ar
     def hist_based(v):
         return jnp.where(usable, v, nan)
 
+    finer = {}
+    if _subbins(acc) > 1:
+        finer["ks_normal"] = hist_based(ks_from_counts(jnp.where(usable[:, None], zfine, 0), acc.n))
     return {
         "mean": mean,
         "std": std,
@@ -460,4 +561,5 @@ def summarize(acc: Sums, shift: jax.Array, scale: jax.Array) -> dict[str, jax.Ar
         "zhist": zhist.astype(jnp.uint32),
         "hist": hist.astype(jnp.uint32),
         "n_nonfinite": acc.n_nonfinite,
+        **finer,
     }

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import elements, spectra
+from . import bins, elements, spectra
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Bytes live per W_QK entry of a block while it is summarised: the float32 block, its shifted
@@ -108,18 +108,20 @@ def _factor_blocks(n_heads: int, d_head: int, d_model: int) -> int:
     return d_head // max(r for r in range(1, d_head + 1) if d_head % r == 0 and r <= fit)
 
 
-@partial(jax.jit, static_argnames=("n_blocks", "masked"))
+@partial(jax.jit, static_argnames=("n_blocks", "masked", "subbins"))
 def factor_sums(
-    w: jax.Array, shift: jax.Array, scale: jax.Array, *, n_blocks: int, masked: bool
-) -> elements.Sums:
+    w: jax.Array, shift: jax.Array, scale: jax.Array, *, n_blocks: int, masked: bool,
+    subbins: int = bins.SUBBINS,
+) -> elements.Sums:  # fmt: skip
     """One pass over factor matrices (H, d_head, d_model) in ``n_blocks`` row blocks, binned
-    with ``shift`` and ``scale`` (see :func:`elements.add_block`)."""
+    with ``shift`` and ``scale`` (see :func:`elements.add_block`; ``subbins`` as
+    :func:`elements.empty_sums`)."""
     n_heads, d_head, d_model = w.shape
     blocks = w.reshape(n_heads, n_blocks, d_head // n_blocks, d_model)
     return jax.lax.fori_loop(
         0, n_blocks,
         lambda i, acc: elements.add_block(acc, blocks[:, i], shift, scale, masked=masked),
-        elements.empty_sums(n_heads),
+        elements.empty_sums(n_heads, subbins),
     )  # fmt: skip
 
 
@@ -227,7 +229,7 @@ def heads_per_block(n_heads: int, inner: bool = False) -> int:
     return n_heads
 
 
-@partial(jax.jit, static_argnames=("block_rows", "masked", "inner", "group"))
+@partial(jax.jit, static_argnames=("block_rows", "masked", "inner", "group", "subbins"))
 def qk_sums(
     wq: jax.Array,
     wk: jax.Array,
@@ -238,6 +240,7 @@ def qk_sums(
     masked: bool,
     inner: bool = False,
     group: int | None = None,
+    subbins: int = bins.SUBBINS,
 ) -> tuple[elements.Sums, jax.Array | None]:
     """One pass over every W_QK^h = wq[h]^T wk[h], ``block_rows`` rows of ``group`` heads
     (default all) at a time, one group after the other.
@@ -285,7 +288,7 @@ def qk_sums(
 
     gram = jnp.zeros((n_heads, n_heads) if inner else (0, 0), jnp.float32)
     n_steps = n_blocks * (n_heads // group)
-    sums, gram = jax.lax.fori_loop(0, n_steps, body, (elements.empty_sums(n_heads), gram))
+    sums, gram = jax.lax.fori_loop(0, n_steps, body, (elements.empty_sums(n_heads, subbins), gram))
     return sums, (gram if inner else None)
 
 
@@ -327,12 +330,12 @@ def _pass_flags(sums: elements.Sums, shift: jax.Array, scale: jax.Array) -> tupl
     return elements.saw_nonfinite(sums).any(), elements.needs_refinement(sums, shift, scale).any()
 
 
-def _factor_pass(w: jax.Array, n_blocks: int | None = None):
+def _factor_pass(w: jax.Array, n_blocks: int | None = None, subbins: int = bins.SUBBINS):
     """:func:`factor_sums` over ``w`` as a pass for :func:`_settled_pass`."""
     n_blocks = n_blocks or _factor_blocks(*w.shape)
 
     def run(shift, scale, masked, _):
-        return factor_sums(w, shift, scale, n_blocks=n_blocks, masked=masked), None
+        return factor_sums(w, shift, scale, n_blocks=n_blocks, masked=masked, subbins=subbins), None
 
     return run
 
@@ -364,7 +367,9 @@ def _settled_pass(run, shift: jax.Array, scale: jax.Array):
     return sums, shift, scale, extra
 
 
-def layer_statistics(wq, wk, *, block_rows: int, inner: bool = False) -> dict[str, np.ndarray]:
+def layer_statistics(
+    wq, wk, *, block_rows: int, inner: bool = False, measures: bool = True
+) -> dict[str, np.ndarray]:
     """Every statistic of SPEC section 4 for every query head of one layer.
 
     Args:
@@ -374,11 +379,17 @@ def layer_statistics(wq, wk, *, block_rows: int, inner: bool = False) -> dict[st
         :func:`block_rows_for_budget`, given the same ``inner``).
       inner: also return ``qk_inner`` (n_heads, n_heads), the Frobenius inner products of
         every two heads' W_QK (see :func:`qk_sums`), for the cross-head geometry.
+      measures: also the Kolmogorov-Smirnov distance ``ks_normal`` (the element passes count
+        z on the finer grid, ``bins.SUBBINS``) and W_QK's eigenvalues; False leaves both out
+        (what ``spinjax bench`` times them against).
 
     Returns:
       name -> array with leading dims (n_heads, 3) over (W_Q, W_K, W_QK): the scalar statistics,
       ``zhist`` (.., NZ), ``hist`` (.., NB), ``singular_values`` (.., d_head), ``n_nonfinite``.
-      W_K's values are those of each query head's key head (repeated under GQA).
+      W_K's values are those of each query head's key head (repeated under GQA). With
+      ``measures``, per head (n_heads, ...) of W_QK only: ``eig_re``, ``eig_im`` (.., d_head),
+      ``eig_positivity``, ``sym_fraction`` (see :func:`spectra.core_eigenvalues`,
+      :func:`spectra.qk_core`).
 
     Examples:
       >>> import numpy as np
@@ -400,6 +411,11 @@ def layer_statistics(wq, wk, *, block_rows: int, inner: bool = False) -> dict[st
       >>> print(out["n_nonfinite"])
       [[0 0 0]
        [0 0 0]]
+      >>> print(out["eig_re"], out["eig_im"].any())  # W_QK^0 = 2 e0 e0^T + e1 e2^T: 2 and 0
+      [[2. 0.]
+       [2. 0.]] False
+      >>> print(np.round(out["sym_fraction"], 4))  # (||W||^2 + tr(W W)) / (2 ||W||^2): 9/10, 13/18
+      [0.9    0.7222]
     """
     wq = jnp.asarray(wq, jnp.float32)
     wk = jnp.asarray(wk, jnp.float32)
@@ -407,6 +423,7 @@ def layer_statistics(wq, wk, *, block_rows: int, inner: bool = False) -> dict[st
     if wk.shape[1:] != wq.shape[1:] or n_heads % wk.shape[0]:
         raise ValueError(f"incompatible factors: wq {wq.shape}, wk {wk.shape}")
     kv_of_head = jnp.arange(n_heads) // (n_heads // wk.shape[0])
+    subbins = bins.SUBBINS if measures else 1
     gram_q, gram_k = factor_grams(wq, wk)
     svals, trusted = spectra.gram_singular_values(gram_q, gram_k)
     if not bool(trusted.all()):
@@ -416,23 +433,33 @@ def layer_statistics(wq, wk, *, block_rows: int, inner: bool = False) -> dict[st
         svals = jnp.where(trusted[:, None, None], svals, redone)
     guesses = [factor_moments_from_gram(wq, gram_q), factor_moments_from_gram(wk, gram_k)]
     guesses.append(qk_moments_from_factors(wq, wk, gram_q, gram_k))
-    if jax.default_backend() == "cpu":
+    on_cpu = jax.default_backend() == "cpu"
+    if on_cpu:
         # The spectra's LAPACK calls ran on one device (the same call on several CPU devices at
         # once deadlocks like two calls in one program, see spectra.py); they finish before any
         # program with a collective starts: devices waiting in an all-reduce hold the pool
         # workers that the LAPACK call on device 0 needs.
         svals = jax.block_until_ready(svals)
+    eigen = {}
+    if measures:
+        # A program of its own, after the singular values' one: one LAPACK call at a time
+        core, eigen["sym_fraction"] = spectra.qk_core(wq, wk, gram_q, gram_k)
+        eigen.update(spectra.core_eigenvalues(core))
+        if on_cpu:
+            eigen = jax.block_until_ready(eigen)
     wk_per_head = _over_heads(expand_kv(wk, n_heads))
     wq, wk = _over_heads(wq), _over_heads(wk)
     guesses = [tuple(_over_heads(v) for v in guess) for guess in guesses]
-    blocks = {"block_rows": block_rows, "group": heads_per_block(n_heads, inner)}
+    blocks = {"block_rows": block_rows, "group": heads_per_block(n_heads, inner), "subbins": subbins}
 
     def qk_pass(shift, scale, masked, with_inner):
         return qk_sums(wq, wk_per_head, shift, scale, masked=masked, inner=inner and with_inner, **blocks)
 
-    q, k = _settled_pass(_factor_pass(wq), *guesses[0]), _settled_pass(_factor_pass(wk), *guesses[1])
+    q = _settled_pass(_factor_pass(wq, subbins=subbins), *guesses[0])
+    k = _settled_pass(_factor_pass(wk, subbins=subbins), *guesses[1])
     *qk, gram = _settled_pass(qk_pass, *guesses[2])
     out = _summaries(q[:3], k[:3], tuple(qk), kv_of_head, svals)
+    out.update(eigen)
     if inner:
         out["qk_inner"] = gram
     return jax.device_get(out)

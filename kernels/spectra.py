@@ -1,4 +1,4 @@
-"""Singular values of W_Q, W_K and W_QK = W_Q^T W_K from the factors, and their summaries.
+"""Singular values and eigenvalues of W_Q, W_K and W_QK = W_Q^T W_K from the factors, and summaries.
 
 W_QK is never decomposed as a d_model x d_model matrix: with W_Q^T = Q_q R_q and
 W_K^T = Q_k R_k (thin QR, orthonormal Q), W_QK = Q_q (R_q R_k^T) Q_k^T, so its singular
@@ -9,6 +9,9 @@ the binning guess computes anyway (Cholesky QR: R = chol(w w^T)^T), much cheaper
 Householder QR of the factors on CPUs (no pass over the d_model-long factors), but its error
 grows with the factors' conditioning; :func:`factor_singular_values` (Householder, accurate at
 any conditioning) takes the heads whose conditioning the Gram route cannot afford.
+
+Eigenvalues: W_QK = W_Q^T W_K and W_K W_Q^T (d_head x d_head, :func:`qk_core`) have the same
+non-zero eigenvalues (AB and BA do), so :func:`core_eigenvalues` decomposes the small matrix.
 
 References:
   G. H. Golub, C. F. Van Loan, "Matrix Computations", 4th ed., 2013 (thin QR, SVD);
@@ -121,6 +124,94 @@ def gram_singular_values(gram_q: jax.Array, gram_k: jax.Array) -> tuple[jax.Arra
     bound = cond.sum(-1) * amplification
     trusted = jnp.isfinite(s).all((-2, -1)) & (bottom[:, :2] > 0).all(-1) & (bound <= GRAM_ROUTE_LIMIT)
     return s, trusted
+
+
+@jax.jit
+def qk_core(
+    wq: jax.Array, wk: jax.Array, gram_q: jax.Array, gram_k: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """W_K W_Q^T (d_head x d_head) per query head, and W_QK's symmetric share of its norm.
+
+    Args:
+      wq: (H, d_head, d_model) query factors; wk: (H_kv, d_head, d_model) key factors, query
+        head h using key head h // (H // H_kv).
+      gram_q, gram_k: their Grams w w^T (``heads.factor_grams``).
+
+    Returns:
+      core (H, d_head, d_head) = wk[kv(h)] wq[h]^T, whose eigenvalues are W_QK's non-zero ones,
+      and sym_fraction (H,) = ||(W_QK + W_QK^T) / 2||_F^2 / ||W_QK||_F^2 in [0, 1]. With
+      ||(W + W^T) / 2||^2 = (||W||^2 + tr(W W)) / 2, tr(W_QK W_QK) = tr(core core) and
+      ||W_QK||^2 = <gram_q, gram_k>: d_head x d_head products only. NaN where W_QK is zero or
+      not finite.
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels.heads import factor_grams
+      >>> from spinjax.kernels.spectra import qk_core
+      >>> wq = np.array([[[1, 0, 0], [0, 1, 0]], [[1, 0, 0], [0, 1, 0]]], np.float32)
+      >>> wk = np.array([[[1, 0, 0], [0, 1, 0]], [[0, 1, 0], [-1, 0, 0]]], np.float32)
+      >>> core, sym = qk_core(wq, wk, *factor_grams(wq, wk))
+      >>> print(core[1])  # head 1: W_QK = e0 e1^T - e1 e0^T, a rotation by 90 degrees
+      [[ 0.  1.]
+       [-1.  0.]]
+      >>> print(sym)  # head 0 symmetric (W_QK = e0 e0^T + e1 e1^T), head 1 antisymmetric
+      [1. 0.]
+    """
+    n_q = wq.shape[0]
+    wk = jnp.repeat(wk, n_q // wk.shape[0], axis=0)
+    core = jnp.einsum("hai,hbi->hab", wk, wq, precision=_HIGHEST)
+    squared = (gram_q * jnp.repeat(gram_k, n_q // gram_k.shape[0], axis=0)).sum((-2, -1))
+    trace_sq = (core * jnp.swapaxes(core, -1, -2)).sum((-2, -1))
+    ok = jnp.isfinite(squared) & jnp.isfinite(trace_sq) & (squared > 0)
+    sym = jnp.clip(0.5 * (1.0 + trace_sq / jnp.where(ok, squared, 1.0)), 0.0, 1.0)
+    return core, jnp.where(ok, sym, jnp.nan)
+
+
+@jax.jit
+def core_eigenvalues(core: jax.Array) -> dict[str, jax.Array]:
+    """Eigenvalues of each (H, d_head, d_head) ``core`` and how far they are positive.
+
+    A program of its own with one LAPACK call (XLA:CPU must never run two at once: see
+    :func:`factor_singular_values`); the caller runs it after the singular values' program
+    finished. ``jnp.linalg.eigvals`` runs on CPUs and, since jax 0.4.36, on CUDA GPUs
+    (cuSOLVER's geev, or LAPACK on the host).
+
+    Returns:
+      ``eig_re``, ``eig_im`` (H, d_head): the eigenvalues sorted by modulus descending, ties
+      by real part then imaginary part descending (a complex pair a +- bi adjacent, +b first);
+      ``eig_positivity`` (H,) = sum Re(lambda) / sum |lambda| in [-1, 1]: 1 when the head
+      matches directions with themselves (a positive semi-definite W_QK), 0 for a pure rotation,
+      -1 for a negative one. NaN for a head whose core is all zero or not finite (its
+      eigenvalues NaN too).
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels.spectra import core_eigenvalues
+      >>> core = np.array([[[2, 0], [0, -1]], [[0, 1], [-1, 0]]], np.float32)
+      >>> out = core_eigenvalues(core)
+      >>> print(out["eig_re"])  # 2, -1 and +-i
+      [[ 2. -1.]
+       [ 0.  0.]]
+      >>> print(out["eig_im"])
+      [[ 0.  0.]
+       [ 1. -1.]]
+      >>> print(np.round(out["eig_positivity"], 4))  # (2 - 1) / (2 + 1) and 0 / 2
+      [0.3333 0.    ]
+    """
+    finite = jnp.isfinite(core).all((-2, -1))
+    lam = jnp.linalg.eigvals(jnp.where(finite[:, None, None], core, 0.0))  # LAPACK never sees a NaN
+    re, im = jnp.real(lam), jnp.imag(lam)
+    modulus = jnp.abs(lam)
+    _, _, _, re, im, modulus = jax.lax.sort((-modulus, -re, -im, re, im, modulus), num_keys=3)
+    total = modulus.sum(-1)
+    ok = finite & (total > 0)
+    positivity = re.sum(-1) / jnp.where(ok, total, 1.0)
+    nan = jnp.float32(jnp.nan)
+    return {
+        "eig_re": jnp.where(finite[:, None], re, nan),
+        "eig_im": jnp.where(finite[:, None], im, nan),
+        "eig_positivity": jnp.where(ok, jnp.clip(positivity, -1.0, 1.0), nan),
+    }
 
 
 def spectral_summaries(s: jax.Array) -> dict[str, jax.Array]:

@@ -29,6 +29,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy import stats as scipy_stats
+from scipy.optimize import linear_sum_assignment
 from scipy.special import log_ndtr
 
 try:
@@ -44,6 +46,8 @@ __all__ = [
     "element_stats",
     "spectral_stats",
     "head_reference",
+    "head_eigen",
+    "eigen_distance",
     "near_edge_count",
 ]
 
@@ -51,7 +55,7 @@ ELEMENT_KEYS = (
     "mean", "std", "skew", "kurt", "min", "max",
     "entropy", "entropy_residual", "entropy_mm",
     "kl_gauss", "kl_gauss_mm", "mu_fit", "sigma_fit", "kl_fit",
-    "tail_mass", "zhist", "hist", "n_nonfinite",
+    "tail_mass", "zhist", "hist", "n_nonfinite", "ks_normal",
 )  # fmt: skip
 SPECTRAL_KEYS = (
     "spectral_norm", "frobenius_norm", "stable_rank", "spectral_entropy",
@@ -145,6 +149,8 @@ def element_stats(M: np.ndarray, zmax: float = 10.0, nz: int = 402) -> dict:
       with q'_i the mass of N(m, s^2) on the same z bins. All three NaN if c >= 0 or fewer
       than 3 bins qualify.
     * hist: counts of the finite raw values on bin_edges(); n_nonfinite = size - n.
+    * ks_normal: scipy's exact Kolmogorov-Smirnov statistic of the finite entries against
+      N(mu, sigma^2) (``scipy.stats.kstest``), NaN when sigma = 0.
 
     sigma = 0 is decided exactly (all finite entries equal): skew = kurt = 0, zhist zeros,
     z-histogram values NaN. n = 0: every scalar NaN, every count 0.
@@ -178,6 +184,7 @@ def element_stats(M: np.ndarray, zmax: float = 10.0, nz: int = 402) -> dict:
     m4 = float(np.mean(d**4))
     sigma = math.sqrt(m2)
     out.update(mean=mu, std=sigma, skew=m3 / m2**1.5, kurt=m4 / m2**2 - 3.0)
+    out["ks_normal"] = float(scipy_stats.kstest(x, "norm", args=(mu, sigma)).statistic)
 
     # standardized histogram
     z = d / sigma
@@ -306,6 +313,39 @@ def head_reference(WQ: np.ndarray, WK: np.ndarray, zmax: float = 10.0, nz: int =
         stats["singular_values"] = sv
         result[name] = stats
     return result
+
+
+def head_eigen(WQ: np.ndarray, WK: np.ndarray) -> dict:
+    """Eigenvalues of the explicit d_model x d_model W_QK = WQ^T WK (``numpy.linalg.eig``,
+    float64), and the measures built on them.
+
+    ``eig`` (d_head,) complex: the d_head of largest modulus, sorted by modulus descending
+    (ties by real, then imaginary part, descending); ``rest``: the d_model - d_head others
+    (zero in exact arithmetic: W_QK has rank <= d_head); ``sym_fraction`` = ||(W + W^T)/2||_F^2 /
+    ||W||_F^2 from the explicit matrix; ``eig_positivity`` = sum Re(lambda) / sum |lambda| over
+    all d_model eigenvalues.
+    """
+    W = np.asarray(WQ, np.float64).T @ np.asarray(WK, np.float64)
+    lam = np.linalg.eig(W)[0]
+    order = np.lexsort((-lam.imag, -lam.real, -np.abs(lam)))
+    lam = lam[order]
+    d_head = np.asarray(WQ).shape[0]
+    sym = 0.5 * (W + W.T)
+    total = np.abs(lam).sum()
+    return {
+        "eig": lam[:d_head],
+        "rest": lam[d_head:],
+        "sym_fraction": float((sym**2).sum() / (W**2).sum()) if (W**2).sum() > 0 else NAN,
+        "eig_positivity": float(lam.real.sum() / total) if total > 0 else NAN,
+    }
+
+
+def eigen_distance(got: np.ndarray, ref: np.ndarray) -> float:
+    """Largest |got_i - ref_pi(i)| under the pairing pi that minimises the total distance, so
+    that two lists of the same eigenvalues compare whatever order near-ties took."""
+    cost = np.abs(np.asarray(got)[:, None] - np.asarray(ref)[None, :])
+    rows, cols = linear_sum_assignment(cost)
+    return float(cost[rows, cols].max()) if cost.size else 0.0
 
 
 # --------------------------------------------------------------------------------------

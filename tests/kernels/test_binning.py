@@ -1,9 +1,10 @@
 """Both histograms from the element pass's one merged scatter, against float64 binning.
 
 kernels/elements.py counts each entry once, in the bin of the merged (raw + z) edges, and
-``histograms`` splits the merged counts back into the raw and z histograms. These tests pin the
-split on values of every scale, edges of both grids that coincide, a collapsed z grid, and masked
-entries; counts may differ from float64 binning only for entries within rounding of an edge.
+``histograms`` splits the merged counts back into the raw and the (finer, counting) z histograms.
+These tests pin the split on values of every scale, edges of both grids that coincide, a
+collapsed z grid, and masked entries; counts may differ from float64 binning only for entries
+within rounding of an edge.
 The same pass's power sums, min and max (one reduction with six results) are pinned too.
 """
 
@@ -15,6 +16,7 @@ import pytest
 from reference import near_edge_count
 
 from spinjax.kernels import bin_edges, elements, zbin_edges
+from spinjax.kernels.bins import fine_zbin_edges
 
 
 def _reference(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -52,8 +54,10 @@ def test_both_histograms_match_float64_binning_at_every_scale():
         v = x[h].astype(np.float64).ravel()
         _assert_close_counts(hist[h], v, bin_edges(), f"head {h} raw")
         z = (v - np.float32(shift[h])) / np.float32(scale[h])
-        _assert_close_counts(zhist[h], z, zbin_edges(), f"head {h} z")
-        assert np.count_nonzero(hist[h]) > 2 and np.count_nonzero(zhist[h]) > 5  # not one bin
+        _assert_close_counts(zhist[h], z, fine_zbin_edges(), f"head {h} z")
+        coarse = np.asarray(elements.coarse_zhist(zhist[h]))
+        _assert_close_counts(coarse, z, zbin_edges(), f"head {h} stored z")
+        assert np.count_nonzero(hist[h]) > 2 and np.count_nonzero(coarse) > 5  # not one bin
 
 
 def test_coinciding_edges_of_both_grids_split_consistently():
@@ -64,7 +68,7 @@ def test_coinciding_edges_of_both_grids_split_consistently():
     zhist, hist, acc = _histograms(x, [0.0], [1.0])
     v = x.ravel().astype(np.float64)
     _assert_close_counts(hist[0], v, bin_edges(), "raw")
-    _assert_close_counts(zhist[0], v, zbin_edges(), "z")
+    _assert_close_counts(zhist[0], v, fine_zbin_edges(), "z")
     assert int(acc.n[0]) == v.size
 
 
@@ -87,7 +91,7 @@ def test_masked_entries_and_padding_rows_are_in_neither_histogram():
         v = x[h, :6].astype(np.float64).ravel()
         v = v[np.isfinite(v)]
         _assert_close_counts(hist[h], v, bin_edges(), f"head {h} raw")
-        _assert_close_counts(zhist[h], v, zbin_edges(), f"head {h} z")
+        _assert_close_counts(zhist[h], v, fine_zbin_edges(), f"head {h} z")
     assert acc.n_nonfinite.tolist() == [2, 1]
 
 
@@ -118,7 +122,7 @@ def test_a_zero_scale_bins_like_scale_one():
     x = np.linspace(-3, 3, 64, dtype=np.float32).reshape(1, 2, 32)
     zhist, hist, _ = _histograms(x, [0.0], [0.0])
     v = x.ravel().astype(np.float64)
-    _assert_close_counts(zhist[0], v, zbin_edges(), "z")
+    _assert_close_counts(zhist[0], v, fine_zbin_edges(), "z")
     _assert_close_counts(hist[0], v, bin_edges(), "raw")
 
 
