@@ -115,6 +115,13 @@ class NullScorer:
         self.samples = int(ds.attrs["samples"])
         names = [n for n in NULL_VARIABLES if n.removesuffix("_z") in ds.data_vars]
         self.null = {n.removesuffix("_z"): np.asarray(ds[n.removesuffix("_z")].values) for n in names}
+        lacking = [n for n in NULL_VARIABLES if n not in names]
+        if lacking:  # made by an older spinjax: those z-scores keep their fill value
+            on_message(
+                f"--null: {self.key} lacks {', '.join(n.removesuffix('_z') for n in lacking)} (an older "
+                f"spinjax made it), so {', '.join(lacking)} stay NaN; `spinjax baseline --d {d_model} "
+                f"--d-head {d_head} --samples {self.samples} --recompute` replaces it"
+            )
 
     def attrs(self) -> dict:
         return {"baseline": self.key, "samples": self.samples, "sigma": self.sigma}

@@ -23,7 +23,7 @@ from ..errors import InputError
 from ..kernels.heads import block_entries_cap, block_rows_for_budget, layer_statistics
 from ..sources.steps import select_steps
 from ..store import RESERVED_GROUPS, ModelGroup, check_can_hold, open_store
-from ..store.schema import OV_MATRICES
+from ..store.schema import EIGEN_STATS, OV_MATRICES
 from . import features
 from .distributed import barrier
 from .options import Progress, RunOptions, RunResult, default_memory_budget
@@ -157,7 +157,8 @@ def _compute(reader: Reader, writer: StepWriter, result: RunResult, progress: Pr
 
 
 def layer_results(item: LayerFactors, budget: int, pairs: str) -> dict[str, np.ndarray]:
-    """Every statistic of one layer's heads, (head, matrix, ...), and its head pairs."""
+    """Every statistic of one layer's heads, (head, matrix, ...), the eigen measures of its
+    circuits (``qk_*``, ``ov_*``: (head, ...)), and its head pairs."""
 
     def statistics(wq, wk, inner=False):
         cap = block_entries_cap()
@@ -166,11 +167,16 @@ def layer_results(item: LayerFactors, budget: int, pairs: str) -> dict[str, np.n
 
     stats = statistics(item.wq, item.wk, inner=pairs != "none")
     inner = stats.pop("qk_inner", None)
+    stats.update({f"qk_{name}": stats.pop(name) for name in EIGEN_STATS})
     if item.ov is not None:
         wv, wo = item.ov
-        # (W_O, W_V, W_O^T W_V = W_OV^T): a transpose has the same element and spectral statistics
+        # (W_O, W_V, W_O^T W_V = W_OV^T): a transpose has the same element and spectral statistics,
+        # and the same eigenvalues (those of W_V W_O^T's transpose W_O W_V^T)
         ov = statistics(wo, wv)
-        stats = {name: np.concatenate([v, ov[name][:, [1, 0, 2]]], axis=1) for name, v in stats.items()}
+        eigen = {f"ov_{name}": ov.pop(name) for name in EIGEN_STATS}
+        stats = {name: np.concatenate([v, ov[name][:, [1, 0, 2]]], axis=1) if name in ov else v
+                 for name, v in stats.items()}  # fmt: skip
+        stats.update(eigen)
     if inner is not None:
         stats.update(features.layer_pairs(inner, stats["hist"]))
     return stats

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..sources.base import Source
 from ..store import ModelGroup, consolidate, locked, open_store, writing
-from ..store.schema import NULL_VARIABLES, VARIABLES
+from ..store.schema import NULL_VARIABLES, VARIABLES, run_variables
 from . import features
 from .options import Progress, RunOptions, stored_features
 from .reader import Claims, StepRead
@@ -96,9 +96,13 @@ class StepWriter:
         """Create the optional variables this run writes; score finished steps from the store
         when the null is new to the group (under the lock)."""
         pairs = self.options.pairs
-        specs = features.variables(null=self.scorer is not None, pairs=pairs)
+        # a group made by an older spinjax gains the variables every run now writes
+        specs = run_variables(group.matrices)
+        specs.update(features.variables(null=self.scorer is not None, pairs=pairs))
         shape = group.shape
-        created = group.add_variables(specs, features.pair_coordinates(shape["n_layers"], shape["n_heads"]))
+        coords = {**features.pair_coordinates(shape["n_layers"], shape["n_heads"]),
+                  "eig": np.arange(shape["d_head"], dtype=np.int32)}  # fmt: skip
+        created = group.add_variables(specs, coords)
         stored = dict(stored_features(group))
         if self.scorer is not None:
             stored["null"] = self.scorer.attrs()

@@ -27,7 +27,7 @@ BASE_DIMS = ("step", "layer", "head", "matrix")  # dims of every per-head scalar
 SCALARS = (
     "mean", "std", "skew", "kurt", "min", "max",
     "entropy", "entropy_residual", "entropy_mm", "kl_gauss", "kl_gauss_mm",
-    "mu_fit", "sigma_fit", "kl_fit", "tail_mass",
+    "mu_fit", "sigma_fit", "kl_fit", "tail_mass", "ks_normal",
     "spectral_norm", "frobenius_norm", "stable_rank", "spectral_entropy",
     "effective_rank", "participation_ratio", "condition_number",
 )  # fmt: skip
@@ -43,6 +43,30 @@ VARIABLES: dict[str, tuple[str | None, str, Any]] = {
     "hist": ("bin", "uint32", 0),
     "singular_values": ("sv", "float32", np.nan),
 }
+
+# Per-head measures of the product matrix (no matrix dim; schema 1 additions written by every
+# run): the kernels' names with the circuit's prefix, "qk" always and "ov" with `run --ov`.
+HEAD_DIMS = ("step", "layer", "head")
+EIG_DIMS = HEAD_DIMS + ("eig",)  # eig: 0 .. d_head - 1, largest modulus first
+EIGEN_STATS = {"eig_re": EIG_DIMS, "eig_im": EIG_DIMS, "sym_fraction": HEAD_DIMS, "eig_positivity": HEAD_DIMS}
+
+
+def eigen_variables(circuit: str) -> dict[str, VariableSpec]:
+    """``<circuit>_eig_re``, ``_eig_im``, ``_sym_fraction``, ``_eig_positivity`` ("qk" or "ov")."""
+    return {f"{circuit}_{name}": (dims, "float32", np.nan) for name, dims in EIGEN_STATS.items()}
+
+
+def run_variables(matrices: tuple[str, ...]) -> dict[str, VariableSpec]:
+    """Every variable a run writes at every step, dims included: the core ones and the eigen
+    measures of each circuit the group's ``matrices`` hold. A run adds those a group made by
+    an older spinjax lacks (NaN for the steps it finished)."""
+    specs = {name: (BASE_DIMS + ((extra,) if extra else ()), dtype, fill)
+             for name, (extra, dtype, fill) in VARIABLES.items()}  # fmt: skip
+    specs.update(eigen_variables("qk"))
+    if "W_OV" in matrices:
+        specs.update(eigen_variables("ov"))
+    return specs
+
 
 # Optional variables (schema 1 additions), created in a group when first asked for.
 NULL_VARIABLES: dict[str, VariableSpec] = {  # run --null

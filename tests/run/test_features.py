@@ -101,7 +101,9 @@ def test_null_scores_equal_numpy_from_the_stored_null(derived_store):
     frob = ds.frobenius_norm.isel(step=0).values.astype(np.float64)
     rms = frob[..., :2] / np.sqrt(16 * 96)
     scale = np.stack([rms[..., 0], rms[..., 1], rms[..., 0] * rms[..., 1]], axis=-1)
-    for name in ("std", "kurt", "entropy", "kl_gauss", "stable_rank", "spectral_norm", "singular_values"):
+    names = ("std", "kurt", "entropy", "kl_gauss", "ks_normal", "stable_rank", "spectral_norm",
+             "singular_values")  # fmt: skip
+    for name in names:
         value = ds[name].isel(step=0).values.astype(np.float64)
         s = scale[..., None] if name == "singular_values" else scale
         if name in SCALE_MUL:
@@ -132,6 +134,22 @@ def test_null_added_later_scores_finished_steps_and_sticks(neox_store, derived_s
     run(str(NEOX), RunOptions(steps="all", store=path, recompute=True))
     again = xr.open_zarr(path, group="gpt_neox")
     np.testing.assert_allclose(again.kurt_z.values, fresh.kurt_z.values, rtol=1e-5, atol=1e-6)
+
+
+def test_a_null_without_ks_normal_leaves_its_z_score_nan_and_says_so(neox_store, derived_store, tmp_path):
+    from spinjax.run.options import Progress
+
+    path = tmp_path / "s.zarr"
+    shutil.copytree(neox_store, path)
+    shutil.copytree(derived_store / "baseline", path / "baseline")
+    shutil.rmtree(path / "baseline" / "96x16" / "ks_normal")  # as an older spinjax made it
+    store_mod.consolidate(store_mod.open_store(path, create=True, consolidated=False))
+    warnings = []
+    run(str(NEOX), RunOptions(steps="all", store=path, null=True, recompute=True),
+        Progress(on_warning=warnings.append))  # fmt: skip
+    assert any("lacks ks_normal" in w and "--recompute" in w for w in warnings), warnings
+    ds = xr.open_zarr(path, group="gpt_neox")
+    assert np.isnan(ds.ks_normal_z.values).all() and np.isfinite(ds.kurt_z.values).all()
 
 
 def test_pairs_none_writes_no_geometry(tmp_path):

@@ -36,7 +36,7 @@ NZ = 402  # SPEC section 4 default: 400 inner z-bins plus two tails
 SCALARS = [
     "mean", "std", "skew", "kurt", "min", "max",
     "entropy", "entropy_residual", "entropy_mm", "kl_gauss", "kl_gauss_mm",
-    "mu_fit", "sigma_fit", "kl_fit", "tail_mass",
+    "mu_fit", "sigma_fit", "kl_fit", "tail_mass", "ks_normal",
     "spectral_norm", "frobenius_norm", "stable_rank", "spectral_entropy",
     "effective_rank", "participation_ratio", "condition_number",
 ]  # fmt: skip
@@ -48,9 +48,14 @@ DATA = {
     "zhist": ([*BASE, "zbin"], "uint32"),
     "hist": ([*BASE, "bin"], "uint32"),
     "singular_values": ([*BASE, "sv"], "float32"),
+    "qk_eig_re": (["step", "layer", "head", "eig"], "float32"),
+    "qk_eig_im": (["step", "layer", "head", "eig"], "float32"),
+    "qk_sym_fraction": (["step", "layer", "head"], "float32"),
+    "qk_eig_positivity": (["step", "layer", "head"], "float32"),
     "done": (["step"], "bool"),
 }
-COORDS = {"step": "int64", "layer": "int32", "head": "int32", "sv": "int32", "zbin": "int32", "bin": "int32"}
+COORDS = {"step": "int64", "layer": "int32", "head": "int32", "sv": "int32", "zbin": "int32", "bin": "int32",
+          "eig": "int32"}  # fmt: skip
 
 
 def _group(path: Path) -> zarr.Group:
@@ -106,7 +111,7 @@ def test_model_group_attributes(neox_store):
 
 def test_every_variable_has_spec_dims_dtype_chunks_and_compression(neox_store):
     g = _group(neox_store)
-    sizes = {"step": 1, "layer": N_LAYERS, "head": N_HEADS, "matrix": 3, "sv": D_HEAD, "zbin": NZ,
+    sizes = {"step": 1, "layer": N_LAYERS, "head": N_HEADS, "matrix": 3, "sv": D_HEAD, "eig": D_HEAD, "zbin": NZ,
              "bin": g["bin"].shape[0]}  # fmt: skip
     for name, (dims, dtype) in DATA.items():
         arr = g[name]
@@ -129,6 +134,7 @@ def test_coordinates(neox_store):
     assert g["layer"][:].tolist() == list(range(N_LAYERS))
     assert g["head"][:].tolist() == list(range(N_HEADS))
     assert g["sv"][:].tolist() == list(range(D_HEAD))
+    assert g["eig"][:].tolist() == list(range(D_HEAD))
     assert g["zbin"][:].tolist() == list(range(NZ))
     assert g["bin"][:].tolist() == list(range(g["bin"].shape[0]))
     assert [str(m) for m in g["matrix"][:]] == ["W_Q", "W_K", "W_QK"]
@@ -208,6 +214,7 @@ def test_store_values_are_the_kernel_values(neox_store):
         wq, wk = layout.extract(checkpoint.tensor, layer, geometry)
         expected = layer_statistics(wq, wk, block_rows=block_rows, inner=True)
         expected.pop("qk_inner")
+        expected.update({f"qk_{name}": expected.pop(name) for name in store_mod.schema.EIGEN_STATS})
         assert set(expected) == set(DATA) - {"done"}
         for name, value in expected.items():
             np.testing.assert_allclose(
