@@ -308,6 +308,23 @@ def _summaries(
     return out
 
 
+def _host() -> jax.Device | None:
+    """Where the eigenvalues are computed: the host's CPU when the kernels run on an accelerator.
+
+    LAPACK's geev on a CPU core takes ~2 ms for a 128 x 128 core; accelerators run it one
+    matrix at a time (cuSOLVER's geev from CUDA 12.6, else LAPACK on the host behind the
+    device's back), so the host's program, dispatched asynchronously, overlaps the device's
+    element passes instead of stalling them. None (the default device) on CPUs, or when JAX
+    was started without its CPU backend.
+    """
+    if jax.default_backend() == "cpu":
+        return None
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:
+        return None
+
+
 def _head_mesh(n_heads: int) -> jax.sharding.Mesh | None:
     """A mesh over the local devices for the head axis, when there are several and they divide it."""
     devices = jax.local_devices()
@@ -368,7 +385,7 @@ def _settled_pass(run, shift: jax.Array, scale: jax.Array):
 
 
 def layer_statistics(
-    wq, wk, *, block_rows: int, inner: bool = False, measures: bool = True
+    wq, wk, *, block_rows: int, inner: bool = False, ks: bool = True, eigenvalues: bool = True
 ) -> dict[str, np.ndarray]:
     """Every statistic of SPEC section 4 for every query head of one layer.
 
@@ -379,17 +396,18 @@ def layer_statistics(
         :func:`block_rows_for_budget`, given the same ``inner``).
       inner: also return ``qk_inner`` (n_heads, n_heads), the Frobenius inner products of
         every two heads' W_QK (see :func:`qk_sums`), for the cross-head geometry.
-      measures: also the Kolmogorov-Smirnov distance ``ks_normal`` (the element passes count
-        z on the finer grid, ``bins.SUBBINS``) and W_QK's eigenvalues; False leaves both out
-        (what ``spinjax bench`` times them against).
+      ks: also the Kolmogorov-Smirnov distance ``ks_normal`` (the element passes count z on
+        the finer grid, ``bins.SUBBINS``).
+      eigenvalues: also W_QK's eigen measures. Without either, a layer costs what
+        ``spinjax bench`` times them against.
 
     Returns:
       name -> array with leading dims (n_heads, 3) over (W_Q, W_K, W_QK): the scalar statistics,
       ``zhist`` (.., NZ), ``hist`` (.., NB), ``singular_values`` (.., d_head), ``n_nonfinite``.
-      W_K's values are those of each query head's key head (repeated under GQA). With
-      ``measures``, per head (n_heads, ...) of W_QK only: ``eig_re``, ``eig_im`` (.., d_head),
-      ``eig_positivity``, ``sym_fraction`` (see :func:`spectra.core_eigenvalues`,
-      :func:`spectra.qk_core`).
+      W_K's values are those of each query head's key head (repeated under GQA); ``ks_normal``
+      with ``ks``. With ``eigenvalues``, per head (n_heads, ...) of W_QK only: ``eig_re``,
+      ``eig_im`` (.., d_head), ``eig_positivity``, ``sym_fraction`` (see
+      :func:`spectra.core_eigenvalues`, :func:`spectra.qk_core`).
 
     Examples:
       >>> import numpy as np
@@ -423,7 +441,7 @@ def layer_statistics(
     if wk.shape[1:] != wq.shape[1:] or n_heads % wk.shape[0]:
         raise ValueError(f"incompatible factors: wq {wq.shape}, wk {wk.shape}")
     kv_of_head = jnp.arange(n_heads) // (n_heads // wk.shape[0])
-    subbins = bins.SUBBINS if measures else 1
+    subbins = bins.SUBBINS if ks else 1
     gram_q, gram_k = factor_grams(wq, wk)
     svals, trusted = spectra.gram_singular_values(gram_q, gram_k)
     if not bool(trusted.all()):
@@ -441,10 +459,10 @@ def layer_statistics(
         # workers that the LAPACK call on device 0 needs.
         svals = jax.block_until_ready(svals)
     eigen = {}
-    if measures:
+    if eigenvalues:
         # A program of its own, after the singular values' one: one LAPACK call at a time
         core, eigen["sym_fraction"] = spectra.qk_core(wq, wk, gram_q, gram_k)
-        eigen.update(spectra.core_eigenvalues(core))
+        eigen.update(spectra.core_eigenvalues(jax.device_put(core, _host())))
         if on_cpu:
             eigen = jax.block_until_ready(eigen)
     wk_per_head = _over_heads(expand_kv(wk, n_heads))

@@ -173,8 +173,7 @@ def core_eigenvalues(core: jax.Array) -> dict[str, jax.Array]:
 
     A program of its own with one LAPACK call (XLA:CPU must never run two at once: see
     :func:`factor_singular_values`); the caller runs it after the singular values' program
-    finished. ``jnp.linalg.eigvals`` runs on CPUs and, since jax 0.4.36, on CUDA GPUs
-    (cuSOLVER's geev, or LAPACK on the host).
+    finished, and on the host's CPU when the kernels run on an accelerator (``heads._host``).
 
     Returns:
       ``eig_re``, ``eig_im`` (H, d_head): the eigenvalues sorted by modulus descending, ties

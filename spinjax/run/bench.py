@@ -10,6 +10,10 @@ optimistic disk). ``spinjax bench`` prints the ratio of spinjax's time to it.
 Shared machines change speed from minute to minute, so spinjax and every floor part are timed
 in turns, round after round, and each keeps its best round: a slow spell then costs all of
 them alike instead of one.
+
+The measures that came last are timed too, in the same turns: ``plain_layer_s`` is a layer
+without them, ``ks_layer_s`` one with ``ks_normal`` (its finer z grid) only; ``ks_s`` and
+``eigenvalues_s`` are what each adds (differences of best times, so noisy at the 1% level).
 """
 
 from __future__ import annotations
@@ -55,10 +59,22 @@ class ShapeResult:
     read_s: float
     compile_s: float
     pairs_layer_s: float  # spinjax with the heads' inner products too (a run's default --pairs layer)
+    plain_layer_s: float  # spinjax without ks_normal's finer grid and the eigenvalues
+    ks_layer_s: float  # spinjax with ks_normal, without the eigenvalues
 
     @property
     def floor_s(self) -> float:
         return self.matmul_s + self.pass_s + self.read_s
+
+    @property
+    def ks_s(self) -> float:
+        """What ks_normal adds to a layer (best times, measured in turns)."""
+        return self.ks_layer_s - self.plain_layer_s
+
+    @property
+    def eigenvalues_s(self) -> float:
+        """What W_QK's eigen measures add to a layer."""
+        return self.layer_s - self.ks_layer_s
 
     @property
     def heads_per_s(self) -> float:
@@ -77,6 +93,8 @@ class ShapeResult:
             **asdict(self),
             "floor_s": self.floor_s,
             "ratio_to_floor": self.layer_s / self.floor_s,
+            "ks_s": self.ks_s,
+            "eigenvalues_s": self.eigenvalues_s,
             "heads_per_s": self.heads_per_s,
             "achieved_gflops": self.flops / self.layer_s / 1e9,
             "achieved_gbps": self.entry_bytes / self.layer_s / 1e9,
@@ -144,6 +162,8 @@ def measure_shape(name: str, *, budget_bytes: int = 1 << 30, repeat: int = 2) ->
         {
             "spinjax": lambda: layer_statistics(wq, wk, block_rows=rows),
             "spinjax_pairs": lambda: layer_statistics(wq, wk, block_rows=rows_pairs, inner=True),
+            "spinjax_plain": lambda: layer_statistics(wq, wk, block_rows=rows, ks=False, eigenvalues=False),
+            "spinjax_ks": lambda: layer_statistics(wq, wk, block_rows=rows, eigenvalues=False),
             "block_matmul": lambda: form(q, k),
             "gemm": lambda: gemm(square),
             "pass": lambda: read_once(block),
@@ -156,7 +176,7 @@ def measure_shape(name: str, *, budget_bytes: int = 1 << 30, repeat: int = 2) ->
     return ShapeResult(
         name, jax.devices()[0].device_kind, d, n_heads, d_head, n_layers, rows,
         best["spinjax"], flops / rate, rate / 1e9, best["pass"] * n_blocks, _read_time(wq, wk), compile_s,
-        best["spinjax_pairs"],
+        best["spinjax_pairs"], best["spinjax_plain"], best["spinjax_ks"],
     )  # fmt: skip
 
 
@@ -190,8 +210,9 @@ def results_section(results: list[ShapeResult]) -> str:
 def markdown(results: list[ShapeResult]) -> str:
     head = (
         "| shape | device | heads/s | GFLOP/s | GB/s | s/layer | floor s/layer (matmul + pass + read) "
-        "| device matmul GFLOP/s | ratio to floor | s/checkpoint | s/layer with --pairs layer |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|"
+        "| device matmul GFLOP/s | ratio to floor | s/checkpoint | s/layer with --pairs layer "
+        "| of which ks_normal | of which eigenvalues |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in results:
@@ -201,6 +222,10 @@ def markdown(results: list[ShapeResult]) -> str:
             f"| {x['achieved_gflops']:.1f} | {x['achieved_gbps']:.2f} | {r.layer_s:.3f} "
             f"| {r.floor_s:.3f} ({r.matmul_s:.3f} + {r.pass_s:.3f} + {r.read_s:.3f}) "
             f"| {r.matmul_gflops:.0f} | {x['ratio_to_floor']:.2f}x | {x['checkpoint_s']:.1f} "
-            f"| {r.pairs_layer_s:.3f} |"
+            f"| {r.pairs_layer_s:.3f} | {_share(r.ks_s, r.layer_s)} | {_share(r.eigenvalues_s, r.layer_s)} |"
         )
     return "\n".join(lines)
+
+
+def _share(part: float, whole: float) -> str:
+    return f"{part:.3f} ({100 * part / whole:.0f}%)"

@@ -128,13 +128,16 @@ def test_nonfinite_and_zero_heads_give_nan():
         _check_eigen(out, h, wq[h], wk[0])
 
 
-def test_measures_off_leaves_them_out_and_the_rest_unchanged():
+def test_measures_off_leave_them_out_and_the_rest_unchanged():
     wq, wk = _gqa_layer(6)
     on = layer_statistics(wq, wk, block_rows=16)
-    off = layer_statistics(wq, wk, block_rows=16, measures=False)
-    assert set(on) - set(off) == {*EIGEN, "ks_normal"}
+    no_ks = layer_statistics(wq, wk, block_rows=16, ks=False)
+    off = layer_statistics(wq, wk, block_rows=16, ks=False, eigenvalues=False)
+    assert set(on) - set(no_ks) == {"ks_normal"} and set(no_ks) - set(off) == set(EIGEN)
     for name in ("mean", "std", "kurt", "singular_values", "hist"):
         np.testing.assert_array_equal(on[name], off[name], err_msg=name)
+    for name in EIGEN:
+        np.testing.assert_array_equal(on[name], no_ks[name], err_msg=name)
 
 
 def _ks_of(x: np.ndarray) -> float:

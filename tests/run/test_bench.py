@@ -37,6 +37,10 @@ def test_bench_rows_follow_the_floor_definition_and_results_are_appended(tmp_pat
     assert row["matmul_s"] == pytest.approx(flops / (row["matmul_gflops"] * 1e9))
     assert row["achieved_gflops"] == pytest.approx(flops / row["layer_s"] / 1e9)
     assert row["checkpoint_s"] == pytest.approx(12 * row["layer_s"])
+    # what ks_normal and the eigenvalues add: the layer against itself without them
+    assert row["plain_layer_s"] > 0 and row["ks_layer_s"] > 0
+    assert row["ks_s"] == pytest.approx(row["ks_layer_s"] - row["plain_layer_s"])
+    assert row["eigenvalues_s"] == pytest.approx(row["layer_s"] - row["ks_layer_s"])
 
     text = results.read_text()
     assert text.startswith("# Benchmark results\n\nearlier text\n")  # appended, nothing lost
@@ -45,7 +49,8 @@ def test_bench_rows_follow_the_floor_definition_and_results_are_appended(tmp_pat
     assert "device: 1 x cpu" in section or jax.default_backend() != "cpu"
     table_rows = [ln for ln in section.splitlines() if ln.startswith("| 160m (d 768, 12x64) |")]
     assert len(table_rows) == 1 and f"{row['ratio_to_floor']:.2f}x" in table_rows[0]
-    assert table_rows[0].endswith(f"| {row['pairs_layer_s']:.3f} |")
+    ks, eig = (f"{row[k]:.3f} ({100 * row[k] / row['layer_s']:.0f}%)" for k in ("ks_s", "eigenvalues_s"))
+    assert table_rows[0].endswith(f"| {row['pairs_layer_s']:.3f} | {ks} | {eig} |")
 
 
 def test_bench_refuses_unknown_shapes_and_a_directory_for_results(tmp_path):
