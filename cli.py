@@ -230,6 +230,86 @@ def steps(name: str, debug: bool) -> None:
             click.echo(f"{step}\t{revision}")
 
 
+def _last_checkpoint(name: str):
+    """(store key, the last checkpoint NAME offers) without reading any weights."""
+    from spinjax.sources import resolve
+
+    source = resolve(name)
+    step, revision = source.offered[-1]
+    return source.key, source.open(step, revision)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--debug", is_flag=True)
+def inventory(name: str, as_json: bool, debug: bool) -> None:
+    """Every tensor of NAME's (last) checkpoint: name, shape, dtype, category; parameters per
+    category and in total, tied weights counted once. Reads headers and metadata only."""
+    from spinjax.sources.inventory import checkpoint_inventory
+
+    with _errors(debug):
+        key, checkpoint = _last_checkpoint(name)
+        inv = checkpoint_inventory(checkpoint, key)
+    if as_json:
+        click.echo(json.dumps(inv.as_dict(), indent=1))
+        return
+    rows = []
+    for e in inv.entries:
+        note = ("tied to " + e.tied_to if e.tied_to else "") + ("" if e.stored else " (not stored)")
+        rows.append([e.name, "x".join(map(str, e.shape)) or "()", e.dtype, e.category, f"{e.size:,}", note])
+    click.echo(_table(rows, ["tensor", "shape", "dtype", "category", "parameters", "note"]))
+    click.echo(f"\n{inv.model} ({inv.architecture}) at {inv.where}")
+    cats = [[cat, str(c["tensors"]), f"{c['parameters']:,}", f"{c['parameters_with_tied']:,}"]
+            for cat, c in inv.per_category().items()]  # fmt: skip
+    click.echo(_table(cats, ["category", "tensors", "parameters", "with tied counted again"]))
+    click.echo(f"parameters: {inv.parameters:,} unique; {inv.parameters_with_tied:,} with tied weights "
+               f"counted again; {inv.stored_elements:,} elements stored")  # fmt: skip
+
+
+@main.command()
+@click.argument("name")
+@click.option(
+    "--out", default="figures", show_default=True, type=click.Path(path_type=Path), help="Output folder."
+)
+@click.option("--json", "as_json", is_flag=True, help="The numbers as JSON (figures are still written).")
+@click.option(
+    "--top", default=10, show_default=True, type=click.IntRange(min=1), help="Dimensions and peaks named."
+)
+@click.option("--dpi", default=150, show_default=True, help="Resolution of the PNG.")
+@click.option("--debug", is_flag=True)
+def embeddings(name: str, out: Path, as_json: bool, top: int, dpi: int, debug: bool) -> None:
+    """NAME's learned absolute position embeddings (GPT-2, BERT): the matrix, the variance of each
+    dimension over positions, the cosine of adjacent positions and the power spectrum over
+    positions, as figures in --out (PNG and PDF) and numbers. Rotary models are refused."""
+    from spinjax.analysis.embeddings import position_figures, position_summary
+    from spinjax.analysis.plots import save
+    from spinjax.sources.inventory import position_tensor
+
+    with _errors(debug):
+        key, checkpoint = _last_checkpoint(name)
+        tensor = checkpoint.tensor(position_tensor(checkpoint.config, checkpoint.label))
+        matrix = tensor[:]
+        summary = position_summary(matrix, top=top)
+        paths = []
+        for figure_name, fig in position_figures(matrix, summary, key).items():
+            paths += save(fig, out / f"{key}_{figure_name}", dpi=dpi)
+    if as_json:
+        click.echo(json.dumps({"model": key, "tensor": tensor.name, **summary}, indent=1))
+        return
+    n_pos, dims = summary["shape"]
+    click.echo(f"{key}: {tensor.name}, {n_pos} positions x {dims} dimensions")
+    top_dims = ", ".join(f"{d['dimension']} ({100 * d['share']:.1f}%)" for d in summary["top_dimensions"])
+    click.echo(f"dimensions with the most variance over positions: {top_dims}")
+    worst = summary["adjacent_cosine_argmin"] + 1
+    click.echo(f"adjacent positions' cosine: mean {summary['adjacent_cosine_mean']:.4f}, "
+               f"min {summary['adjacent_cosine_min']:.4f} at position {worst}")  # fmt: skip
+    peaks = ", ".join(f"{p['period']:.1f} ({100 * p['power']:.1f}%)" for p in summary["peaks"])
+    click.echo(f"strongest periods (positions, share of power): {peaks}")
+    for path in paths:
+        click.echo(str(path))
+
+
 @main.command()
 @click.argument("store_path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")

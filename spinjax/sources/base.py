@@ -17,6 +17,20 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """A stored tensor as its checkpoint's headers or metadata describe it; no data read.
+
+    ``storage`` names the bytes it lies on where the format tells (a ``.bin`` storage and
+    offset), so that tensors sharing them (tied weights) are seen; None otherwise.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    storage: str | None = None
+
+
 class Tensor(Protocol):
     """A stored tensor that materialises only what is indexed (rows of its first axis)."""
 
@@ -42,6 +56,12 @@ class Checkpoint(Protocol):
 
     def release(self) -> None:
         """Free what opening this checkpoint fetched (hub downloads); local files are kept."""
+        ...
+
+    def tensor_infos(self) -> list[TensorInfo]:
+        """Every stored tensor (its name in the checkpoint, shape, dtype), from the headers or
+        metadata only: safetensors headers, a ``.bin``'s pickled storage table, an orbax or
+        msgpack tree; for a hub model the hub's safetensors headers."""
         ...
 
 

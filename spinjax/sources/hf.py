@@ -12,14 +12,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from safetensors import safe_open
 
 from ..errors import InputError
-from .base import Source
+from .base import Source, TensorInfo
 from .torchbin import TorchBinFile
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -54,6 +55,15 @@ class _SafetensorsFile:
     def tensor(self, name: str) -> _SafetensorsTensor:
         return _SafetensorsTensor(self, name)
 
+    def infos(self) -> list[TensorInfo]:
+        """Names, shapes and dtypes from the header (safetensors never stores a tensor twice)."""
+        out = []
+        for name in self.keys():
+            view = self._handle.get_slice(name)
+            dtype = SAFETENSORS_DTYPES.get(view.get_dtype(), view.get_dtype())
+            out.append(TensorInfo(name, tuple(view.get_shape()), dtype))
+        return out
+
 
 @dataclass
 class _SafetensorsTensor:
@@ -63,7 +73,7 @@ class _SafetensorsTensor:
     def __post_init__(self):
         self._slice = self.file._handle.get_slice(self.name)
         self.shape = tuple(self._slice.get_shape())
-        self.dtype = _SAFETENSORS_DTYPES.get(self._slice.get_dtype(), self._slice.get_dtype())
+        self.dtype = SAFETENSORS_DTYPES.get(self._slice.get_dtype(), self._slice.get_dtype())
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         try:
@@ -72,7 +82,11 @@ class _SafetensorsTensor:
             raise InputError(f"{self.file.path}: cannot read tensor {self.name!r} ({exc})") from exc
 
 
-_SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+SAFETENSORS_DTYPES = {
+    "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64",
+    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
 
 
 class _TorchBinFile:
@@ -87,6 +101,12 @@ class _TorchBinFile:
 
     def tensor(self, name: str) -> _TorchBinTensor:
         return _TorchBinTensor(self, name)
+
+    def infos(self) -> list[TensorInfo]:
+        """From the pickled records only; ``storage`` tells tied tensors apart."""
+        f = self._file
+        return [TensorInfo(k, tuple(f.shape(k)), str(f.dtype(k)), f"{self.path.name}/{f.storage(k)}")
+                for k in f.keys()]  # fmt: skip
 
 
 @dataclass
@@ -119,6 +139,15 @@ class Files(Protocol):
 
     def release(self) -> None:
         """Free what was fetched (hub downloads); local files are never touched."""
+        ...
+
+
+@runtime_checkable
+class ListsTensors(Protocol):
+    """Files that can list a checkpoint's tensors without fetching its weight files (the hub)."""
+
+    def tensor_infos(self) -> list[TensorInfo] | None:
+        """Every tensor, or None when the files must be fetched and read to tell."""
         ...
 
 
@@ -163,7 +192,6 @@ class HFCheckpoint:
         self._fetch = files
         self.config = read_json(self._path("config.json"))
         self._files: dict[str, Any] = {}
-        self._where = self._index_tensors()
 
     def _path(self, name: str) -> Path:
         try:
@@ -195,11 +223,23 @@ class HFCheckpoint:
             "the hub or not in the local cache"
         )
 
-    def _index_tensors(self) -> dict[str, str]:
+    @cached_property
+    def _where(self) -> dict[str, str]:
+        """Tensor -> file, on first need: listing tensors needs no weight file fetched."""
         found = self._weight_map()
         if isinstance(found, dict):
             return dict(found)
         return {key: name for name in found for key in self._file(name).keys()}
+
+    def tensor_infos(self) -> list[TensorInfo]:
+        """Every stored tensor from the weight files' headers (see :class:`ListsTensors`)."""
+        if isinstance(self._fetch, ListsTensors):
+            listed = self._fetch.tensor_infos()
+            if listed is not None:
+                return listed
+        found = self._weight_map()
+        names = list(dict.fromkeys(found.values())) if isinstance(found, dict) else found
+        return [info for name in names for info in self._file(name).infos()]
 
     def _file(self, name: str):
         if name not in self._files:

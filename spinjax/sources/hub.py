@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from huggingface_hub import errors as hf_errors
-from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub import get_safetensors_metadata, hf_hub_download, try_to_load_from_cache
 
 from ..errors import InputError
-from .base import Source
-from .hf import HFCheckpoint
+from .base import Source, TensorInfo
+from .hf import SAFETENSORS_DTYPES, WEIGHT_CANDIDATES, HFCheckpoint, read_json
 from .known import KNOWN, KnownModel
 
 _BAD_REFERENCE = (
@@ -57,6 +57,40 @@ class HubFiles:
 
     def release(self) -> None:
         evict_downloads(self.downloaded)
+
+    def _cached(self, name: str) -> Path | None:
+        found = try_to_load_from_cache(self.repo, name, revision=self.revision)
+        return Path(found) if isinstance(found, str) else None
+
+    def tensor_infos(self) -> list[TensorInfo] | None:
+        """Every weight tensor from the safetensors headers on the hub (range requests: no
+        weight file is downloaded); None when the cache holds the weights (read there) or the
+        repo has no safetensors (its ``.bin`` files must then be fetched to be read)."""
+        for name in WEIGHT_CANDIDATES:
+            path = self._cached(name)
+            if path is not None and name.endswith(".json"):
+                shards = set(read_json(path).get("weight_map", {}).values())
+                if all(self._cached(shard) for shard in shards):
+                    return None
+            elif path is not None:
+                return None
+        try:
+            meta = get_safetensors_metadata(self.repo, revision=self.revision)
+        except hf_errors.NotASafetensorsRepoError:
+            return None
+        except _BAD_REFERENCE as exc:
+            where = f"hub repo {self.repo!r} revision {self.revision!r}"
+            raise InputError(f"{where}: {type(exc).__name__}") from exc
+        except Exception as exc:  # offline, or the hub client's own transport errors
+            raise InputError(
+                f"hub repo {self.repo!r} revision {self.revision!r}: its weights are not in the local cache "
+                f"and the hub's safetensors headers could not be read ({type(exc).__name__}: {exc})"
+            ) from exc
+        return [
+            TensorInfo(name, tuple(t.shape), SAFETENSORS_DTYPES.get(t.dtype, t.dtype))
+            for file in sorted(meta.files_metadata)
+            for name, t in meta.files_metadata[file].tensors.items()
+        ]
 
 
 def _known(model: str) -> KnownModel | None:

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from ..errors import InputError, nearest
-from .base import Source
+from .base import Source, TensorInfo
 from .hf import read_json
 
 MAPPING_FILE = "spinjax_mapping.json"
@@ -109,6 +109,15 @@ class TreeCheckpoint:
 
     def release(self) -> None:
         pass  # local files only
+
+    def tensor_infos(self) -> list[TensorInfo]:
+        """Every param of the tree by its ``/``-joined path, from orbax's metadata (or the
+        msgpack file's arrays), as stored (flax kernels ``(in, out)``)."""
+        def info(path: str, leaf) -> TensorInfo:
+            dtype = np.dtype(getattr(leaf, "dtype", "float32"))
+            return TensorInfo(path, tuple(getattr(leaf, "shape", ())), str(dtype))
+
+        return [info(path, leaf) for path, leaf in sorted(self._leaves.items())]
 
     def _rule(self, name: str) -> tuple[str, bool]:
         for pattern, rule in self._mapping.items():

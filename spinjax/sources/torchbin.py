@@ -501,6 +501,12 @@ class TorchBinFile:
     def dtype(self, name: str) -> np.dtype:
         return self._record(name).dtype
 
+    def storage(self, name: str) -> str:
+        """Where the tensor's bytes lie: its storage key, element offset and strides; tensors
+        torch saved as views of one parameter (tied weights) give the same string."""
+        rec = self._record(name)
+        return f"{rec.key}@{rec.offset}:{rec.stride}"
+
     def get(self, name: str, *, copy: bool = True) -> np.ndarray:
         """The tensor `name`, bit-identical to ``torch.load``.
 

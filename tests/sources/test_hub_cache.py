@@ -307,9 +307,11 @@ def test_revision_not_in_the_cache_names_repo_revision_and_file(hub, tmp_path, m
 def test_revision_with_only_its_config_cached(hub, tmp_path, files):
     cache, _, _ = hub
     build_cache(cache, {"step3": {"config.json": files["step0"]["config.json"]}})
-    with pytest.raises(InputError) as err:
-        HubKind().open(NAME).open(3, "step3")
-    assert REPO in str(err.value) and "step3" in str(err.value)
+    checkpoint = HubKind().open(NAME).open(3, "step3")  # weights are looked for on first use
+    for use in (lambda: checkpoint.tensor("gpt_neox.embed_in.weight"), checkpoint.tensor_infos):
+        with pytest.raises(InputError) as err:
+            use()
+        assert REPO in str(err.value) and "step3" in str(err.value)
 
 
 @pytest.mark.parametrize("shard", [0, 1])
