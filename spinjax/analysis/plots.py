@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..errors import InputError, nearest
+from .figures_measures import MEASURE_FIGURES
 from .reader import StoreReader, density, open_store, scalar_variables
 
 
@@ -607,6 +608,7 @@ FIGURES: dict[str, tuple[Callable[[Selection], Figure], str]] = {
     ),
     "animation": (fig_animation, "[dynamics] GIF of a statistic (--stat) on the (layer, head) grid by step"),
 }  # fmt: skip
+FIGURES.update(MEASURE_FIGURES)  # eigenvalues and the KS distance (figures_measures.py)
 """name -> (function(Selection) -> Figure, one-line description)."""
 
 
