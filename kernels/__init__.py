@@ -2,7 +2,8 @@
 
 - ``bins``: the two histogram grids (numpy only);
 - ``elements``: one fused pass of power sums and histograms, and the element statistics;
-- ``spectra``: singular values of W_Q, W_K and W_QK from the factors, spectral summaries;
+- ``spectra``: singular values of W_Q, W_K and W_QK from the factors, spectral summaries, W_QK's
+  eigenvalues from its d_head x d_head core;
 - ``heads``: every statistic of one layer's heads (:func:`layer_statistics`), blocked to a budget;
 - ``geometry``: inner products and divergences between heads;
 - ``null``: Gaussian factors of the random-matrix null and z-scores against it;
@@ -23,5 +24,6 @@ __getattr__, __dir__, __all__ = lazy_api(
         "heads": ("block_entries_cap", "block_rows_for_budget", "expand_kv", "heads_per_block",
                   "layer_statistics"),  # fmt: skip
         "null": ("gaussian_factors", "matched_scale", "null_zscores"),
+        "spectra": ("core_eigenvalues", "qk_core"),
     },
 )
