@@ -140,13 +140,12 @@ def histograms(acc: Sums, shift: jax.Array, scale: jax.Array) -> tuple[jax.Array
 
     Same ``shift``, ``scale`` as the pass. The z counts are on ``bins.fine_zbin_edges(subbins)``;
     :func:`coarse_zhist` sums them to the stored grid. Merged bin m holds the entries whose raw
-    bin r and z bin j add up to m. The entries of z bin j have raw bins from that of its lower
-    edge to that of its upper edge, so they fill the merged bins j + r(lower edge) ..
-    j + r(upper edge), and the next z bin starts right after: each z bin (and likewise each
-    raw bin) is a run of consecutive merged bins, a difference of the counts' running sum.
-    The runs' bounds come from the same index functions as the entries' bins, at the other
-    grid's edges; entries within float32 rounding of an edge may land one bin over, as
-    binning allows.
+    bin r and z bin j add up to m: the bin between consecutive edges of both grids, merged in
+    order. Raw edge i has c_i z edges at or below it (``zbin_index`` of its z), so it is edge
+    number i + c_i of the merged grid, and z edge j comes after the raw edges with c_i < j: each
+    raw or z bin is a run of consecutive merged bins, a difference of the counts' running sum.
+    Both grids' places come from the one c, so they interleave exactly; entries within float32
+    rounding of an edge may land one bin over, as binning allows.
 
     Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
@@ -164,8 +163,12 @@ def histograms(acc: Sums, shift: jax.Array, scale: jax.Array) -> tuple[jax.Array
     raw = jnp.asarray(bins.bin_edges()[1:-1], jnp.float32)
     zgrid = jnp.asarray(bins.fine_zbin_edges(subbins)[1:-1], jnp.float32)
     z_at_raw = (raw[None, :] - shift[:, None]) * (1.0 / scale)[:, None]  # as add_block computes z
-    raw_starts = jnp.arange(1, raw.size + 1) + zbin_index(z_at_raw, subbins)
-    z_starts = jnp.arange(1, zgrid.size + 1) + raw_bin_index(shift[:, None] + scale[:, None] * zgrid)
+    below = zbin_index(z_at_raw, subbins)  # c: z edges at or below each raw edge, (H, NB - 1)
+    raw_starts = jnp.arange(1, raw.size + 1) + below
+    # raw edges below z edge j: #(c_i < j), a running sum of the c's counts (no search, no log)
+    heads = jnp.arange(below.shape[0])[:, None]
+    raw_below = _running_sum(jnp.zeros((below.shape[0], zgrid.size + 1), jnp.int32).at[heads, below].add(1))
+    z_starts = jnp.arange(1, zgrid.size + 1) + raw_below[:, :-1]
     total = jnp.pad(_running_sum(acc.counts), ((0, 0), (1, 0)))
 
     def runs(starts):  # counts of the runs of merged bins starting at ``starts``
