@@ -311,11 +311,11 @@ def _summaries(
 def _host() -> jax.Device | None:
     """Where the eigenvalues are computed: the host's CPU when the kernels run on an accelerator.
 
-    LAPACK's geev on a CPU core takes ~2 ms for a 128 x 128 core; accelerators run it one
-    matrix at a time (cuSOLVER's geev from CUDA 12.6, else LAPACK on the host behind the
-    device's back), so the host's program, dispatched asynchronously, overlaps the device's
-    element passes instead of stalling them. None (the default device) on CPUs, or when JAX
-    was started without its CPU backend.
+    LAPACK's geev takes ~2 ms for a 128 x 128 core on a CPU core; on CUDA, jax runs the batch
+    one matrix at a time through cuSOLVER's geev (cuSOLVER >= 11.7.1) or through LAPACK on
+    the host anyway, so the host's program, dispatched asynchronously, can overlap the
+    device's element passes instead of stalling them (not measured yet: no GPU was lent).
+    None (the default device) on CPUs, or when JAX was started without its CPU backend.
     """
     if jax.default_backend() == "cpu":
         return None
