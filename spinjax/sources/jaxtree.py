@@ -56,6 +56,9 @@ DEFAULT_MAPPING: dict[str, dict[str, Any]] = {
         _rule("encoder/layer/{i}/attention/self/query/kernel"),
     "encoder.layer.{i}.attention.self.key.weight":
         _rule("encoder/layer/{i}/attention/self/key/kernel"),
+    # learned position embeddings (`spinjax embeddings`): linen Embed tables (positions, d)
+    "wpe.weight": _rule("wpe/embedding", False),
+    "embeddings.position_embeddings.weight": _rule("embeddings/position_embeddings/embedding", False),
 }  # fmt: skip
 
 

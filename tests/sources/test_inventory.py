@@ -287,6 +287,18 @@ def test_embeddings_numbers_equal_numpy_and_figures_are_written(arch, tensor, tm
         assert (tmp_path / f"{arch}_{name}.png").stat().st_size > 1000
 
 
+def test_embeddings_of_a_flax_checkpoint(tmp_path):
+    p = np.random.default_rng(1).normal(size=(32, 8)).astype(np.float32)
+    (tmp_path / "flax_model.msgpack").write_bytes(
+        serialization.msgpack_serialize({"transformer": {"wpe": {"embedding": p}}})
+    )
+    config = {"model_type": "gpt2", "n_embd": 8, "n_layer": 1, "n_head": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = CliRunner().invoke(main, ["embeddings", str(tmp_path), "--out", str(tmp_path / "f"), "--json"])
+    assert out.exit_code == 0, out.output
+    np.testing.assert_allclose(json.loads(out.stdout)["variance"], p.astype(np.float64).var(0), rtol=1e-12)
+
+
 def test_rotary_models_are_refused_with_the_reason(tmp_path):
     for arch in ("gpt_neox", "llama"):
         out = CliRunner().invoke(main, ["embeddings", str(FIXTURES / arch), "--out", str(tmp_path)])
