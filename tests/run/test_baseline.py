@@ -136,7 +136,7 @@ def test_zscores_of_random_heads_are_standard_normal(null):
             assert abs(x.mean()) < 4 * math.sqrt(n), (name, m, x.mean())
             assert abs(x.std() - 1.0) < 4 * math.sqrt((k4 - 1) / 4 * n), (name, m, x.std(), k4)
             checked += 1
-    assert checked == 3 * 21 + 3
+    assert checked == 3 * 22 + 3  # the 23 scalars but tail_mass, and the singular values
     # element statistics of W_QK (sums over many entries) are close to normal themselves;
     # spectral ones (e.g. the largest singular value) are standardised but skewed
     for name in ("std", "kurt", "entropy_mm", "kl_gauss_mm"):
