@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-# Session fixtures whose first use trains the embedded model (~1 min on 2 cores) or runs whole
-# trajectories: every test that needs one is in the slow tier (`pytest -m "not slow"` skips it).
-SLOW_FIXTURES = {"tiny_pythia", "trajectory_store"}
+# Fixtures whose first use trains the embedded model (~1 min on 2 cores), runs whole
+# trajectories or compiles and draws a null ensemble: every test that needs one is in the slow
+# tier (`pytest -m "not slow"` skips it). Tests slow on their own carry @pytest.mark.slow.
+SLOW_FIXTURES = {"tiny_pythia", "trajectory_store", "derived_store", "known_nulls", "null_and_heads"}
 
 
 def pytest_collection_modifyitems(items):

@@ -54,6 +54,7 @@ def invoke(*args: str):
 # ---- the installed script, in a pipe ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_console_script_run_then_show(tmp_path):
     store = tmp_path / "cli.zarr"
     done = _subprocess("run", "--model", str(NEOX), "--store", str(store), cwd=tmp_path)

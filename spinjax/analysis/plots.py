@@ -23,8 +23,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import xarray as xr
+from matplotlib.animation import PillowWriter
+from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -568,14 +571,10 @@ def fig_animation(sel: Selection) -> Figure:
 
 
 def _cmap(name: str):
-    import matplotlib
-
     return matplotlib.colormaps[name]
 
 
 def _mappable(cmap, norm):
-    from matplotlib.cm import ScalarMappable
-
     return ScalarMappable(norm=norm, cmap=cmap)
 
 
@@ -632,8 +631,6 @@ def save(
         paths.append(path)
     anim = getattr(fig, "spinjax_animation", None)
     if anim is not None:
-        from matplotlib.animation import PillowWriter
-
         n_frames, update = anim
         path = stem.with_name(f"{stem.name}.gif")
         writer = PillowWriter(fps=2)

@@ -36,6 +36,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 
 from .base import Source
 from .jaxtree import OrbaxKind
@@ -148,8 +150,6 @@ def attention_logits(params: dict, layer: int, x, *, rotary: bool = True):
 
 def load_params(root: Path, step: int) -> dict:
     """The params pytree (numpy float32) that :func:`train` saved at ``step`` under ``root``."""
-    import orbax.checkpoint as ocp
-
     return ocp.StandardCheckpointer().restore(Path(root).absolute() / str(step) / "default")
 
 
@@ -187,9 +187,6 @@ def train(root: Path, on_step: Callable[[int, float], None] | None = None) -> li
     Returns the held-out loss (mean cross-entropy, nats per byte) at each saved step, and
     calls ``on_step(step, loss)`` after each save.
     """
-    import optax
-    import orbax.checkpoint as ocp
-
     data = np.frombuffer(corpus(), dtype=np.uint8).astype(np.int32)
     split = int(0.9 * len(data))
     train_data, held = jnp.asarray(data[:split]), data[split:]

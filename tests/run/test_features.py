@@ -151,6 +151,7 @@ def _extracted(arch: str, variant: str = "raw"):
     return ckpt, layout, g
 
 
+@pytest.mark.slow
 def test_ov_matrices_equal_explicit_float64_with_gqa(tmp_path):
     path = tmp_path / "s.zarr"
     run(str(VARIANTS / "llama"), RunOptions(steps="all", store=path, ov=True, pairs="none"))
@@ -175,6 +176,7 @@ def test_ov_matrices_equal_explicit_float64_with_gqa(tmp_path):
                 )
 
 
+@pytest.mark.slow
 def test_bias_variant_is_the_augmented_form_in_its_own_group(tmp_path):
     path = tmp_path / "s.zarr"
     run(str(VARIANTS / "gpt2"), RunOptions(steps="all", store=path, pairs="none"))

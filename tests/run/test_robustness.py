@@ -173,6 +173,7 @@ main(sys.argv[3:], prog_name="spinjax")
     "point, finished",
     [("plan", []), ("before", [0]), ("during", [0]), ("after", [0, 1000])],
 )
+@pytest.mark.slow
 def test_sigkill_then_rerun_completes_the_missing_steps_only(
     point, finished, trajectory, reference, child_env, tmp_path
 ):
@@ -297,6 +298,7 @@ main(sys.argv[3:], prog_name="spinjax")
 """
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_compute_each_step_once(trajectory, reference, child_env, tmp_path):
     path, log = tmp_path / "s.zarr", tmp_path / "writes.log"
     children = [
@@ -327,6 +329,7 @@ def test_two_concurrent_runs_compute_each_step_once(trajectory, reference, child
     assert leftover_files(path) == []
 
 
+@pytest.mark.slow
 def test_two_distributed_processes_write_the_store_of_one(trajectory, reference, child_env, tmp_path):
     path, log = tmp_path / "s.zarr", tmp_path / "writes.log"
     with socket.socket() as s:  # a free port for the coordinator
