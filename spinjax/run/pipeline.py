@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import InputError
 from ..kernels.heads import block_entries_cap, block_rows_for_budget, layer_statistics
 from ..sources.steps import select_steps
-from ..store import RESERVED_GROUPS, ModelGroup, check_can_hold, open_store
+from ..store import RESERVED_GROUPS, ModelGroup, break_stale_locks, check_can_hold, open_store
 from ..store.schema import OV_MATRICES
 from . import features
 from .distributed import barrier
@@ -81,6 +81,7 @@ def run(model: str, options: RunOptions | None = None, progress: Progress | None
     if not pending:
         if options.adds_features_to(existing) and index == 0:  # e.g. --null on finished steps
             writer.add_features()
+        break_stale_locks(options.store)  # e.g. of a predecessor killed in its last commit
         return result
     interrupted = False
     if todo:
@@ -89,6 +90,8 @@ def run(model: str, options: RunOptions | None = None, progress: Progress | None
     if count > 1:
         barrier("spinjax-run-end")  # every process has written its steps
     writer.finish(interrupted=interrupted)
+    if (options.store / "zarr.json").exists():
+        break_stale_locks(options.store)
     if interrupted:
         left = len(todo) - len(result.computed) - (len(result.skipped) - already)
         raise Interrupted(

@@ -106,8 +106,10 @@ class Claims:
         self.store_path, self.key, self.recompute = store_path, key, recompute
         self._held: dict[int, LockFile] = {}
         self._mutex = threading.Lock()
-        # folders that claims may create before the store exists, removed again if it never does
-        self._missing = [p for p in (store_path, *store_path.parents) if not p.exists()]
+        # folders that claims may create, removed again when empty: a run that wrote nothing
+        # leaves the store's tree (or the absence of a store) exactly as it was
+        folder = claim_path(store_path, key, 0).parent
+        self._missing = [p for p in (folder, *folder.parents) if not p.exists()]
 
     def claim(self, step: int) -> bool:
         """Take ``step`` unless another live process holds it (True also if held already)."""
@@ -137,8 +139,8 @@ class Claims:
             meta = self.store_path / META_DIR
             for folder in sorted((p for p in meta.rglob("*") if p.is_dir()), reverse=True) + [meta]:
                 _rmdir(folder)
-            for folder in self._missing:
-                _rmdir(folder)
+        for folder in self._missing:  # deepest first; a folder in use is not empty and stays
+            _rmdir(folder)
 
 
 def _rmdir(folder: Path) -> None:

@@ -22,7 +22,7 @@ import zarr
 from ..errors import InputError
 from ..kernels import bins
 from ..version import __version__
-from .root import COMPRESSORS, build_aside, commit_group, consolidate, model_keys, open_store, store_path
+from .root import COMPRESSORS, build_aside, commit_group, consolidate, model_keys, open_store, reopen, store_path
 from .schema import BASE_DIMS, MATRICES, VARIABLES, VariableSpec
 
 SHAPE_ATTRS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head")
@@ -155,7 +155,7 @@ class ModelGroup:
             )  # fmt: skip
             arr.attrs["coordinates"] = "revision"
         commit_group(root, group, key)
-        return cls(open_store(store_path(root), create=True, consolidated=False), key)
+        return cls(reopen(root), key)
 
     def check_source(self, source: str) -> None:
         """Refuse a run of another source under this key (e.g. two directories of one name)."""
