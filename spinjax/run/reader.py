@@ -28,7 +28,7 @@ from ..sources import registry
 from ..sources.base import Checkpoint, Source
 from ..sources.layouts import Geometry, Layout, layout_for
 from ..store import LockFile, claim_path, step_done, writing
-from ..store.schema import META_DIR
+from ..store.schema import META_DIR, check_group_key
 
 
 @dataclass(frozen=True)
@@ -73,9 +73,16 @@ Item = LayerFactors | StepRead | StepSkipped
 
 
 def variant_source(model: str, variant: str = "raw") -> Source:
-    """``model``'s source, keyed by its store group: ``<key>@<variant>`` for a variant not raw."""
+    """``model``'s source, keyed by its store group: ``<key>@<variant>`` for a variant not raw
+    (an InputError naming ``--model`` when that key cannot be a group of the store)."""
     source = registry.resolve(model)
-    return source if variant == "raw" else dataclasses.replace(source, key=f"{source.key}@{variant}")
+    if variant != "raw":
+        source = dataclasses.replace(source, key=f"{source.key}@{variant}")
+    try:
+        check_group_key(source.key)
+    except InputError as exc:
+        raise InputError(f"--model {model!r}: {exc}") from None
+    return source
 
 
 def open_step(source: Source, step: int, variant: str = "raw", ov: bool = False) -> OpenedStep:

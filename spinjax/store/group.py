@@ -23,7 +23,7 @@ from ..errors import InputError
 from ..kernels import bins
 from ..version import __version__
 from .root import COMPRESSORS, build_aside, commit_group, consolidate, model_keys, open_store, reopen, store_path
-from .schema import BASE_DIMS, MATRICES, VARIABLES, VariableSpec
+from .schema import BASE_DIMS, MATRICES, VARIABLES, VariableSpec, check_group_key
 
 SHAPE_ATTRS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head")
 """The group attributes giving a model's attention geometry."""
@@ -128,6 +128,7 @@ class ModelGroup:
             existing = cls(root, key)
             existing.check_holds(shape, architecture, matrices)
             return existing
+        check_group_key(key)
         shape = {k: int(shape[k]) for k in SHAPE_ATTRS}
         group_attrs = {**attrs, "architecture": architecture, **shape,
                        "spinjax_version": __version__, "runs": []}  # fmt: skip
