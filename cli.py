@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from spinjax.errors import InputError
+from spinjax.errors import InputError, check_writable
 from spinjax.sources.layouts import VARIANTS
 from spinjax.store.schema import DEFAULT_STORE
 from spinjax.version import __version__
@@ -344,6 +344,7 @@ def plot(
     with _errors(debug):
         from spinjax.analysis.plots import make_figure, save, select
 
+        check_writable(out, "the figures")
         names = list(FIGURES) if "all" in figures else list(dict.fromkeys(figures))
         unknown = [n for n in names if n not in FIGURES]
         if unknown:

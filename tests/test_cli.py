@@ -388,3 +388,24 @@ def test_internal_failure_exits_1(monkeypatch, store_copy, snapshot):
     assert debug.exit_code == 1
     assert "Traceback" in debug.stderr and "kernel exploded" in debug.stderr
     assert snapshot(store_copy) == before
+
+
+# ---- destinations that cannot be written -------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["plot", "report", "baseline", "run"])
+def test_a_destination_that_cannot_be_written_exits_2_naming_it(command, neox_store, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    where = blocker / "out"  # below a regular file: no user, root included, can write there
+    args = {
+        "plot": ["plot", str(neox_store), "--figure", "hist", "--out", str(where)],
+        "report": ["report", str(neox_store), "--out", str(where)],
+        "baseline": ["baseline", "--d", "16", "--d-head", "4", "--samples", "4", "--store", str(where)],
+        "run": ["run", "--model", str(NEOX), "--store", str(where)],
+    }[command]
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert str(where) in result.stderr and "cannot write" in result.stderr
+    assert "Traceback" not in result.output and "finished steps are kept" not in result.stderr
+    assert blocker.read_text() == "not a folder"

@@ -32,7 +32,7 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..errors import InputError, nearest
+from ..errors import InputError, nearest, writing_to
 from .reader import StoreReader, density, open_store, scalar_variables
 
 
@@ -621,22 +621,26 @@ def make_figure(name: str, data: Any, model: str | None = None, **choices: Any) 
 def save(
     fig: Figure, stem: str | Path, *, formats: tuple[str, ...] = ("png", "pdf"), dpi: int = 100
 ) -> list[Path]:
-    """Write ``stem.png``, ``stem.pdf`` (and ``stem.gif`` for an animated figure); return paths."""
+    """Write ``stem.png``, ``stem.pdf`` (and ``stem.gif`` for an animated figure); return paths.
+
+    A destination that cannot be written is an :class:`~spinjax.errors.WriteError` naming it.
+    """
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
-    for fmt in formats:
-        path = stem.with_name(f"{stem.name}.{fmt}")
-        fig.savefig(path, dpi=dpi)
-        paths.append(path)
-    anim = getattr(fig, "spinjax_animation", None)
-    if anim is not None:
-        n_frames, update = anim
-        path = stem.with_name(f"{stem.name}.gif")
-        writer = PillowWriter(fps=2)
-        with writer.saving(fig, str(path), dpi=dpi):
-            for i in range(n_frames):
-                update(i)
-                writer.grab_frame()
-        paths.append(path)
+    with writing_to(stem.parent, "the figure"):
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        for fmt in formats:
+            path = stem.with_name(f"{stem.name}.{fmt}")
+            fig.savefig(path, dpi=dpi)
+            paths.append(path)
+        anim = getattr(fig, "spinjax_animation", None)
+        if anim is not None:
+            n_frames, update = anim
+            path = stem.with_name(f"{stem.name}.gif")
+            writer = PillowWriter(fps=2)
+            with writer.saving(fig, str(path), dpi=dpi):
+                for i in range(n_frames):
+                    update(i)
+                    writer.grab_frame()
+            paths.append(path)
     return paths

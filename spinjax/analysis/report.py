@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, check_writable, writing_to
 from ..version import __version__
 from .plots import FIGURES, Selection, save, select
 from .reader import open_store
@@ -72,14 +72,16 @@ def build_report(
     ``choices`` (step, layer, head, matrix, stat) as :func:`spinjax.plots.select`. The
     cross-model figures show every model of the store.
     """
+    out = Path(out)
+    check_writable(out, "the report")
     reader = open_store(store)
     sel = select(reader, model, **choices)
     names = list(figures) if figures is not None else list(FIGURES)
     unknown = [n for n in names if n not in FIGURES]
     if unknown:
         raise InputError(f"no figure(s) {unknown}; choose from {', '.join(FIGURES)}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing_to(out, "the report"):
+        out.mkdir(parents=True, exist_ok=True)
     report = Report(out / "index.html")
     for name in names:
         try:
@@ -90,7 +92,8 @@ def build_report(
         paths = save(fig, out / name, formats=("png",), dpi=dpi)
         report.figures[name] = paths[-1]  # the GIF of an animation, else the PNG
     page = _page(reader, sel, report, embed=embed)
-    report.path.write_text(page, encoding="utf-8")
+    with writing_to(out, "the report"):
+        report.path.write_text(page, encoding="utf-8")
     if embed:
         for path in report.figures.values():
             for sibling in (path, path.with_suffix(".png")):

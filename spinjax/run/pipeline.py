@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from ..errors import check_writable
 from ..kernels.heads import block_entries_cap, block_rows_for_budget, layer_statistics
 from ..sources.steps import select_steps
 from ..store import ModelGroup, break_stale_locks, check_can_hold, open_store
@@ -57,6 +58,7 @@ def run(model: str, options: RunOptions | None = None, progress: Progress | None
     """
     options = options or RunOptions()
     progress = progress or Progress()
+    check_writable(options.store, "the store")  # before any compute
     one_blas_thread_under_lapack()
     source = variant_source(model, options.variant)
     chosen = select_steps(options.steps, [s for s, _ in source.offered])

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ..errors import InputError
 from ..sources.base import Source
 from ..store import ModelGroup, consolidate, locked, open_store, writing
 from ..store.schema import NULL_VARIABLES, VARIABLES
@@ -38,6 +39,17 @@ class StepWriter:
         self.slots: dict[int, int] = {}  # step -> index along the group's step dimension
         self.record: dict | None = None  # this run's provenance record, kept by process 0
 
+    def _writing(self):
+        """Store writes that fail (full disk, no permission) exit as bad input."""
+        return writing(self.options.store, self._has_finished_steps)
+
+    def _has_finished_steps(self) -> bool:
+        try:
+            root = open_store(self.options.store)
+            return self.source.key in root and bool(ModelGroup(root, self.source.key).done.any())
+        except (InputError, OSError):
+            return False
+
     @property
     def _records(self) -> bool:
         return self.options.process_index == 0
@@ -45,7 +57,7 @@ class StepWriter:
     def write(self, end: StepRead, results: dict[str, np.ndarray]) -> None:
         """Write one (claimed) step, then give up its claim."""
         step = end.opened.step
-        with writing(self.options.store):
+        with self._writing():
             if self.group is None:  # first step computed: the input is good, now touch the store
                 self._open(end)
             if self.scorer is not None:
@@ -85,7 +97,7 @@ class StepWriter:
     def add_features(self) -> None:
         """Add this run's optional variables to a group whose steps are all finished."""
         key = self.source.key
-        with writing(self.options.store):
+        with self._writing():
             shape = ModelGroup(open_store(self.options.store), key).shape
             self._prepare_null(shape["d_model"], shape["d_head"])
             with locked(self.options.store) as root:
@@ -123,7 +135,7 @@ class StepWriter:
             return  # (a process that wrote nothing records nothing, unless it speaks for all)
         if not (self.options.store / "zarr.json").exists():
             return
-        with writing(self.options.store), locked(self.options.store) as root:
+        with self._writing(), locked(self.options.store) as root:
             if self.source.key not in root:
                 return  # nothing was written
             group = ModelGroup(root, self.source.key)

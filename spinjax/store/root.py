@@ -15,7 +15,7 @@ import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import zarr
 import zarr.codecs
 import zarr.storage
 
-from ..errors import InputError
+from ..errors import InputError, writing_to
 from ..version import __version__
 from .locking import LockFile, LockLostError
 from .schema import META_DIR, RESERVED_GROUPS, SCHEMA, check_root_attrs
@@ -32,22 +32,15 @@ from .schema import META_DIR, RESERVED_GROUPS, SCHEMA, check_root_attrs
 COMPRESSORS = (zarr.codecs.ZstdCodec(level=3),)
 
 
-class StoreWriteError(InputError, OSError):
-    """The store cannot be written (permissions, full disk, read-only file system)."""
+def writing(path: Path, finished: Callable[[], bool] = lambda: False):
+    """A store write that fails on an OSError (full disk, no permission) exits as bad input,
+    saying whether finished steps are kept (``finished()``) and how to go on."""
 
+    def then() -> str:
+        kept = "finished steps are kept, " if finished() else ""
+        return f"{kept}rerun the same command when it is writable again"
 
-@contextmanager
-def writing(path: Path) -> Iterator[None]:
-    """An OSError while writing the store (full disk, no permission) is bad input, not a bug."""
-    try:
-        yield
-    except InputError:
-        raise
-    except OSError as exc:
-        raise StoreWriteError(
-            f"{path}: cannot write the store ({exc}); finished steps are kept, "
-            "rerun the same command when it is writable again"
-        ) from exc
+    return writing_to(path, "the store", then)
 
 
 def check_can_hold(path: Path) -> None:
