@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from spinjax.errors import InputError, check_writable
+from spinjax.run import interrupt
 from spinjax.sources.layouts import VARIANTS
 from spinjax.store.schema import DEFAULT_STORE
 from spinjax.version import __version__
@@ -36,9 +37,8 @@ def _errors(debug: bool):
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         sys.exit(0)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:  # Interrupted says where the run stopped
+        _interrupted(str(exc))
     except Exception as exc:  # noqa: BLE001 - the CLI boundary
         if debug:
             traceback.print_exc()
@@ -55,7 +55,34 @@ def _parse_size(text: str) -> int:
         raise click.BadParameter(f"{text!r} is not a size like 2GB or 512MiB") from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The command group; Ctrl-C is handled from its first instant and exits 130 wherever it
+    lands (click alone says "Aborted!" and exits 1, and one swallowed by a callback was lost)."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        with interrupt.remembered():
+            try:
+                code = super().main(*args, standalone_mode=False, **kwargs)  # ctx.exit(n) returns n
+            except click.exceptions.Abort:
+                _interrupted()
+            except click.exceptions.Exit as exc:
+                sys.exit(exc.exit_code)
+            except click.ClickException as exc:
+                exc.show()
+                sys.exit(exc.exit_code)
+            if interrupt.requested():  # a Ctrl-C whose KeyboardInterrupt was swallowed somewhere
+                _interrupted()
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _interrupted(detail: str = "") -> None:
+    click.echo(f"interrupted{': ' + detail if detail else ''}", err=True)
+    sys.exit(130)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="spinjax")
 def main() -> None:
     """Statistics and spectra of every attention head's W_QK, into a Zarr store."""
@@ -143,7 +170,7 @@ def run(
     ov: bool,
 ) -> None:
     """Compute every head's statistics for the requested steps of MODEL."""
-    from spinjax.run import Interrupted, RunOptions, init_distributed
+    from spinjax.run import RunOptions, init_distributed
     from spinjax.run import run as run_pipeline
 
     budget = _parse_size(memory_budget) if memory_budget else None
@@ -159,11 +186,7 @@ def run(
             keep_downloads=keep_downloads, null=null, null_samples=null_samples, pairs=pairs,
             variant=variant, ov=ov, process_index=index, process_count=count,
         )  # fmt: skip
-        try:
-            result = run_pipeline(model, options, progress)
-        except Interrupted as exc:  # Ctrl-C: finished steps are kept, the run is marked interrupted
-            click.echo(f"interrupted: {exc}", err=True)
-            sys.exit(130)
+        result = run_pipeline(model, options, progress)  # Ctrl-C: Interrupted, exit 130
     if not quiet:
         busy = result.io_wait_s + result.compute_s
         waited = f", {100 * result.io_wait_s / busy:.0f}% of it waiting for reads" if busy else ""

@@ -12,9 +12,6 @@ run as interrupted and raises :class:`Interrupted`; a second Ctrl-C stops at onc
 
 from __future__ import annotations
 
-import signal
-import sys
-import threading
 import time
 
 import numpy as np
@@ -26,6 +23,7 @@ from ..store import ModelGroup, break_stale_locks, check_can_hold, open_store
 from ..store.schema import OV_MATRICES
 from . import features
 from .distributed import barrier
+from .interrupt import StopAfterStep, requested
 from .options import Progress, RunOptions, RunResult, default_memory_budget
 from .reader import Claims, LayerFactors, Reader, StepRead, StepSkipped, variant_source
 from .threads import one_blas_thread_under_lapack
@@ -106,6 +104,8 @@ _END = object()
 
 def _compute(reader: Reader, writer: StepWriter, result: RunResult, progress: Progress) -> bool:
     """Read, compute and write the reader's steps; True if stopped early by Ctrl-C."""
+    if requested():  # pressed while starting (its KeyboardInterrupt may have been swallowed)
+        return True
     options, source = writer.options, writer.source
     budget = options.memory_budget or default_memory_budget()
     layers: list[dict[str, np.ndarray]] = []  # results of the step's layers so far
@@ -186,28 +186,6 @@ def _model_pairs(end: StepRead, budget: int) -> dict[str, np.ndarray]:
         opened.geometry.n_layers,
         budget,
     )
-
-
-class StopAfterStep:
-    """Ctrl-C (SIGINT) sets ``requested`` instead of raising; a second one raises at once."""
-
-    def __enter__(self):
-        self.requested, self._previous = False, None
-        if threading.current_thread() is threading.main_thread():  # signals go to the main thread
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        message = "\ninterrupt: stopping after the current step (Ctrl-C again to stop now)"
-        print(message, file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
 
 
 def _warn_nonfinite(

@@ -268,6 +268,40 @@ def test_second_ctrl_c_stops_at_once_leaving_the_step_undone(
     assert_same_steps(path, reference)
 
 
+STARTED = r"""
+import signal, sys
+from pathlib import Path
+import spinjax.__main__ as entry  # what the console script imports: nothing heavy yet
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal starts it (not nohup)
+
+Path(sys.argv[1]).write_text("started")
+sys.argv = ["spinjax", *sys.argv[2:]]
+entry.main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.05, 0.4, 0.8, 1.5])
+def test_ctrl_c_in_the_first_seconds_exits_130(delay, trajectory, child_env, tmp_path):
+    # while the command line, JAX and the kernels start: the KeyboardInterrupt once landed in a
+    # JAX garbage-collection callback, was printed and swallowed, and the run ended with exit 0
+    path, started = tmp_path / "s.zarr", tmp_path / "started"
+    command = [sys.executable, "-c", STARTED, str(started), *_args(trajectory, path)]
+    child = subprocess.Popen(command, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not started.exists() and time.monotonic() < deadline:  # past Python's own start-up
+        time.sleep(0.005)
+    time.sleep(delay)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err and "Exception ignored" not in err
+    if path.exists():  # whatever it wrote is a store that opens, with finished steps only
+        assert set(done_steps(path)) <= set(STEPS)
+
+
 # ---- concurrent writers ------------------------------------------------------------------
 
 LOGGED = r"""
