@@ -277,7 +277,7 @@ def test_steps_finished_while_serving_appear_on_reload(trajectory_store, tmp_pat
         # a run plans a new step (appended, committed, not done), then writes it
         with writer.locked(path) as root:
             group = writer.ModelGroup(root, TP)
-            (index, step, _), = group.plan([(2000, "step2000")], recompute=False)
+            ((index, step, _),) = group.plan([(2000, "step2000")], recompute=False)
         assert (index, step) == (14, 2000)
         assert get_json(server, "/api/meta")["models"][TP]["steps"] == list(STEPS[:13])  # not done yet
         group = writer.ModelGroup(writer.open_store(path, create=True, consolidated=False), TP)

@@ -269,7 +269,7 @@ async function plotOverview(d) {
   const text = d.values.map((row) => row.map(fmt));
   const hover = byLayer ? "step %{x}<br>head %{y}<br>" : "layer %{y}<br>head %{x}<br>";
   const trace = {
-    type: "heatmap", x, y, z: scale.z, text, hovertemplate: hover + S.stat + " = %{text}<extra></extra>",
+    type: "heatmap", x, y, z: scale.z, customdata: d.values, text, hovertemplate: hover + S.stat + " = %{text}<extra></extra>",
     xgap: x.length <= 40 ? 1 : 0, ygap: y.length <= 40 ? 1 : 0, hoverongaps: false,
     ...scale.opts, colorbar: { thickness: 12, title: { text: scale.title, side: "right" }, ...(scale.opts.colorbar || {}) },
   };
@@ -534,7 +534,7 @@ async function plotPairs(d) {
   const scale = colourScale(S.pair, values);
   const heads = values.map((_, i) => i);
   const trace = {
-    type: "heatmap", x: heads, y: heads, z: scale.z, text: values.map((row) => row.map(fmt)),
+    type: "heatmap", x: heads, y: heads, z: scale.z, customdata: values, text: values.map((row) => row.map(fmt)),
     hovertemplate: `head %{y} · head %{x}<br>${S.pair} = %{text}<extra></extra>`, hoverongaps: false,
     ...scale.opts, colorbar: { thickness: 10, ...(scale.opts.colorbar || {}) },
   };
