@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -79,7 +80,8 @@ def trace(page, div: str, name: str | None = None) -> dict:
 
 
 def click_cell(page, div: str, row: int, col: int) -> None:
-    """A real mouse click at the centre of heatmap cell (row, col)."""
+    """A real mouse click at the centre of heatmap cell (row, col), once plotly has seen the
+    mouse over that cell (it takes the clicked point from its hover state)."""
     x, y = page.evaluate(
         "([div, row, col]) => { const gd = document.getElementById(div), fl = gd._fullLayout;"
         "const box = gd.getBoundingClientRect();"
@@ -88,6 +90,13 @@ def click_cell(page, div: str, row: int, col: int) -> None:
         [div, row, col],
     )
     page.mouse.move(x, y)
+    for _ in range(100):
+        hovered = page.evaluate(
+            "(div) => (document.getElementById(div)._hoverdata || []).map(p => p.pointNumber)", div
+        )
+        if hovered == [[row, col]]:
+            break
+        time.sleep(0.05)
     page.mouse.click(x, y)
 
 

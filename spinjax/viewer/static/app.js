@@ -220,7 +220,8 @@ function logTicks(lo, hi) {
     const v = m * 10 ** k;
     if (v >= lo && v <= hi) vals.push(Number(v.toPrecision(1)));
   }
-  return vals.length < 2 ? {} : { tickvals: vals, ticktext: vals.map(fmt) };
+  const text = (v) => (v < 1e-3 || v >= 1e4 ? v.toExponential(0).replace("e+", "e") : String(v));
+  return vals.length < 2 ? {} : { tickvals: vals, ticktext: vals.map(text) };
 }
 
 function baseLayout(title, extra = {}) {
@@ -286,6 +287,7 @@ async function plotOverview(d) {
   const div = document.getElementById("overview");
   await Plotly.react(div, [trace], layout, PLOT_CONFIG);
   markOverview();
+  document.body.dataset.overviewDrawn = `${S.matrix}/${S.stat}/` + (byLayer ? `layer${S.layer}` : `step${d.step}`);
   if (!div.dataset.bound) {
     div.dataset.bound = "1";
     div.on("plotly_click", (e) => onOverviewClick(e.points[0].pointIndex));
@@ -300,7 +302,6 @@ async function plotOverview(d) {
 
 // pointIndex of a heatmap cell is [row, column].
 function onOverviewClick([row, col]) {
-  APP.clickAt = performance.now();
   const o = DATA.overview;
   if (o.byLayer) return select({ head: o.y[row], step: o.steps[col] });
   return select({ layer: o.y[row], head: o.heads[col] });
@@ -410,12 +411,15 @@ function histogramPlot(id, title, xlabel, h, curves, band) {
     const lo = Math.min(...positive) * 0.3, hi = Math.max(...positive) * 3;
     Object.assign(yaxis, { range: [Math.log10(lo), Math.log10(hi)] }, logTicks(lo, hi));
   }
-  const tail = h.tails ? ` · outside the grid ${fmt((100 * h.tails) / h.n)}%` : "";
-  const layout = baseLayout(title + tail, {
+  const layout = baseLayout(title, {
     xaxis: { title: { text: xlabel }, range: [h.x[0], h.x[h.x.length - 1]] }, yaxis, showlegend: true,
     legend: { orientation: "h", x: 0, y: 1.0, yanchor: "bottom", font: { size: 10 }, traceorder: "normal" },
     margin: { l: 56, r: 12, t: 46, b: 40 },
   });
+  if (h.tails) {  // entries in the two unbounded bins: counted, not drawn
+    layout.annotations = [{ text: `beyond the grid: ${fmt((100 * h.tails) / h.n)}%`, showarrow: false, xref: "paper", yref: "paper",
+                            x: 1, y: 1, xanchor: "right", yanchor: "top", font: { size: 10, color: "#5b6673" } }];
+  }
   return Plotly.react(div, traces, layout, PLOT_CONFIG);
 }
 
@@ -598,8 +602,8 @@ async function start(first = false) {
   await Promise.all([drawHead(), drawTrajectory(), drawPairs()]);
 }
 
-// For tests and benchmarks: the state, the data drawn, and the time of the last click to draw.
-const APP = { S, DATA, get meta() { return META; }, select, clickAt: null, drawnAt: null };
+// For tests and benchmarks: the state, the data drawn, and when the last head was drawn.
+const APP = { S, DATA, get meta() { return META; }, select, drawnAt: null };
 window.APP = APP;
 
 document.addEventListener("DOMContentLoaded", () => {
