@@ -161,12 +161,11 @@ def test_head_equals_the_store(served, ds):
 
 
 def test_pairs_equal_the_store(served, ds):
-    d = get_json(served, "/api/pairs", {"model": TP, "step": 1280, "layer": 3})
-    assert sorted(d["values"]) == ["js_head", "qk_cosine", "qk_distance"]
-    for name, v in d["values"].items():
-        equal_float32(v, ds[name].sel(step=1280, layer=3).transpose("head", "head2").values)
-    cos = values(d["values"]["qk_cosine"])
-    np.testing.assert_allclose(np.diag(cos), 1.0, atol=1e-6)
+    for name in ("js_head", "qk_cosine", "qk_distance"):
+        d = get_json(served, "/api/pairs", {"model": TP, "step": 1280, "layer": 3, "name": name})
+        assert (d["name"], d["step"], d["layer"]) == (name, 1280, 3)
+        equal_float32(d["values"], ds[name].sel(step=1280, layer=3).transpose("head", "head2").values)
+    np.testing.assert_allclose(np.diag(values(d["values"])), 0.0, atol=1e-6)  # distance to itself
 
 
 def test_null_band(null_store):
@@ -201,7 +200,8 @@ BAD_QUERIES = [
     ("/api/layer", {"model": TP, "matrix": "W_QK", "stat": "std"}, "missing parameter 'layer'"),
     ("/api/step", {"model": TP, "matrix": "W_QK", "stat": "std", "step": 3}, "no finished step 3"),
     ("/api/head", {"model": TP, "matrix": "W_QK", "step": 64, "layer": 0, "head": 9}, "heads 0..3"),
-    ("/api/pairs", {"model": NEOX, "step": 0, "layer": 0}, "no finished step 0"),
+    ("/api/pairs", {"model": NEOX, "step": 0, "layer": 0, "name": "qk_cosine"}, "no finished step 0"),
+    ("/api/pairs", {"model": NEOX, "step": -1, "layer": 0, "name": "hist"}, "no name 'hist'"),
     ("/api/null", {"model": "../..", "matrix": "W_QK"}, "no model '../..'"),
 ]
 
@@ -256,7 +256,7 @@ def test_browsing_never_writes(trajectory_store, snapshot):
         get_json(server, "/api/meta")
         get_json(server, "/api/layer", {"model": TP, "matrix": "W_QK", "stat": "std", "layer": 0})
         get_json(server, "/api/head", {"model": TP, "matrix": "W_QK", "step": 0, "layer": 0, "head": 0})
-        get_json(server, "/api/pairs", {"model": TP, "step": 0, "layer": 0})
+        get_json(server, "/api/pairs", {"model": TP, "step": 0, "layer": 0, "name": "js_head"})
     assert snapshot(trajectory_store) == before
 
 

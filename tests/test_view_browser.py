@@ -23,7 +23,7 @@ from spinjax.tinypythia import STEPS
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
 VIEWPORT = {"width": 1400, "height": 900}
-READY = "body[data-ready=true][data-head-drawn]"
+READY = "body[data-ready=true][data-head-drawn][data-trajectory-drawn][data-pairs-drawn]"
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +145,10 @@ def test_click_selects_head_and_step(page, served, ds):
     merged = [int(point["hist"].values[a:b].sum()) for a, b in zip(idx[:-1], idx[1:], strict=True)]
     assert raw["customdata"][:-1] == merged and sum(merged) == int(point["hist"].values[1:-1].sum())
     equal_float32(trace(page, "spectrum")["y"], point["singular_values"].values)
+    page.wait_for_selector("body[data-trajectory-drawn='W_QK/std/1/3']", state="attached", timeout=10_000)
     assert trace(page, "trajectory", "selected step")["x"] == ["64"]
     # the pairs panel: a click on a cell selects its column's head
+    page.wait_for_selector("body[data-pairs-drawn='qk_cosine/1/64']", state="attached", timeout=10_000)
     click_cell(page, "pairs", row=3, col=0)
     page.wait_for_selector("body[data-head-drawn='W_QK/1/0/64']", state="attached", timeout=10_000)
     assert page.errors == []

@@ -177,12 +177,11 @@ class StoreView:
         return out
 
     def pairs(self, q: Mapping[str, str]) -> dict[str, Any]:
-        """Every pair variable of one layer at one step: ``values[name][head][head2]``."""
+        """One head-pair variable (``name``) of one layer at one step: ``values[head][head2]``."""
         snap, m = self._model(q)
-        step, layer = _step(q, m), _layer(q, m)
-        group, i = snap.reader.root[m.key], m.index[step]
-        values = {name: _floats(group[name][i, layer]) for name in m.pairs}
-        return {"step": step, "layer": layer, "values": values}
+        name, step, layer = _choice(q, "name", m.pairs), _step(q, m), _layer(q, m)
+        values = snap.reader.root[m.key][name][m.index[step], layer]
+        return {"name": name, "step": step, "layer": layer, "values": _floats(values)}
 
     def null_band(self, q: Mapping[str, str]) -> dict[str, Any]:
         """The null ensemble's z-density band (per z bin, the quantiles ``NULL_QUANTILES`` over

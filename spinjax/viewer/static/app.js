@@ -174,7 +174,7 @@ function changed(what) {
   if (what.head) drawHead();
   if (what.trajectory) drawTrajectory();
   if (what.pairs) drawPairs();
-  if (what.pairsDraw && DATA.pairs) plotPairs(DATA.pairs);
+  if (what.pairsDraw) drawPairs();
   if (what.null) loadNull().then(() => DATA.head && plotHistograms(DATA.head));
   if (what.histograms && DATA.head) plotHistograms(DATA.head);
   if (what.spectrum && DATA.head) plotSpectrum(DATA.head);
@@ -182,23 +182,27 @@ function changed(what) {
 
 // Select a head (and a step or a layer): what a click on a heatmap cell does.
 function select({ head, step, layer }) {
+  const layerChanged = layer !== undefined && layer !== S.layer;
+  const stepChanged = step !== undefined && step !== S.step;
   if (head !== undefined) S.head = head;
-  if (layer !== undefined && layer !== S.layer) {
+  if (layerChanged) {
     S.layer = layer;
     document.getElementById("layer").value = layer;
-    drawPairs();
   }
-  const stepChanged = step !== undefined && step !== S.step;
-  if (step !== undefined) {
+  if (stepChanged) {
     S.step = step;
     document.getElementById("step").value = model().steps.indexOf(step);
     showStep();
   }
   writeURL();
   if (stepChanged && S.view === "step") drawOverview(); else markOverview();
-  if (stepChanged) drawPairs(); else markPairs();
-  drawTrajectory();
-  return drawHead();
+  // the head's histograms and spectrum first; the trajectory and the pairs follow
+  const drawn = drawHead();
+  drawn.then(() => {
+    drawTrajectory();
+    if (stepChanged || layerChanged) drawPairs(); else markPairs();
+  });
+  return drawn;
 }
 
 // ---- formatting -----------------------------------------------------------------------------
@@ -504,6 +508,7 @@ function drawTrajectory() {
     });
     const div = document.getElementById("trajectory");
     await Plotly.react(div, [line, markTrace()], layout, PLOT_CONFIG);
+    document.body.dataset.trajectoryDrawn = `${params.matrix}/${params.stat}/${params.layer}/${params.head}`;
     if (!div.dataset.bound) {
       div.dataset.bound = "1";
       div.on("plotly_click", (e) => select({ step: DATA.trajectory.steps[e.points[0].pointIndex] }));
@@ -529,17 +534,17 @@ function markTrajectory() {
 
 function drawPairs() {
   if (!model().pairs.length) return Promise.resolve();
-  const params = { model: S.model, step: S.step, layer: S.layer };
+  const params = { model: S.model, step: S.step, layer: S.layer, name: S.pair };
   return latest("pairs", () => api("/api/pairs", params), (d) => { DATA.pairs = d; return plotPairs(d); });
 }
 
 async function plotPairs(d) {
-  const values = d.values[S.pair];
-  const scale = colourScale(S.pair, values);
+  const values = d.values;
+  const scale = colourScale(d.name, values);
   const heads = values.map((_, i) => i);
   const trace = {
     type: "heatmap", x: heads, y: heads, z: scale.z, customdata: values, text: values.map((row) => row.map(fmt)),
-    hovertemplate: `head %{y} · head %{x}<br>${S.pair} = %{text}<extra></extra>`, hoverongaps: false,
+    hovertemplate: `head %{y} · head %{x}<br>${d.name} = %{text}<extra></extra>`, hoverongaps: false,
     ...scale.opts, colorbar: { thickness: 10, ...(scale.opts.colorbar || {}) },
   };
   const layout = baseLayout(`layer ${d.layer}, step ${d.step} (click: select the column's head)`, {
@@ -550,6 +555,7 @@ async function plotPairs(d) {
   const div = document.getElementById("pairs");
   await Plotly.react(div, [trace], layout, PLOT_CONFIG);
   markPairs();
+  document.body.dataset.pairsDrawn = `${d.name}/${d.layer}/${d.step}`;
   if (!div.dataset.bound) {
     div.dataset.bound = "1";
     div.on("plotly_click", (e) => select({ head: e.points[0].pointIndex[1] }));
@@ -559,12 +565,12 @@ async function plotPairs(d) {
 // Outline the selected head's row and name its nearest heads.
 function markPairs() {
   const d = DATA.pairs;
-  if (!d || !d.values[S.pair]) return;
-  const n = d.values[S.pair].length;
+  if (!d) return;
+  const n = d.values.length;
   Plotly.relayout("pairs", { shapes: [{ type: "rect", x0: -0.5, x1: n - 0.5, y0: S.head - 0.5, y1: S.head + 0.5,
                                         line: { color: COLORS.mark, width: 2 }, xref: "x", yref: "y" }] });
-  const row = d.values[S.pair][S.head] || [];
-  const higher = S.pair === "qk_cosine";  // cosine: near = large; distances and divergences: near = small
+  const row = d.values[S.head] || [];
+  const higher = d.name === "qk_cosine";  // cosine: near = large; distances and divergences: near = small
   const others = row.map((v, h) => [h, v]).filter(([h, v]) => h !== S.head && v !== null)
     .sort((a, b) => (higher ? b[1] - a[1] : a[1] - b[1])).slice(0, 3);
   document.getElementById("neighbours").textContent =
