@@ -12,6 +12,7 @@ headless Chromium (Playwright with Debian's ``chromium``) over the page. Prints:
   has read nothing yet), warm = a reload (plotly.js from the browser's cache);
 - click: mouse down on a heatmap cell (another head and step) to both histograms and the
   spectrum of that head drawn, median and maximum of 20;
+- for scale, the time plotly.js alone takes to load and run in a new browser context;
 - server memory: the child's peak resident set (VmHWM) after the clicks and after browsing
   every statistic of two layers.
 
@@ -200,6 +201,15 @@ def measure(path: Path, *, clicks: int = 20, visits: int = 3, reloads: int = 5) 
                 page.reload()
                 _wait(page, ready)
                 warm.append(page.evaluate(paint))
+            # for scale: plotly.js alone, loaded and run by an empty page in a new context
+            context = browser.new_context()
+            alone = context.new_page()
+            alone.set_content(
+                f"<script>t0 = performance.now()</script><script src='{url}static/plotly.min.js'></script>"
+                "<script>document.title = String(performance.now() - t0)</script>"
+            )
+            out["plotly_js_alone_cold_ms"] = float(alone.title())
+            context.close()
             out["first_paint_fresh_server_ms"] = cold[0]
             out["first_paint_cold_median_ms"] = statistics.median(cold)
             out["first_paint_warm_median_ms"] = statistics.median(warm)
