@@ -175,8 +175,7 @@ class Handler(BaseHTTPRequestHandler):
         if kind.startswith("text/html"):
             self.send_header("Content-Security-Policy", CSP)
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the http.server interface
         if self.server.debug:
