@@ -293,6 +293,18 @@ def test_steps_finished_while_serving_appear_on_reload(trajectory_store, tmp_pat
         np.testing.assert_array_equal(values(d["values"])[:, -1], values(d["values"])[:, -3])  # 1024's
 
 
+def test_a_model_without_finished_steps(neox_store, tmp_path):
+    path = tmp_path / "started.zarr"
+    shutil.copytree(neox_store, path)
+    zarr.open_group(str(path), mode="r+")[NEOX]["done"][0] = False
+    with serving(path) as server:
+        m = get_json(server, "/api/meta")["models"][NEOX]
+        assert m["steps"] == [] and m["requested"] == 1
+        q = {"model": NEOX, "matrix": "W_QK", "stat": "std", "layer": 1}
+        assert get_json(server, "/api/layer", q) == {"steps": [], "heads": list(range(6)), "values": [[]] * 6}
+        assert get(server, "/api/step", {**q, "step": -1})[0] == 400
+
+
 def test_view_command(trajectory_store, tmp_path):
     runner = CliRunner()
     done = runner.invoke(main, ["view", str(tmp_path / "missing.zarr")])

@@ -122,6 +122,9 @@ class Handler(BaseHTTPRequestHandler):
             self._get()
         except ConnectionError:
             raise
+        except InputError as exc:  # the store went away or changed under the server
+            print(f"spinjax view: {exc}", file=sys.stderr)
+            self._json({"error": str(exc)}, HTTPStatus.INTERNAL_SERVER_ERROR)
         except Exception as exc:  # noqa: BLE001 - one line, never a traceback to the client
             print(f"spinjax view: {self.path[:200]}: {type(exc).__name__}: {exc}", file=sys.stderr)
             if self.server.debug:

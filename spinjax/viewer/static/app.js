@@ -139,11 +139,17 @@ function fillControls() {
   showStep();
 }
 
+// A step's revision as shown: a local checkpoint's path by its last part.
+function revision(m, i) {
+  const parts = String(m.revisions[i]).split("/").filter((p) => p);
+  return parts.length ? parts[parts.length - 1] : String(m.revisions[i]);
+}
+
 function showStep() {
   const m = model();
   const i = m.steps.indexOf(S.step);
   document.getElementById("steplabel").textContent =
-    i < 0 ? "no finished step" : `${S.step}  (${m.revisions[i]}; ${i + 1} of ${m.steps.length})`;
+    i < 0 ? "no finished step" : `${S.step}  (${revision(m, i)}; ${i + 1} of ${m.steps.length})`;
 }
 
 function bindControls() {
@@ -227,6 +233,8 @@ function logTicks(lo, hi) {
   const text = (v) => (v < 1e-3 || v >= 1e4 ? v.toExponential(0).replace("e+", "e") : String(v));
   return vals.length < 2 ? {} : { tickvals: vals, ticktext: vals.map(text) };
 }
+
+function short(v) { return v !== 0 && Math.abs(v) < 0.01 ? v.toExponential(1) : v.toPrecision(2); }
 
 function baseLayout(title, extra = {}) {
   return Object.assign({
@@ -354,7 +362,7 @@ function showInfo() {
   const info = document.getElementById("info");
   info.innerHTML = "";
   const head = document.createElement("b");
-  head.textContent = `${S.model} · ${d.matrix} · layer ${d.layer} · head ${d.head} · step ${d.step}` + (i >= 0 ? ` (${m.revisions[i]})` : "");
+  head.textContent = `${S.model} · ${d.matrix} · layer ${d.layer} · head ${d.head} · step ${d.step}` + (i >= 0 ? ` (${revision(m, i)})` : "");
   info.appendChild(head);
   info.appendChild(document.createTextNode("  —  " + keys.map((k) => `${k} ${fmt(values[k])}`).join(" · ")));
 }
@@ -506,6 +514,8 @@ function drawTrajectory() {
       xaxis: { title: { text: "training step" }, type: "category", tickangle: -45, automargin: true },
       yaxis: { title: { text: S.stat } }, showlegend: false,
     });
+    const v = d.values[0];
+    if (d.values.length === 1 && v) layout.yaxis.range = [v - Math.abs(v), v + Math.abs(v)];  // one step: centred
     const div = document.getElementById("trajectory");
     await Plotly.react(div, [line, markTrace()], layout, PLOT_CONFIG);
     document.body.dataset.trajectoryDrawn = `${params.matrix}/${params.stat}/${params.layer}/${params.head}`;
@@ -574,7 +584,7 @@ function markPairs() {
   const others = row.map((v, h) => [h, v]).filter(([h, v]) => h !== S.head && v !== null)
     .sort((a, b) => (higher ? b[1] - a[1] : a[1] - b[1])).slice(0, 3);
   document.getElementById("neighbours").textContent =
-    others.length ? `nearest to head ${S.head}: ` + others.map(([h, v]) => `${h} (${v.toPrecision(2)})`).join(", ") : "";
+    others.length ? "nearest: " + others.map(([h, v]) => `${h} (${short(v)})`).join(", ") : "";
 }
 
 // ---- start --------------------------------------------------------------------------------------
