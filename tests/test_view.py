@@ -135,10 +135,11 @@ def test_overviews_and_trajectory_equal_the_store(served, ds):
         q = {"model": TP, "matrix": matrix, "stat": stat}
         stored = ds[stat].sel(matrix=matrix)  # (step, layer, head)
         d = get_json(served, "/api/layer", {**q, "layer": layer})
+        assert (d["matrix"], d["stat"], d["layer"]) == (matrix, stat, layer)
         assert d["steps"] == list(STEPS) and d["heads"] == [0, 1, 2, 3]
         equal_float32(d["values"], stored.sel(layer=layer).transpose("head", "step").values)
         d = get_json(served, "/api/step", {**q, "step": 512})
-        assert d["layers"] == [0, 1, 2, 3]
+        assert (d["matrix"], d["stat"], d["step"]) == (matrix, stat, 512) and d["layers"] == [0, 1, 2, 3]
         equal_float32(d["values"], stored.sel(step=512).transpose("layer", "head").values)
         d = get_json(served, "/api/trajectory", {**q, "layer": layer, "head": 1})
         equal_float32(d["values"], stored.sel(layer=layer, head=1).values)
@@ -301,7 +302,8 @@ def test_a_model_without_finished_steps(neox_store, tmp_path):
         m = get_json(server, "/api/meta")["models"][NEOX]
         assert m["steps"] == [] and m["requested"] == 1
         q = {"model": NEOX, "matrix": "W_QK", "stat": "std", "layer": 1}
-        assert get_json(server, "/api/layer", q) == {"steps": [], "heads": list(range(6)), "values": [[]] * 6}
+        d = get_json(server, "/api/layer", q)
+        assert (d["steps"], d["heads"], d["values"]) == ([], list(range(6)), [[]] * 6)
         assert get(server, "/api/step", {**q, "step": -1})[0] == 400
 
 

@@ -19,7 +19,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +82,8 @@ class Snapshot:
 
     reader: StoreReader
     models: dict[str, ModelInfo]
-    fingerprint: tuple
-    cache: _Cache = field(default_factory=lambda: _Cache(CACHE_BYTES))
+    fingerprint: tuple  # what the caches depend on: the finished steps and the variables
+    cache: _Cache
 
 
 class StoreView:
@@ -142,15 +142,16 @@ class StoreView:
         snap, m = self._model(q)
         matrix, stat, layer = _choice(q, "matrix", m.matrices), _choice(q, "stat", m.scalars), _layer(q, m)
         values = self._scalar(snap, m, stat)[:, layer, :, m.matrices.index(matrix)]  # (step, head)
-        return {"steps": list(m.steps), "heads": list(range(m.n_heads)), "values": _floats(values.T)}
+        return {"matrix": matrix, "stat": stat, "layer": layer, "steps": list(m.steps),
+                "heads": list(range(m.n_heads)), "values": _floats(values.T)}  # fmt: skip
 
     def step_overview(self, q: Mapping[str, str]) -> dict[str, Any]:
         """One statistic of every head of every layer at one step: ``values[layer][head]``."""
         snap, m = self._model(q)
         matrix, stat, step = _choice(q, "matrix", m.matrices), _choice(q, "stat", m.scalars), _step(q, m)
         values = self._scalar(snap, m, stat)[m.steps.index(step), :, :, m.matrices.index(matrix)]
-        return {"step": step, "layers": list(range(m.n_layers)), "heads": list(range(m.n_heads)),
-                "values": _floats(values)}  # fmt: skip
+        return {"matrix": matrix, "stat": stat, "step": step, "layers": list(range(m.n_layers)),
+                "heads": list(range(m.n_heads)), "values": _floats(values)}  # fmt: skip
 
     def trajectory(self, q: Mapping[str, str]) -> dict[str, Any]:
         """One head's statistic at every finished step."""

@@ -95,12 +95,12 @@ function normalise() {
 
 // ---- controls -----------------------------------------------------------------------------------
 
-function fillSelect(id, values, current, label = (v) => v) {
+function fillSelect(id, values, current) {
   const select = document.getElementById(id);
   select.innerHTML = "";
   const groups = {};
   for (const value of values) {
-    const option = new Option(label(value), value, false, String(value) === String(current));
+    const option = new Option(value, value, false, String(value) === String(current));
     const group = typeof value === "string" && value.endsWith("_z") ? "z-scores against the null" : null;
     if (group) {
       if (!groups[group]) {
@@ -126,6 +126,7 @@ function fillControls() {
   fillSelect("pair", m.pairs, S.pair);
   fillSelect("vector", m.vectors, S.vector);
   document.getElementById("p-pairs").hidden = m.pairs.length === 0;
+  document.querySelector("main").classList.toggle("no-pairs", m.pairs.length === 0);
   for (const radio of document.querySelectorAll("input[name=view]")) radio.checked = radio.value === S.view;
   document.getElementById("log").checked = S.log === 1;
   const slider = document.getElementById("step");
@@ -162,9 +163,15 @@ function bindControls() {
     radio.addEventListener("change", (e) => { S.view = e.target.value; changed({ overview: 1 }); });
   }
   on("log", "change", (e) => { S.log = e.target.checked ? 1 : 0; changed({ histograms: 1 }); });
-  on("pair", "change", (e) => { S.pair = e.target.value; changed({ pairsDraw: 1 }); });
+  on("pair", "change", (e) => { S.pair = e.target.value; changed({ pairs: 1 }); });
   on("vector", "change", (e) => { S.vector = e.target.value; changed({ spectrum: 1 }); });
-  on("step", "input", (e) => { S.step = model().steps[Number(e.target.value)]; showStep(); changed({ step: 1 }); });
+  let sliding = null;  // while the slider moves, redraw once it rests for 60 ms
+  on("step", "input", (e) => {
+    S.step = model().steps[Number(e.target.value)];
+    showStep();
+    clearTimeout(sliding);
+    sliding = setTimeout(() => changed({ step: 1 }), 60);
+  });
   on("refresh", "click", () => start());
 }
 
@@ -180,7 +187,6 @@ function changed(what) {
   if (what.head) drawHead();
   if (what.trajectory) drawTrajectory();
   if (what.pairs) drawPairs();
-  if (what.pairsDraw) drawPairs();
   if (what.null) loadNull().then(() => DATA.head && plotHistograms(DATA.head));
   if (what.histograms && DATA.head) plotHistograms(DATA.head);
   if (what.spectrum && DATA.head) plotSpectrum(DATA.head);
@@ -249,11 +255,11 @@ function baseLayout(title, extra = {}) {
 // spanning more than 30x, linear otherwise. Returns the values to colour and the trace options.
 function colourScale(name, values) {
   const flat = values.flat().filter((v) => v !== null && Number.isFinite(v));
+  const lo = flat.reduce((a, b) => Math.min(a, b), Infinity), hi = flat.reduce((a, b) => Math.max(a, b), -Infinity);
   if (name.endsWith("_z") || name === "qk_cosine") {
-    const amp = name === "qk_cosine" ? 1 : Math.max(1e-9, ...flat.map(Math.abs));
+    const amp = name === "qk_cosine" ? 1 : Math.max(1e-9, Math.abs(lo), Math.abs(hi));
     return { z: values, opts: { colorscale: "RdBu", reversescale: true, zmid: 0, zmin: -amp, zmax: amp }, title: name };
   }
-  const lo = Math.min(...flat), hi = Math.max(...flat);
   if (flat.length && lo > 0 && hi / lo > 30) {
     const z = values.map((row) => row.map((v) => (v === null || v <= 0 ? null : Math.log10(v))));
     const ticks = [];
@@ -275,20 +281,20 @@ function drawOverview(request = null) {
 }
 
 async function plotOverview(d) {
-  const byLayer = S.view === "layer";
+  const byLayer = d.layer !== undefined;  // heads x steps of a layer, else layers x heads of a step
   const x = byLayer ? d.steps.map(String) : d.heads.map(String);
   const y = byLayer ? d.heads : d.layers;
-  const scale = colourScale(S.stat, d.values);
+  const scale = colourScale(d.stat, d.values);
   const text = d.values.map((row) => row.map(fmt));
   const hover = byLayer ? "step %{x}<br>head %{y}<br>" : "layer %{y}<br>head %{x}<br>";
   const trace = {
-    type: "heatmap", x, y, z: scale.z, customdata: d.values, text, hovertemplate: hover + S.stat + " = %{text}<extra></extra>",
+    type: "heatmap", x, y, z: scale.z, customdata: d.values, text, hovertemplate: hover + d.stat + " = %{text}<extra></extra>",
     xgap: x.length <= 40 ? 1 : 0, ygap: y.length <= 40 ? 1 : 0, hoverongaps: false,
     ...scale.opts, colorbar: { thickness: 12, title: { text: scale.title, side: "right" }, ...(scale.opts.colorbar || {}) },
   };
   const title = byLayer
-    ? `${S.stat} of ${S.matrix}, layer ${S.layer}: every head at every finished step (click a cell)`
-    : `${S.stat} of ${S.matrix}, step ${S.step}: every head of every layer (click a cell)`;
+    ? `${d.stat} of ${d.matrix}, layer ${d.layer}: every head at every finished step (click a cell)`
+    : `${d.stat} of ${d.matrix}, step ${d.step}: every head of every layer (click a cell)`;
   const layout = baseLayout(title, {
     xaxis: { title: { text: byLayer ? "training step" : "head" }, type: "category", tickangle: byLayer ? -45 : 0, automargin: true },
     yaxis: { title: { text: byLayer ? "head" : "layer" }, autorange: "reversed", dtick: y.length > 24 ? 4 : 1 },
@@ -299,7 +305,7 @@ async function plotOverview(d) {
   const div = document.getElementById("overview");
   await Plotly.react(div, [trace], layout, PLOT_CONFIG);
   markOverview();
-  document.body.dataset.overviewDrawn = `${S.matrix}/${S.stat}/` + (byLayer ? `layer${S.layer}` : `step${d.step}`);
+  document.body.dataset.overviewDrawn = `${d.matrix}/${d.stat}/` + (byLayer ? `layer${d.layer}` : `step${d.step}`);
   if (!div.dataset.bound) {
     div.dataset.bound = "1";
     div.on("plotly_click", (e) => onOverviewClick(e.points[0].pointIndex));
