@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import json
+import socket
 import sys
 import threading
 import webbrowser
@@ -87,6 +88,7 @@ class ViewServer(ThreadingHTTPServer):
             "/api/pairs": store.pairs,
             "/api/null": store.null_band,
         }
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
             super().__init__((host, port), Handler)
         except OSError as exc:
