@@ -1,7 +1,10 @@
-"""The ``spinjax`` command line (SPEC section 2): parse, call the pipeline, print.
+"""The ``spinjax`` command line: parse, call a stage, print.
 
 Exit codes: 0 success; 2 bad usage or bad input (the message says what and where);
-1 internal failure (traceback only with --debug).
+1 internal failure (traceback only with --debug); 130 interrupted.
+
+Each command imports the stage it calls when it runs, so that ``spinjax --help`` or
+``spinjax models`` start without loading JAX.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from pathlib import Path
 
 import click
 
-from spinjax import DEFAULT_STORE, __version__
 from spinjax.errors import InputError
-from spinjax.layouts import VARIANTS
+from spinjax.sources.layouts import VARIANTS
+from spinjax.store.schema import DEFAULT_STORE
+from spinjax.version import __version__
 
 
 @contextmanager
@@ -139,8 +143,8 @@ def run(
     ov: bool,
 ) -> None:
     """Compute every head's statistics for the requested steps of MODEL."""
-    from spinjax.pipeline import Interrupted, init_distributed
-    from spinjax.pipeline import run as run_pipeline
+    from spinjax.run import Interrupted, RunOptions, init_distributed
+    from spinjax.run import run as run_pipeline
 
     budget = _parse_size(memory_budget) if memory_budget else None
     explicit = (coordinator, num_processes, process_id)
@@ -150,23 +154,13 @@ def run(
         raise click.BadParameter(f"{process_id} is not below --num-processes {num_processes}")
     with _errors(debug), _progress(quiet) as progress:
         index, count = init_distributed(*explicit) if distributed or coordinator else (0, 1)
+        options = RunOptions(
+            steps=steps, store=store_path, memory_budget=budget, recompute=recompute,
+            keep_downloads=keep_downloads, null=null, null_samples=null_samples, pairs=pairs,
+            variant=variant, ov=ov, process_index=index, process_count=count,
+        )  # fmt: skip
         try:
-            result = run_pipeline(
-                model,
-                steps=steps,
-                store_path=store_path,
-                memory_budget=budget,
-                recompute=recompute,
-                keep_downloads=keep_downloads,
-                progress=progress,
-                process_index=index,
-                process_count=count,
-                null=null,
-                null_samples=null_samples,
-                pairs=pairs,
-                variant=variant,
-                ov=ov,
-            )
+            result = run_pipeline(model, options, progress)
         except Interrupted as exc:  # Ctrl-C: finished steps are kept, the run is marked interrupted
             click.echo(f"interrupted: {exc}", err=True)
             sys.exit(130)
@@ -183,7 +177,7 @@ def run(
 @contextmanager
 def _progress(quiet: bool):
     """A rich progress bar (steps, layers) on a terminal; nothing in pipes, CI or --quiet."""
-    from spinjax.pipeline import Progress
+    from spinjax.run import Progress
 
     if quiet or not sys.stderr.isatty():
         yield Progress()
@@ -212,13 +206,11 @@ def _progress(quiet: bool):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def models(as_json: bool) -> None:
     """Known model names with their attention geometry and checkpoint count."""
-    from spinjax.models import KNOWN
+    from spinjax.sources.known import KNOWN
 
-    rows = [{"name": m.name, "repo": m.repo, "d_model": m.d_model, "n_heads": m.n_heads,
-             "n_kv_heads": m.n_kv_heads, "d_head": m.d_head, "n_layers": m.n_layers,
-             "steps": len(m.steps)} for m in KNOWN.values()]  # fmt: skip
-    rows.append({"name": "tiny-pythia", "repo": "(embedded, trained locally)", "d_model": 64,
-                 "n_heads": 4, "n_kv_heads": 4, "d_head": 16, "n_layers": 4, "steps": None})  # fmt: skip
+    rows = [{"name": m.name, "repo": m.repo or "(embedded, trained locally)", "d_model": m.d_model,
+             "n_heads": m.n_heads, "n_kv_heads": m.n_kv_heads, "d_head": m.d_head,
+             "n_layers": m.n_layers, "steps": len(m.steps)} for m in KNOWN.values()]  # fmt: skip
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
@@ -231,7 +223,7 @@ def models(as_json: bool) -> None:
 @click.option("--debug", is_flag=True)
 def steps(name: str, debug: bool) -> None:
     """The checkpoint steps NAME offers, one per line."""
-    from spinjax.models import resolve
+    from spinjax.sources import resolve
 
     with _errors(debug):
         for step, revision in resolve(name).offered:
@@ -278,7 +270,7 @@ def show(store_path: Path, as_json: bool, debug: bool) -> None:
 def bench(shapes: str, memory_budget: str, repeat: int, as_json: bool, results: Path | None) -> None:
     """Kernel throughput (heads/s, GB/s, FLOP/s) on this machine's device, and its ratio to
     the floor (matmul + one pass over W_QK + reading Q/K) measured in the same run."""
-    from spinjax.bench import SHAPES, markdown, measure_shape, results_section
+    from spinjax.run.bench import SHAPES, markdown, measure_shape, results_section
 
     names = [s.strip() for s in shapes.split(",") if s.strip()]
     unknown = [n for n in names if n not in SHAPES]
@@ -338,7 +330,7 @@ def plot(
 
     Files are named MODEL_FIGURE[_stepS][_layerL][_headH][_MATRIX][_STAT] after the options given.
     """
-    from spinjax.plots import FIGURES
+    from spinjax.analysis.plots import FIGURES
 
     if list_figures:
         width = max(map(len, FIGURES))
@@ -350,8 +342,7 @@ def plot(
     if not figures:
         raise click.UsageError("give --figure NAME (repeatable, or 'all'); --list names them")
     with _errors(debug):
-        from spinjax.errors import InputError
-        from spinjax.plots import make_figure, save, select
+        from spinjax.analysis.plots import make_figure, save, select
 
         names = list(FIGURES) if "all" in figures else list(dict.fromkeys(figures))
         unknown = [n for n in names if n not in FIGURES]
@@ -403,7 +394,7 @@ def report(
 ) -> None:
     """One static HTML page (out/index.html) with every figure the store allows for MODEL."""
     with _errors(debug):
-        from spinjax.report import build_report
+        from spinjax.analysis.report import build_report
 
         result = build_report(store_path, model, out, embed=embed, step=step, layer=layer,
                               head=head, matrix=matrix)  # fmt: skip
@@ -460,7 +451,7 @@ def dynamics(
 ) -> None:
     """Training dynamics of MODEL's finished steps: divergences from the first step and between
     consecutive ones, top-k singular-direction overlaps, level crossings and repulsions."""
-    from spinjax.dynamics import compute_dynamics
+    from spinjax.run import compute_dynamics
 
     with _errors(debug), _progress(quiet) as progress:
         res = compute_dynamics(model, store_path, top_k=top_k, gap_tol=gap_tol,
@@ -503,7 +494,7 @@ def baseline(
     statistic of every draw, into the store group baseline/<d>x<d_head>."""
     budget = _parse_size(memory_budget) if memory_budget else None
     with _errors(debug):
-        from spinjax.baseline import run_baseline
+        from spinjax.run import run_baseline
 
         result = run_baseline(d_model, d_head, store_path=store_path, sigma=sigma, samples=samples,
                               seed=seed, recompute=recompute, memory_budget=budget)  # fmt: skip

@@ -75,7 +75,7 @@ def write_checkpoint(path: str, small: bool) -> None:
 def worker(method: str, path: str, small: bool) -> dict:
     names = [n for n in shapes(small) if n.endswith("attention.query_key_value.weight")]
     if method == "torchbin":
-        from spinjax.torchbin import TorchBinFile
+        from spinjax.sources.torchbin import TorchBinFile
 
         base = vm_hwm_mb()
         t0 = time.perf_counter()

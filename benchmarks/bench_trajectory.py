@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 
-from spinjax.bench import SHAPES
-from spinjax.pipeline import run
+from spinjax.run.bench import SHAPES
+from spinjax.run.options import RunOptions
+from spinjax.run.pipeline import run
 
 
 def write_trajectory(root: Path, shape: str, n_steps: int) -> None:
@@ -52,7 +53,7 @@ def main() -> None:
         write_trajectory(root, args.shape, args.steps)
         print(f"wrote {args.steps} orbax steps at {args.shape} shape in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
-        result = run(str(root), steps="all", store_path=Path(tmp) / "s.zarr")
+        result = run(str(root), RunOptions(steps="all", store=Path(tmp) / "s.zarr"))
         wall = time.perf_counter() - t0
     busy = result.io_wait_s + result.compute_s
     print("| shape | steps | wall s | s/checkpoint | compute s | waiting for reads s | waiting share |")

@@ -92,31 +92,31 @@ def generate(
     steps: tuple[int, ...] = PYTHIA_STEPS, null_samples: int = 200, seed: int = 0,
 ) -> None:  # fmt: skip
     """A Pythia-12B-shaped trajectory store of random statistics, through the store's writer."""
-    from spinjax import baseline, derived, store
-    from spinjax.kernels import bins
-    from spinjax.layouts import Geometry
+    from spinjax.run.features import pair_coordinates
+    from spinjax.store import ModelGroup, consolidate, locked, open_store
+    from spinjax.store.baseline import baseline_key, write_baseline
+    from spinjax.store.schema import NULL_VARIABLES, PAIR_VARIABLES, SCALARS, VARIABLES
 
     rng = np.random.default_rng(seed)
-    geometry = Geometry(d_model, n_layers, n_heads, n_heads, d_head)
-    null_names = tuple(store.NULL_VARIABLES)
-    with store.locked(path) as root:
-        group = store.ModelGroup.create_or_check(
-            root, KEY, geometry=geometry, architecture="gpt_neox", n_sv=d_head,
+    shape_attrs = {"d_model": d_model, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_heads,
+                   "d_head": d_head}  # fmt: skip
+    with locked(path) as root:
+        group = ModelGroup.create_or_check(
+            root, KEY, shape=shape_attrs, architecture="gpt_neox", n_sv=d_head,
             attrs={"source": "synthetic (benchmarks/bench_view.py)", "dtype": "float16", "variant": "raw"},
         )  # fmt: skip
         planned = group.plan([(s, f"step{s}") for s in steps], recompute=False)
-        group.add_variables({**store.NULL_VARIABLES, **store.PAIR_VARIABLES},
-                            derived.pair_coordinates(n_layers, n_heads))  # fmt: skip
-        key = baseline.baseline_key(d_model, d_head)
+        group.add_variables({**NULL_VARIABLES, **PAIR_VARIABLES}, pair_coordinates(n_layers, n_heads))
+        key = baseline_key(d_model, d_head)
         group.group.attrs["features"] = {"null": {"baseline": key, "samples": null_samples, "sigma": 1.0},
                                          "pairs": "layer"}  # fmt: skip
-        store.consolidate(root, KEY)
-    group = store.ModelGroup(store.open_store(path, create=True, consolidated=False), KEY)
-    zedges, edges = bins.zbin_edges(), bins.bin_edges()
+        consolidate(root, KEY)
+    group = ModelGroup(open_store(path, create=True, consolidated=False), KEY)
+    zedges, edges = group.group["zbin_edges"][:], group.group["bin_edges"][:]
     shape = (n_layers, n_heads, 3)
     t0 = time.perf_counter()
     for k, (index, step, _) in enumerate(planned):
-        results = synthetic_step(rng, shape, d_head, d_model, zedges, edges, store.SCALARS, null_names,
+        results = synthetic_step(rng, shape, d_head, d_model, zedges, edges, SCALARS, tuple(NULL_VARIABLES),
                                  k / max(len(planned) - 1, 1))  # fmt: skip
         group.write_step(index, results)
         print(f"\rwrote step {step} ({k + 1}/{len(planned)}, {time.perf_counter() - t0:.0f} s)",
@@ -124,9 +124,9 @@ def generate(
     print(file=sys.stderr)
     nrng = np.random.default_rng(seed + 1)
     nshape = (null_samples, 3)
-    null = synthetic_step(nrng, (null_samples, 1, 3), d_head, d_model, zedges, edges, store.SCALARS, (), 0.0)
-    stats = {name: null[name].reshape(nshape + null[name].shape[3:]) for name in store.VARIABLES}
-    baseline.write_baseline(path, stats, d_model=d_model, d_head=d_head, sigma=1.0, seed=seed)
+    null = synthetic_step(nrng, (null_samples, 1, 3), d_head, d_model, zedges, edges, SCALARS, (), 0.0)
+    stats = {name: null[name].reshape(nshape + null[name].shape[3:]) for name in VARIABLES}
+    write_baseline(path, stats, d_model=d_model, d_head=d_head, sigma=1.0, seed=seed)
 
 
 # ---- measurement in the browser --------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import log_ndtr as scipy_log_ndtr
 
 ZMAX = 10.0
 NZ = 402  # 400 inner bins of width 0.05 plus two unbounded tail bins
@@ -19,7 +20,19 @@ NB = 2 * RAW_PER_SIDE + 3
 
 
 def zbin_edges(zmax: float = ZMAX, nz: int = NZ) -> np.ndarray:
-    """Edges of the standardized histogram: [-inf, linspace(-zmax, zmax, nz - 1), +inf]."""
+    """Edges of the standardized histogram: [-inf, linspace(-zmax, zmax, nz - 1), +inf].
+
+    Bin i is [e_i, e_{i+1}): ``nz - 2`` inner bins of width dz = 2 zmax / (nz - 2) (0.05 by
+    default) and two unbounded tail bins, |z| beyond zmax.
+
+    Examples:
+      >>> from spinjax.kernels import zbin_edges
+      >>> e = zbin_edges()
+      >>> print(len(e), e[0], e[1], round(e[2] - e[1], 4), e[-2], e[-1])
+      403 -inf -10.0 0.05 10.0 inf
+      >>> print(zbin_edges(zmax=1.0, nz=6))
+      [-inf -1.  -0.5  0.   0.5  1.   inf]
+    """
     inner = np.linspace(-zmax, zmax, nz - 1)
     return np.concatenate([[-np.inf], inner, [np.inf]])
 
@@ -28,24 +41,53 @@ def bin_edges() -> np.ndarray:
     """Edges of the shared raw-value grid, len NB + 1, first -inf and last +inf.
 
     Bin i is [edges[i], edges[i+1]). The positive magnitudes are exactly
-    10**(k / RAW_PER_DECADE); the negative side mirrors them.
+    10**(k / RAW_PER_DECADE), k = -336..192 (1e-7..1e4); the negative side mirrors them, and
+    the central bin [-1e-7, 1e-7) holds the values too small to resolve. Every bin but the
+    central and the tail ones spans a relative width of 10**(1/48) - 1 = 4.9%.
+
+    Examples:
+      >>> from spinjax.kernels import NB, bin_edges
+      >>> e = bin_edges()
+      >>> print(len(e), NB, e[0], e[1], e[-2], e[-1])
+      1060 1059 -inf -10000.0 10000.0 inf
+      >>> print(e[529], e[530], e[866])  # the central bin, and 1.0 is an edge
+      -1e-07 1e-07 1.0
+      >>> print(round(e[867] / e[866] - 1, 4))
+      0.0491
     """
     k = np.arange(RAW_LO_DECADE * RAW_PER_DECADE, RAW_HI_DECADE * RAW_PER_DECADE + 1)
     pos = 10.0 ** (k / RAW_PER_DECADE)
     return np.concatenate([[-np.inf], -pos[::-1], pos, [np.inf]])
 
 
-def log_normal_bin_mass(lo: np.ndarray, hi: np.ndarray, xp=np):
+def log_normal_bin_mass(lo: np.ndarray, hi: np.ndarray, *, xp=np, log_ndtr=scipy_log_ndtr):
     """ln(Phi(hi) - Phi(lo)) for lo < hi, in log space so that it never underflows or cancels.
 
     Bins on the upper half are mirrored to the lower half, where log_ndtr is accurate;
     a bin that straddles zero has mass >= its larger half and is computed as 1 - both tails.
-    ``xp`` is numpy (with scipy) or jax.numpy, so the kernels and the references share it.
+    ``xp`` and ``log_ndtr`` are numpy's and scipy's, or jax.numpy's and jax.scipy's, so that
+    the kernels and the float64 references share this one definition.
+
+    For a bin [a, b) at or below zero, ln(Phi(b) - Phi(a)) = ln Phi(b) + ln(1 - exp(ln Phi(a)
+    - ln Phi(b))), the second term by ``expm1``; Phi(-x) = 1 - Phi(x) maps the upper half
+    onto it. The difference of two CDFs would be 0 (ln = -inf) for the bin [30, 31) below.
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels.bins import log_normal_bin_mass
+      >>> lo = np.array([-np.inf, -1.0, -0.5, 30.0])
+      >>> hi = np.array([0.0, 1.0, 0.5, 31.0])
+      >>> for v in log_normal_bin_mass(lo, hi):
+      ...     print(f"{v:.4f}")
+      -0.6931
+      -0.3817
+      -0.9599
+      -454.3212
+
+    References:
+      ``scipy.special.log_ndtr`` (ln Phi, accurate in the lower tail); M. Maechler,
+      "Accurately computing log(1 - exp(-|a|))", CRAN Rmpfr vignette, 2012.
     """
-    if xp is np:
-        from scipy.special import log_ndtr
-    else:
-        from jax.scipy.special import log_ndtr
     upper = lo >= 0
     a = xp.where(upper, -hi, lo)  # mirrored bin [a, b) lies at or below zero
     b = xp.where(upper, -lo, hi)

@@ -33,6 +33,12 @@ KL between histograms on the shared raw grid is smoothed so that it is always fi
 added to the count of every bin occupied in either histogram (Krichevsky-Trofimov / Jeffreys
 pseudo-count), bins empty in both are left out, then KL(P || Q) = sum p ln(p / q). Identical
 histograms give exactly 0. (Jensen-Shannon needs no smoothing: :func:`geometry.js_divergence`.)
+
+References:
+  J. von Neumann, E. Wigner, "Über das Verhalten von Eigenwerten bei adiabatischen Prozessen",
+  Physikalische Zeitschrift 30, 1929 (avoided crossings, level repulsion); R. E. Krichevsky,
+  V. K. Trofimov, "The performance of universal encoding", IEEE Trans. Inf. Theory 27(2),
+  1981 (the 1/2 pseudo-count).
 """
 
 from __future__ import annotations
@@ -66,6 +72,22 @@ def top_singular_vectors(wq: jax.Array, wk: jax.Array, k: int) -> tuple[jax.Arra
     Returns:
       ``s`` (H, k) descending, ``left`` (H, d_model, k) and ``right`` (H, d_model, k) with
       orthonormal columns: W_QK^h = sum_i s_i left_i right_i^T + (the other d_head - k modes).
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels import top_singular_vectors
+      >>> wq = np.array([[[1, 0, 0, 0], [0, 1, 0, 0]], [[1, 1, 0, 0], [0, 0, 0, 1]]], np.float32)
+      >>> wk = np.array([[[2, 0, 0, 0], [0, 0, 1, 0]]], np.float32)
+      >>> s, left, right = top_singular_vectors(wq, wk, 2)
+      >>> print(np.round(s, 4))
+      [[2.     1.    ]
+       [2.8284 1.    ]]
+      >>> print(np.round(np.abs(right[0].T), 4) + 0.0)  # W_QK^0 = 2 e0 e0^T + e1 e2^T
+      [[1. 0. 0. 0.]
+       [0. 0. 1. 0.]]
+      >>> rebuilt = np.einsum("hk,hdk,hek->hde", s, left, right)
+      >>> print(np.allclose(rebuilt[1], wq[1].T @ wk[0], atol=1e-6))
+      True
     """
     n_q, n_kv = wq.shape[0], wk.shape[0]
     if not 1 <= k <= wq.shape[1]:
@@ -86,12 +108,28 @@ def top_singular_vectors(wq: jax.Array, wk: jax.Array, k: int) -> tuple[jax.Arra
 
 @jax.jit
 def overlaps(before: jax.Array, after: jax.Array) -> jax.Array:
-    """|before_i . after_j| for singular vectors (..., d, k) of two steps: (..., k, k)."""
+    """|before_i . after_j| for singular vectors (..., d, k) of two steps: (..., k, k).
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels import overlaps
+      >>> c, s = np.cos(np.pi / 6), np.sin(np.pi / 6)  # the plane turned by 30 degrees
+      >>> print(np.round(overlaps(np.eye(2), np.array([[c, -s], [s, c]])), 4))
+      [[0.866 0.5  ]
+       [0.5   0.866]]
+    """
     return jnp.abs(jnp.einsum("...di,...dj->...ij", before, after, precision=_HIGHEST))
 
 
 def relative_gaps(s: jax.Array) -> jax.Array:
-    """(s_i - s_{i+1}) / s_i for descending values (..., k): (..., k - 1), NaN where s_i = 0."""
+    """(s_i - s_{i+1}) / s_i for descending values (..., k): (..., k - 1), NaN where s_i = 0.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from spinjax.kernels.dynamics import relative_gaps
+      >>> print(relative_gaps(jnp.array([4.0, 3.0, 3.0, 0.0])), relative_gaps(jnp.array([2.0, 0.0, 0.0])))
+      [0.25 0.   1.  ] [ 1. nan]
+    """
     s = jnp.asarray(s, jnp.float32)
     top = s[..., :-1]
     return jnp.where(top > 0, (top - s[..., 1:]) / jnp.where(top > 0, top, 1.0), jnp.nan)
@@ -99,7 +137,17 @@ def relative_gaps(s: jax.Array) -> jax.Array:
 
 def pair_weights(overlap_left: jax.Array, overlap_right: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(kept, swapped) weight of each neighbour pair (i, i + 1), from overlaps (..., k, k):
-    each (..., k - 1), averaged over the two sides (see the module docstring)."""
+    each (..., k - 1), averaged over the two sides (see the module docstring).
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels.dynamics import pair_weights
+      >>> c, s = np.cos(np.pi / 6), np.sin(np.pi / 6)
+      >>> o = np.abs(np.array([[c, -s], [s, c]]))  # both sides turned by 30 degrees
+      >>> kept, swapped = pair_weights(o, o)
+      >>> print(np.round(kept, 4), np.round(swapped, 4))  # cos^2 and sin^2 of 30 degrees
+      [0.75] [0.25]
+    """
 
     def side(o):
         o2 = jnp.square(jnp.asarray(o, jnp.float32))
@@ -127,6 +175,20 @@ def mode_events(
     Returns:
       int8 (T, ..., k): code of the pair (i, i + 1) at each step (module docstring): -1 at
       t = 0, else 0 none, 1 crossing, 2 repulsion; the last mode is always 0.
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels import mode_events
+      >>> swap, keep = np.array([[0.0, 1.0], [1.0, 0.0]]), np.eye(2)
+      >>> s = np.array([[1.0, 0.95], [1.0, 0.96]])  # near-degenerate, directions swapped
+      >>> print(mode_events(s, np.stack([swap, swap]), np.stack([swap, swap])))
+      [[-1 -1]
+       [ 1  0]]
+      >>> s = np.array([[1.0, 0.8], [1.0, 0.95], [1.0, 0.8]])  # gap 0.2, 0.05, 0.2, kept
+      >>> print(mode_events(s, np.stack([keep] * 3), np.stack([keep] * 3)))
+      [[-1 -1]
+       [ 0  0]
+       [ 2  0]]
     """
     g = relative_gaps(s)  # (T, ..., k-1)
     kept, swapped = pair_weights(overlap_left, overlap_right)
@@ -148,6 +210,13 @@ def kl_smoothed(p_counts: jax.Array, q_counts: jax.Array, pseudo: float = PSEUDO
 
     ``pseudo`` is added to every bin occupied in P or Q (bins empty in both stay out), then
     each is normalised. 0 for identical histograms; NaN when both are empty.
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels import kl_smoothed
+      >>> p, q = np.array([2.0, 0.0, 0.0]), np.array([0.0, 2.0, 0.0])
+      >>> print(np.round(kl_smoothed(p, q), 4), kl_smoothed(p, p))  # (5/6 - 1/6) ln 5, and 0
+      1.073 0.0
     """
     p = jnp.asarray(p_counts, jnp.float32)
     q = jnp.asarray(q_counts, jnp.float32)

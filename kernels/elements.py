@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.special
 import numpy as np
 
 from . import bins
@@ -36,7 +37,7 @@ class Sums(NamedTuple):
 
 
 def empty_sums(n_heads: int) -> Sums:
-    """The identity of :func:`add_block`."""
+    """The identity of :func:`add_block`: zero counts and sums, min +inf, max -inf."""
     zf = jnp.zeros((n_heads,), jnp.float32)
     zi = jnp.zeros((n_heads,), jnp.int32)
     return Sums(
@@ -49,14 +50,41 @@ def empty_sums(n_heads: int) -> Sums:
 
 
 def zbin_index(z: jax.Array) -> jax.Array:
-    """Index into ``bins.zbin_edges()`` of each z (bin i is [e_i, e_{i+1}))."""
+    """Index into ``bins.zbin_edges()`` of each z (bin i is [e_i, e_{i+1})).
+
+    i = clip(floor((z + zmax) / dz), -1, nz - 2) + 1 with dz = 2 zmax / (nz - 2): 0 is the
+    lower tail (z < -zmax), nz - 1 the upper one (z >= zmax, +inf included).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from spinjax.kernels.elements import zbin_index
+      >>> print(zbin_index(jnp.array([-11.0, -10.0, -0.01, 0.0, 9.99, 10.0, jnp.inf])))
+      [  0   1 200 201 400 401 401]
+    """
     dz = 2.0 * bins.ZMAX / (bins.NZ - 2)
     inner = jnp.floor((z + bins.ZMAX) / dz)
     return (jnp.clip(inner, -1, bins.NZ - 2) + 1).astype(jnp.int32)
 
 
 def raw_bin_index(w: jax.Array) -> jax.Array:
-    """Index into ``bins.bin_edges()`` of each raw value (log-spaced magnitudes, mirrored)."""
+    """Index into ``bins.bin_edges()`` of each raw value (log-spaced magnitudes, mirrored).
+
+    For |w| >= 1e-7, j = clip(floor(48 (log10 |w| + 7)), 0, 528) is the magnitude's bin; the
+    index is 530 + j for w > 0 and 528 - j for w < 0, and 529 (the central bin) for |w| < 1e-7.
+    A negative value lies in the mirror image of its magnitude's bin, so one exactly on an edge
+    -e counts in the bin below it, and an entry within float32 rounding of an edge (log10 in
+    float32) may land in the neighbouring bin.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from spinjax.kernels.elements import raw_bin_index
+      >>> print(raw_bin_index(jnp.array([-1.01, -1e-9, 0.0, 1e-9, 1.01, 1e5])))
+      [ 192  529  529  529  866 1058]
+      >>> from spinjax.kernels import bin_edges
+      >>> e = bin_edges()
+      >>> print(e[866] <= 1.01 < e[867], e[192] < -1.01 < e[193])
+      True True
+    """
     lo = 10.0**bins.RAW_LO_DECADE
     mag = jnp.maximum(jnp.abs(w), lo)
     j = jnp.floor(bins.RAW_PER_DECADE * (jnp.log10(mag) - bins.RAW_LO_DECADE))
@@ -81,6 +109,15 @@ def histograms(acc: Sums, shift: jax.Array, scale: jax.Array) -> tuple[jax.Array
     grid's edges before it, so each raw or z bin is a run of consecutive merged bins: a
     difference of the counts' running sum. Entries within float32 rounding of an edge may land
     one bin over, as binning allows.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from spinjax.kernels.elements import add_block, empty_sums, histograms
+      >>> x = jnp.array([[[1.0, 2.0], [3.0, 4.0]]])  # one head, z = x about shift 0, scale 1
+      >>> acc = jax.jit(add_block)(empty_sums(1), x, jnp.zeros(1), jnp.ones(1))
+      >>> zhist, hist = jax.jit(histograms)(acc, jnp.zeros(1), jnp.ones(1))
+      >>> print(np.flatnonzero(zhist[0]), np.flatnonzero(hist[0]))  # z = 1: bin 201 + 1 / 0.05
+      [221 241 261 281] [866 880 888 894]
     """
     scale = jnp.where(scale > 0, scale, 1.0)
     raw = jnp.asarray(bins.bin_edges()[1:-1], jnp.float32)
@@ -99,8 +136,8 @@ def histograms(acc: Sums, shift: jax.Array, scale: jax.Array) -> tuple[jax.Array
 
 def _scatter_parts(n: int) -> int:
     """Independent scatters that count ``n`` indices: XLA:CPU runs each scatter on one core, and
-    independent ones side by side; four quarters made the 1.4B W_QK pass 7% faster than one
-    scatter (two: 4%). GPUs take one."""
+    independent ones side by side, so four quarters of a block count faster than one scatter
+    (or two; benchmarks/RESULTS.md). GPUs take one."""
     parts = 4 if jax.default_backend() == "cpu" else 1
     return parts if n % parts == 0 else 1
 
@@ -128,9 +165,22 @@ def add_block(
     """Adds a block ``x`` (H, rows, cols) to the running sums.
 
     ``row_valid`` (rows,) marks padding rows that are not part of the matrix. With
-    ``masked=False`` every entry is taken as finite and real, which skips the masks (about 40%
-    of the work); a non-finite entry then still shows as a non-finite min or max (see
-    :func:`saw_nonfinite`), and the caller redoes the pass masked.
+    ``masked=False`` every entry is taken as finite and real, which skips the masks (a large
+    share of the pass's work); a non-finite entry then still shows as a non-finite min or max
+    (see :func:`saw_nonfinite`), and the caller redoes the pass masked.
+
+    Per head, over the kept (finite, real) entries x: n += count, s_k += sum (x - shift)^k for
+    k = 1..4, min and max, n_nonfinite += non-finite real entries, and one count per entry in
+    the merged bin ``raw_bin_index(x) + zbin_index((x - shift) / scale)`` (see
+    :func:`histograms`).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from spinjax.kernels.elements import add_block, empty_sums
+      >>> x = jnp.array([[[1.0, 2.0], [jnp.nan, 4.0]]])  # one head, a 2 x 2 block
+      >>> acc = jax.jit(add_block)(empty_sums(1), x, jnp.zeros(1), jnp.ones(1))
+      >>> print(acc.n, acc.s1, acc.s2, acc.min, acc.max, acc.n_nonfinite)
+      [3] [7.] [21.] [1.] [4.] [1]
     """
     scale = jnp.where(scale > 0, scale, 1.0)  # std 0: z-statistics are NaN, bins must exist
     if masked:
@@ -165,13 +215,13 @@ def add_block(
 def _row_sums(xs: jax.Array, lo: jax.Array, hi: jax.Array) -> tuple[jax.Array, ...]:
     """Per head (first axis): sums of xs^1..4, min of ``lo``, max of ``hi``, over (H, rows, cols).
 
-    One reduction with six results reads the block once, where six reductions read it six times
-    (~30% of the moments' time on CPUs). It runs along stretches of at most 256 entries of a row
-    in ``lanes`` interleaved accumulators (entry i goes to lane i mod 16): a reduction over a
-    major axis that keeps the lanes as the minor one is one vector add per step, where one
-    accumulator per stretch waits on each add in turn (4.4x slower on XLA:CPU). The partial
-    sums are then added pairwise; each lane sums at most 16 entries in order (whole rows in
-    order lost up to 9e-6 of a sum of fourth powers at d_model 8192).
+    One reduction with six results reads the block once, where six reductions read it six
+    times. It runs along stretches of at most 256 entries of a row in ``lanes`` interleaved
+    accumulators (entry i goes to lane i mod 16): a reduction over a major axis that keeps the
+    lanes as the minor one is one vector add per step, where one accumulator per stretch waits
+    on each add in turn. The partial sums are then added pairwise; each lane sums at most 16
+    entries in order, since long sums in order lose accuracy in the fourth powers of
+    heavy-tailed entries at large d_model (benchmarks/RESULTS.md has the measurements).
     """
     h, rows, cols = xs.shape
     run = max(r for r in range(1, min(cols, 256) + 1) if cols % r == 0)
@@ -197,7 +247,26 @@ def saw_nonfinite(acc: Sums) -> jax.Array:
 
 
 def central_moments(acc: Sums, shift: jax.Array):
-    """(mean, m2, m3, m4) from sums taken about ``shift``; NaN where no entry is finite."""
+    """(mean, m2, m3, m4) from sums taken about ``shift``; NaN where no entry is finite.
+
+    With d = s1 / n and a_k = s_k / n (sums of (x - shift)^k): mean = shift + d,
+    m2 = a2 - d^2, m3 = a3 - 3 d a2 + 2 d^3, m4 = a4 - 4 d a3 + 6 d^2 a2 - 3 d^4, exact for
+    any shift (a shift near the mean keeps the cancellation small). All finite entries equal
+    (min == max) gives m2 = m3 = m4 = 0 exactly and mean = that value.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from spinjax.kernels.elements import add_block, central_moments, empty_sums
+      >>> x = jnp.array([[[1.0, 2.0], [3.0, 4.0]]])
+      >>> shift = jnp.array([2.0])  # a guess of the mean, not the mean
+      >>> acc = jax.jit(add_block)(empty_sums(1), x, shift, jnp.ones(1))
+      >>> print(np.round(np.concatenate(central_moments(acc, shift)), 4))  # mean m2 m3 m4
+      [2.5    1.25   0.     2.5625]
+
+    References:
+      T. F. Chan, G. H. Golub, R. J. LeVeque, "Algorithms for computing the sample variance:
+      analysis and recommendations", The American Statistician 37(3), 1983 (shifted data).
+    """
     n = acc.n.astype(jnp.float32)
     n = jnp.where(n > 0, n, jnp.nan)
     d = acc.s1 / n  # offset of the true mean from the shift
@@ -215,7 +284,17 @@ def central_moments(acc: Sums, shift: jax.Array):
 def needs_refinement(acc: Sums, shift: jax.Array, scale: jax.Array, rtol: float = 1e-6):
     """True per head when the pass binned with a scale or shift off the final std or mean.
 
-    Then the z-histogram must be redone with the final values (the moments are exact anyway).
+    Then the z-histogram must be redone with the final values (the moments are exact anyway):
+    |std - scale| > rtol std or |mean - shift| > rtol std, and std > 0.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from spinjax.kernels.elements import add_block, empty_sums, needs_refinement
+      >>> x = jnp.array([[[1.0, 2.0], [3.0, 4.0]]])  # mean 2.5, std sqrt(1.25)
+      >>> shift, scale = jnp.array([2.5]), jnp.sqrt(jnp.array([1.25]))
+      >>> acc = jax.jit(add_block)(empty_sums(1), x, shift, scale)
+      >>> print(needs_refinement(acc, shift, scale), needs_refinement(acc, shift, 2 * scale))
+      [False] [ True]
     """
     mean, m2, _, _ = central_moments(acc, shift)
     std = jnp.sqrt(m2)
@@ -224,11 +303,22 @@ def needs_refinement(acc: Sums, shift: jax.Array, scale: jax.Array, rtol: float 
 
 
 def log_bin_mass(m: jax.Array, s: jax.Array) -> jax.Array:
-    """ln of the N(m, s^2) mass of every z bin, for per-head m, s (H,) -> (H, NZ)."""
+    """ln of the N(m, s^2) mass of every z bin, for per-head m, s (H,) -> (H, NZ).
+
+    ln(Phi((e_{i+1} - m) / s) - Phi((e_i - m) / s)) in log space (``bins.log_normal_bin_mass``).
+
+    Examples:
+      >>> import jax.numpy as jnp, numpy as np
+      >>> from spinjax.kernels.elements import log_bin_mass
+      >>> import jax
+      >>> q = np.exp(jax.jit(log_bin_mass)(jnp.array([0.0, 0.5]), jnp.array([1.0, 2.0])))
+      >>> print(q.shape, np.round(q.sum(-1), 4), f"{q[0, 201]:.5f}")  # [0, 0.05) under N(0, 1)
+      (2, 402) [1. 1.] 0.01994
+    """
     e = jnp.asarray(bins.zbin_edges(), jnp.float32)
     lo = (e[None, :-1] - m[:, None]) / s[:, None]
     hi = (e[None, 1:] - m[:, None]) / s[:, None]
-    return bins.log_normal_bin_mass(lo, hi, xp=jnp)
+    return bins.log_normal_bin_mass(lo, hi, xp=jnp, log_ndtr=jax.scipy.special.log_ndtr)
 
 
 def _kl(p: jax.Array, log_q: jax.Array) -> jax.Array:
@@ -278,7 +368,50 @@ def _core_fit(p_inner: jax.Array, counts_inner: jax.Array):
 def summarize(acc: Sums, shift: jax.Array, scale: jax.Array) -> dict[str, jax.Array]:
     """Every element statistic of SPEC section 4 from one pass's sums, per head.
 
-    ``shift`` and ``scale`` are those the pass was given.
+    ``shift`` and ``scale`` are those the pass was given (the final mean and std, see
+    :func:`needs_refinement`). With n finite entries, mu, sigma (ddof 0) and m_k the central
+    moments, p_i = zhist_i / n, dz = 0.05 the inner z-bin width, q_i the N(0, 1) mass of
+    z-bin i:
+
+    - skew = m3 / m2^1.5, kurt = m4 / m2^2 - 3 (both 0 when sigma = 0);
+    - entropy S = ln sigma - sum_inner p_i ln(p_i / dz); entropy_residual =
+      S - 0.5 ln(2 pi e sigma^2); entropy_mm = S + (m_inner - 1) / (2n), m_inner the occupied
+      inner bins (Miller-Madow);
+    - kl_gauss = sum_all p_i ln(p_i / q_i) (tail bins included, 0 ln 0 = 0, ln q_i in log
+      space); kl_gauss_mm = kl_gauss - (m_all - 1) / (2n);
+    - the Gaussian core fit: weighted least squares of ln(p_i / dz) = a + b z_i + c z_i^2 over
+      the inner bins with |centre z_i| <= 2 and a count, weights the counts; s = sqrt(-1 / (2c)),
+      m = b s^2, mu_fit = mu + sigma m, sigma_fit = sigma s, kl_fit = KL of p against the
+      N(m, s^2) masses of the z bins; NaN when c >= 0 or fewer than 3 bins qualify;
+    - tail_mass = (zhist_0 + zhist_last) / n.
+
+    Every z-histogram value is NaN when sigma = 0 or n = 0 (``zhist`` then all zeros).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from scipy.special import ndtri
+      >>> from spinjax.kernels.elements import add_block, empty_sums, summarize
+      >>> q = ndtri((np.arange(4096) + 0.5) / 4096)  # evenly spaced quantiles of N(0, 1)
+      >>> x = jnp.asarray(q / q.std(), jnp.float32).reshape(1, 64, 64)
+      >>> shift, scale = jnp.zeros(1), jnp.ones(1)  # the exact mean and std
+      >>> acc = jax.jit(add_block)(empty_sums(1), x, shift, scale)
+      >>> out = jax.jit(summarize)(acc, shift, scale)
+      >>> for k in ("std", "kurt", "entropy_residual", "kl_gauss", "kl_gauss_mm", "sigma_fit"):
+      ...     print(k, round(float(out[k][0]), 3) + 0.0)
+      std 1.0
+      kurt -0.009
+      entropy_residual -0.003
+      kl_gauss 0.003
+      kl_gauss_mm -0.013
+      sigma_fit 1.001
+
+      KL against the Gaussian of the same mean and variance is the negentropy, so kl_gauss
+      ~ -entropy_residual; 131 more occupied bins than one make kl_gauss_mm 131 / 8192 lower.
+
+    References:
+      G. A. Miller, "Note on the bias of information estimates", in Information Theory in
+      Psychology, 1955; L. Paninski, "Estimation of entropy and mutual information", Neural
+      Computation 15(6), 2003.
     """
     zhist, hist = histograms(acc, shift, scale)
     mean, m2, m3, m4 = central_moments(acc, shift)

@@ -7,9 +7,11 @@ For heads i, j with factors W_Q (d_head, d_model) and W_K (d_head, d_model):
 
 two d_head x d_head cross-Gram matrices multiplied entry by entry: no d_model x d_model
 matrix is ever formed. Hence the squared Frobenius distance ||W^i - W^j||^2 = n_i + n_j -
-2 <i, j> (n_i = <i, i>) and the cosine similarity <i, j> / sqrt(n_i n_j). The cost is
-O(N^2 d_head^2 d_model) for N heads, computed in square blocks of heads so that memory stays
-bounded whatever N (``pairs="model"``: every head of every layer against every other).
+2 <i, j> (n_i = <i, i>) and the cosine similarity <i, j> / sqrt(n_i n_j) (:func:`pair_summaries`).
+The cost is O(N_a N_b d_head^2 d_model) for two blocks of N_a and N_b heads: a run holds blocks of
+layers that fit its memory budget (``spinjax.run.features.model_pairs``). Within one layer the
+run takes the inner products from the W_QK blocks its element pass forms anyway
+(``heads.qk_sums(..., inner=True)``).
 
 Distances come from a difference of inner products, so their absolute error is about
 float32 eps * (n_i + n_j): two heads closer than ~1e-3 of their norms are not resolved.
@@ -17,6 +19,14 @@ Diagonals are exact: distance 0, cosine 1.
 
 Jensen-Shannon divergence between element distributions uses the raw histograms on the
 shared grid (``hist``), natural log: always finite, in [0, ln 2].
+
+The examples use two heads sharing a key head, d_head 2, d_model 4: W_QK^0 has the entries
+(0, 0) = 2 and (1, 2) = 1, W_QK^1 the entries (0, 0) = 2, (1, 0) = 2 and (3, 2) = 1, so
+n_0 = 5, n_1 = 9, <0, 1> = 4, distance sqrt(5 + 9 - 8) and cosine 4 / sqrt(45).
+
+References:
+  J. Lin, "Divergence measures based on the Shannon entropy", IEEE Trans. Inf. Theory 37(1),
+  1991 (Jensen-Shannon divergence).
 """
 
 from __future__ import annotations
@@ -25,11 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .heads import expand_kv
-
 _HIGHEST = jax.lax.Precision.HIGHEST
-# bytes live per (head pair, d_head^2) entry of a block: two float32 cross-Grams and their product
-_BYTES_PER_PAIR_ENTRY = 12
 
 
 @jax.jit
@@ -39,6 +45,18 @@ def cross_inner(wq_a: jax.Array, wk_a: jax.Array, wq_b: jax.Array, wk_b: jax.Arr
     Args:
       wq_a, wk_a: (H_a, d_head, d_model) per-head query and key factors (key heads already
         repeated per query head, see :func:`heads.expand_kv`); likewise ``wq_b``, ``wk_b``.
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels.geometry import cross_inner, squared_norms
+      >>> wq = np.array([[[1, 0, 0, 0], [0, 1, 0, 0]], [[1, 1, 0, 0], [0, 0, 0, 1]]], np.float32)
+      >>> wk = np.array([[[2, 0, 0, 0], [0, 0, 1, 0]]], np.float32)  # one key head for both
+      >>> wk = np.repeat(wk, 2, axis=0)  # per query head
+      >>> print(cross_inner(wq, wk, wq, wk))
+      [[5. 4.]
+       [4. 9.]]
+      >>> print(squared_norms(wq, wk))
+      [5. 9.]
     """
     gq = jnp.einsum("iad,jbd->ijab", wq_a, wq_b, precision=_HIGHEST)
     gk = jnp.einsum("iad,jbd->ijab", wk_a, wk_b, precision=_HIGHEST)
@@ -47,53 +65,27 @@ def cross_inner(wq_a: jax.Array, wk_a: jax.Array, wq_b: jax.Array, wk_b: jax.Arr
 
 @jax.jit
 def squared_norms(wq: jax.Array, wk: jax.Array) -> jax.Array:
-    """||W_QK^h||_F^2 = <W_Q W_Q^T, W_K W_K^T> per head (H,), from (H, d_head, d_model) factors."""
+    """||W_QK^h||_F^2 = <W_Q W_Q^T, W_K W_K^T> per head (H,), from (H, d_head, d_model) factors
+    (example: :func:`cross_inner`)."""
     gq = jnp.einsum("had,hbd->hab", wq, wq, precision=_HIGHEST)
     gk = jnp.einsum("had,hbd->hab", wk, wk, precision=_HIGHEST)
     return (gq * gk).sum((1, 2))
 
 
-def block_heads_for_budget(d_head: int, d_model: int, budget_bytes: int) -> int:
-    """Heads per block so that one block pair (factors and cross-Grams) fits ``budget_bytes``."""
-    per_head_factors = 2 * 2 * 4 * d_head * d_model  # q and k, both blocks of the pair
-    per_pair = _BYTES_PER_PAIR_ENTRY * d_head * d_head
-    # b^2 per_pair + b per_head_factors <= budget
-    a, b, c = per_pair, per_head_factors, -float(budget_bytes)
-    return max(1, int((-b + np.sqrt(b * b - 4 * a * c)) / (2 * a)))
-
-
-def _inner_matrix(wq: np.ndarray, wk: np.ndarray, block: int) -> np.ndarray:
-    """(N, N) inner products of per-head factors (N, d_head, d_model), ``block`` heads at a time.
-
-    Only blocks on and above the diagonal are computed (the rest mirrored); the last block is
-    zero-padded to full size so that every call has one shape (one compilation).
-    """
-    n = wq.shape[0]
-    block = max(1, min(block, n))
-    n_blocks = -(-n // block)
-    pad = n_blocks * block - n
-    if pad:
-        zeros = np.zeros((pad,) + wq.shape[1:], wq.dtype)
-        wq, wk = np.concatenate([wq, zeros]), np.concatenate([wk, zeros])
-    out = np.empty((n_blocks * block,) * 2, np.float32)
-    for bi in range(n_blocks):
-        si = slice(bi * block, (bi + 1) * block)
-        qa, ka = jax.device_put(wq[si]), jax.device_put(wk[si])
-        for bj in range(bi, n_blocks):
-            sj = slice(bj * block, (bj + 1) * block)
-            if bj == bi:
-                g = np.asarray(cross_inner(qa, ka, qa, ka))
-                out[si, si] = 0.5 * (g + g.T)  # exactly symmetric
-            else:
-                g = np.asarray(cross_inner(qa, ka, jax.device_put(wq[sj]), jax.device_put(wk[sj])))
-                out[si, sj] = g
-                out[sj, si] = g.T
-    return out[:n, :n]
-
-
 def pair_summaries(inner: np.ndarray, norms: np.ndarray) -> dict[str, np.ndarray]:
     """Distances and cosines from inner products (N, N) and squared norms (N,), numpy float32:
-    exactly symmetric, distance 0 and cosine 1 on the diagonal, cosine NaN for a zero norm."""
+    exactly symmetric, distance 0 and cosine 1 on the diagonal, cosine NaN for a zero norm.
+
+    sq_distance_ij = max(n_i + n_j - 2 <i, j>, 0), cosine_ij = <i, j> / sqrt(n_i n_j) clipped
+    to [-1, 1].
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels.geometry import pair_summaries
+      >>> out = pair_summaries(np.array([[5.0, 4.0], [4.0, 9.0]]), np.array([5.0, 9.0]))
+      >>> print(out["sq_distance"][0, 1], round(float(out["cosine"][0, 1]), 4))
+      6.0 0.5963
+    """
     n = inner.shape[0]
     eye = np.eye(n, dtype=bool)
     inner = 0.5 * (inner + inner.T)
@@ -113,75 +105,6 @@ def pair_summaries(inner: np.ndarray, norms: np.ndarray) -> dict[str, np.ndarray
     }
 
 
-def head_geometry(wq, wk, *, pairs: str = "layer", block_heads: int | None = None) -> dict[str, np.ndarray]:
-    """Frobenius inner products, distances and cosines between the W_QK of heads.
-
-    Args:
-      wq: (n_layers, n_heads, d_head, d_model) query factors, or (n_heads, d_head, d_model)
-        for one layer.
-      wk: (n_layers, n_kv_heads, d_head, d_model) key factors (or without the layer dim);
-        query head h uses key head h // (n_heads // n_kv_heads).
-      pairs: ``"layer"``: every pair of heads within each layer; ``"model"``: every pair of
-        heads of the model, across layers (heads flattened layer-major: index l * n_heads + h).
-      block_heads: heads per block (memory ~ block_heads^2 d_head^2; see
-        :func:`block_heads_for_budget`); None computes each matrix in one block.
-
-    Returns:
-      ``inner`` (<i, j>_F), ``sq_distance`` (||W^i - W^j||_F^2), ``distance`` (its square
-      root), ``cosine`` (NaN where a norm is zero): (n_layers, n_heads, n_heads) for
-      ``"layer"`` ((n_heads, n_heads) for one layer given without a layer dim), (N, N) with
-      N = n_layers n_heads for ``"model"``; ``sq_norm`` (||W^i||_F^2) with the heads' shape.
-      Symmetric, zero diagonal distance, unit diagonal cosine; float32 numpy arrays.
-    """
-    if pairs not in ("layer", "model"):
-        raise ValueError(f"pairs must be 'layer' or 'model', not {pairs!r}")
-    wq = np.asarray(wq, np.float32)
-    wk = np.asarray(wk, np.float32)
-    single = wq.ndim == 3
-    if single:
-        wq, wk = wq[None], wk[None]
-    if (
-        wq.ndim != 4
-        or wk.shape[0] != wq.shape[0]
-        or wk.shape[2:] != wq.shape[2:]
-        or wq.shape[1] % wk.shape[1]
-    ):
-        raise ValueError(f"incompatible factors: wq {wq.shape}, wk {wk.shape}")
-    n_layers, n_heads = wq.shape[:2]
-    wk = np.repeat(wk, n_heads // wk.shape[1], axis=1)  # what expand_kv does, on the host
-    if pairs == "model":
-        flat_q = wq.reshape((n_layers * n_heads,) + wq.shape[2:])
-        flat_k = wk.reshape(flat_q.shape)
-        norms = np.asarray(squared_norms(flat_q, flat_k))
-        inner = _inner_matrix(flat_q, flat_k, block_heads or flat_q.shape[0])
-        return pair_summaries(inner, norms)
-    per_layer = []
-    for layer in range(n_layers):
-        norms = np.asarray(squared_norms(wq[layer], wk[layer]))
-        per_layer.append(pair_summaries(_inner_matrix(wq[layer], wk[layer], block_heads or n_heads), norms))
-    out = {name: np.stack([p[name] for p in per_layer]) for name in per_layer[0]}
-    return {name: v[0] for name, v in out.items()} if single else out
-
-
-@jax.jit
-def layer_geometry(wq: jax.Array, wk: jax.Array) -> dict[str, jax.Array]:
-    """Jit-friendly one-layer version of :func:`head_geometry` (one block, JAX arrays).
-
-    wq (H, d_head, d_model), wk (H_kv, d_head, d_model) -> ``inner``, ``sq_distance``,
-    ``distance``, ``cosine`` (H, H) and ``sq_norm`` (H,); vmap it over layers.
-    """
-    wk = expand_kv(wk, wq.shape[0])
-    g = cross_inner(wq, wk, wq, wk)
-    norms = jnp.diagonal(g)
-    eye = jnp.eye(g.shape[0], dtype=bool)
-    inner = jnp.where(eye, norms[:, None], 0.5 * (g + g.T))
-    sq = jnp.where(eye, 0.0, jnp.maximum(norms[:, None] + norms[None, :] - 2.0 * inner, 0.0))
-    denom = jnp.sqrt(norms[:, None] * norms[None, :])
-    cosine = jnp.clip(inner / jnp.where(denom > 0, denom, 1.0), -1.0, 1.0)
-    cosine = jnp.where(denom > 0, jnp.where(eye, 1.0, cosine), jnp.nan)
-    return {"inner": inner, "sq_distance": sq, "distance": jnp.sqrt(sq), "cosine": cosine, "sq_norm": norms}
-
-
 @jax.jit
 def js_divergence(p_counts: jax.Array, q_counts: jax.Array) -> jax.Array:
     """Jensen-Shannon divergence (natural log) between histograms on the same bins.
@@ -190,6 +113,16 @@ def js_divergence(p_counts: jax.Array, q_counts: jax.Array) -> jax.Array:
     probabilities; each is normalised). JS = KL(P || M)/2 + KL(Q || M)/2 with M = (P + Q)/2:
     finite, in [0, ln 2], 0 for identical and ln 2 for disjoint histograms; NaN when a
     histogram is empty.
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels import js_divergence
+      >>> print(np.round(js_divergence(np.array([1.0, 0.0]), np.array([0.0, 1.0])), 4))  # ln 2
+      0.6931
+      >>> print(js_divergence(np.array([1.0, 3.0]), np.array([2.0, 6.0])))  # same shape: 0
+      0.0
+      >>> print(js_divergence(np.zeros(2), np.ones(2)))
+      nan
     """
     p = jnp.asarray(p_counts, jnp.float32)
     q = jnp.asarray(q_counts, jnp.float32)
@@ -209,6 +142,14 @@ def pairwise_js(hist_a, hist_b=None, *, block: int = 64) -> np.ndarray:
 
     ``hist_b`` defaults to ``hist_a`` (then the result is symmetric with a zero diagonal).
     Rows are processed ``block`` at a time, so memory is ~ block * Nb * B floats.
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels import pairwise_js
+      >>> print(np.round(pairwise_js(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])), 4))
+      [[0.     0.6931 0.2158]
+       [0.6931 0.     0.2158]
+       [0.2158 0.2158 0.    ]]
     """
     a = np.asarray(hist_a, np.float32)
     b = a if hist_b is None else np.asarray(hist_b, np.float32)

@@ -8,6 +8,15 @@ Outputs are arrays with leading dims (n_heads, 3) over the matrices (W_Q, W_K, W
 W_QK's d_model x d_model entries exist only one block of rows (of one head on CPUs, of all
 heads elsewhere: :func:`heads_per_block`) at a time, inside a compiled loop: peak memory is set
 by ``block_rows``, which :func:`block_rows_for_budget` derives from a byte budget.
+
+The examples below use one layer of two query heads sharing one key head (grouped-query
+attention), d_head 2, d_model 4, whose W_QK can be checked by hand:
+W_QK^0 = e0 (2 e0)^T + e1 e2^T and W_QK^1 = (e0 + e1)(2 e0)^T + e3 e2^T.
+
+References:
+  N. Elhage et al., "A Mathematical Framework for Transformer Circuits", Transformer Circuits
+  Thread, 2021 (W_QK); J. Ainslie et al., "GQA: Training Generalized Multi-Query Transformer
+  Models from Multi-Head Checkpoints", EMNLP 2023.
 """
 
 from __future__ import annotations
@@ -20,7 +29,6 @@ import numpy as np
 
 from . import elements, spectra
 
-MATRICES = ("W_Q", "W_K", "W_QK")
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Bytes live per W_QK entry of a block while it is summarised: the float32 block, its shifted
 # copy and powers, z and two bin indices; a deliberate over-estimate so the budget holds.
@@ -32,8 +40,15 @@ def block_entries_cap() -> int | None:
     """Largest W_QK block (entries, all heads of a block) worth forming on this backend.
 
     On CPUs the element pass reads each block several times (the moments, the bin indices, the
-    shifted copy); blocks of ~8 MB per float32 intermediate stay in cache, and measured about 2x
-    faster than budget-sized ones. Accelerators prefer the largest block the budget allows.
+    shifted copy); blocks of ~8 MB per float32 intermediate stay in cache, which made them
+    markedly faster than budget-sized ones (benchmarks/RESULTS.md). Accelerators prefer the
+    largest block the budget allows.
+
+    Examples:
+      >>> import jax
+      >>> from spinjax.kernels import block_entries_cap
+      >>> block_entries_cap() == (2**21 if jax.default_backend() == "cpu" else None)
+      True
     """
     return 1 << 21 if jax.default_backend() == "cpu" else None
 
@@ -48,25 +63,45 @@ def block_rows_for_budget(
     that leaves fewer than ``MIN_BLOCK_ROWS`` rows. A divisor of d_model when one is at least
     half the affordable rows: then no block needs padding rows, which would force the slower
     masked pass.
+
+    rows = budget_bytes // (32 bytes x heads per block x d_model), at least 1, at most d_model.
+
+    Examples:
+      >>> from spinjax.kernels import block_rows_for_budget
+      >>> block_rows_for_budget(16, 2048, 64 << 20, inner=True)  # 64 MiB / (32 x 16 x 2048)
+      64
+      >>> block_rows_for_budget(4, 1000, 30 * 32 * 4 * 1000, inner=True)  # 30 -> divisor 25
+      25
     """
     group = heads_per_block(n_heads, inner)
     rows = int(max(1, min(d_model, budget_bytes // (BYTES_PER_BLOCK_ENTRY * group * d_model))))
     if max_entries:
-        # but never fewer than MIN_BLOCK_ROWS rows per head for the cap's sake: the 12B shape's 10
-        # rows of all 40 heads ran the inner-product pass 20% slower than 32 rows
+        # but never fewer than MIN_BLOCK_ROWS rows per head for the cap's sake: products of a few
+        # rows of many heads (the 12B shape's 40 heads under the cap) run far below the matmul rate
         rows = max(1, min(rows, max(max_entries // (group * d_model), MIN_BLOCK_ROWS)))
     divisor = max(r for r in range(1, rows + 1) if d_model % r == 0)
     return divisor if 2 * divisor >= rows else rows
 
 
 def expand_kv(wk: jax.Array, n_heads: int) -> jax.Array:
-    """Key factor per query head: kv head h // (n_heads // n_kv), i.e. repeat, not tile."""
+    """Key factor per query head: kv head h // (n_heads // n_kv), i.e. repeat, not tile.
+
+    What Hugging Face's ``repeat_kv`` and ``torch.repeat_interleave`` do for grouped-query
+    attention.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from spinjax.kernels.heads import expand_kv
+      >>> print(expand_kv(jnp.array([0.0, 1.0]).reshape(2, 1, 1), 4).ravel())  # 2 kv heads
+      [0. 0. 1. 1.]
+    """
     return jnp.repeat(wk, n_heads // wk.shape[0], axis=0)
 
 
 def _factor_blocks(n_heads: int, d_head: int, d_model: int) -> int:
-    """Row blocks of a factor pass: on CPUs blocks of at most 2^20 entries (all heads) run
-    2-4x faster than one pass over the whole (H, d_head, d_model) factors; GPUs take one."""
+    """Row blocks of a factor pass: on CPUs blocks of at most 2^20 entries (all heads) stay in
+    cache and run faster than one pass over the whole (H, d_head, d_model) factors; GPUs take
+    one."""
     if block_entries_cap() is None:
         return 1
     fit = max(1, (1 << 20) // (n_heads * d_model))
@@ -91,7 +126,20 @@ def factor_sums(
 @jax.jit
 def factor_moments_from_gram(w: jax.Array, gram: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Mean and std of every factor (H, d_head, d_model) from its sum and its Gram's trace
-    (see :func:`_gram`), so that the factor's pass needs no passes of its own for them."""
+    (see :func:`_gram`), so that the factor's pass needs no passes of its own for them.
+
+    mean = sum(w) / n, std^2 = trace(w w^T) / n - mean^2 with n = d_head d_model.
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels.heads import factor_grams, factor_moments_from_gram
+      >>> wq = np.array([[[1, 0, 0, 0], [0, 1, 0, 0]], [[1, 1, 0, 0], [0, 0, 0, 1]]], np.float32)
+      >>> wk = np.array([[[2, 0, 0, 0], [0, 0, 1, 0]]], np.float32)
+      >>> gram_q, _ = factor_grams(wq, wk)
+      >>> print(np.round(factor_moments_from_gram(wq, gram_q), 4))  # [means, stds] of W_Q^0, W_Q^1
+      [[0.25   0.375 ]
+       [0.433  0.4841]]
+    """
     n = w.shape[1] * w.shape[2]
     mean = w.sum((1, 2)) / n
     var = jnp.trace(gram, axis1=1, axis2=2) / n - mean * mean
@@ -111,7 +159,21 @@ def _gram(w: jax.Array) -> jax.Array:
 @jax.jit
 def factor_grams(wq: jax.Array, wk: jax.Array) -> tuple[jax.Array, jax.Array]:
     """w w^T (d_head x d_head) of every query and key factor: the binning guess and the spectra
-    (:func:`spectra.gram_singular_values`) both start from them."""
+    (:func:`spectra.gram_singular_values`) both start from them.
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels.heads import factor_grams
+      >>> wq = np.array([[[1, 0, 0, 0], [0, 1, 0, 0]], [[1, 1, 0, 0], [0, 0, 0, 1]]], np.float32)
+      >>> wk = np.array([[[2, 0, 0, 0], [0, 0, 1, 0]]], np.float32)
+      >>> gram_q, gram_k = factor_grams(wq, wk)
+      >>> print(gram_q[1])
+      [[2. 0.]
+       [0. 1.]]
+      >>> print(gram_k[0])
+      [[4. 0.]
+       [0. 1.]]
+    """
     return _gram(wq), _gram(wk)
 
 
@@ -124,6 +186,17 @@ def qk_moments_from_factors(
     ``wk`` and ``gram_k`` per key head (see :func:`factor_grams`). sum(W_QK) = (wq 1) . (wk 1)
     and ||W_QK||_F^2 = <wq wq^T, wk wk^T>. NaN when a factor has non-finite entries; the caller
     then falls back to a pass that measures them.
+
+    mean = sum(W_QK) / d^2, std^2 = ||W_QK||_F^2 / d^2 - mean^2.
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels.heads import factor_grams, qk_moments_from_factors
+      >>> wq = np.array([[[1, 0, 0, 0], [0, 1, 0, 0]], [[1, 1, 0, 0], [0, 0, 0, 1]]], np.float32)
+      >>> wk = np.array([[[2, 0, 0, 0], [0, 0, 1, 0]]], np.float32)
+      >>> mean, std = qk_moments_from_factors(wq, wk, *factor_grams(wq, wk))
+      >>> print(np.round(mean, 4), np.round(std, 4))  # 3/16 and 5/16; sqrt(5/16 - (3/16)^2), ...
+      [0.1875 0.3125] [0.5266 0.6818]
     """
     n_heads, d = wq.shape[0], wq.shape[-1]
     total = jnp.einsum("ha,ha->h", wq.sum(-1), expand_kv(wk.sum(-1), n_heads), precision=_HIGHEST)
@@ -135,11 +208,19 @@ def qk_moments_from_factors(
 def heads_per_block(n_heads: int, inner: bool = False) -> int:
     """Heads in one W_QK block: one on a single CPU device (unless ``inner``), else all.
 
-    XLA:CPU runs a plain 1024 x d_head by d_head x d_model product at ~160 GFLOP/s but a batch of
-    16 heads' 64-row products at ~105 (1.4B shape): the rows per product decide, so on CPUs a
-    block holds one head's rows instead of a few rows of every head. The inner products between
-    heads need every head's rows in the same block; GPUs want the one batched product; several
-    devices split the head axis between them (:func:`_over_heads`).
+    XLA:CPU runs one head's long product (1024 rows of d_head, by d_head x d_model) well above
+    the rate of a batch of many heads' short ones (benchmarks/RESULTS.md): the rows per product
+    decide, so on CPUs a block holds one head's rows instead of a few rows of every head. The
+    inner products between heads need every head's rows in the same block; GPUs want the one
+    batched product; several devices split the head axis between them (:func:`_over_heads`).
+
+    Examples:
+      >>> import jax
+      >>> from spinjax.kernels import heads_per_block
+      >>> heads_per_block(16, inner=True)
+      16
+      >>> heads_per_block(16) == (1 if jax.default_backend() == "cpu" and jax.device_count() == 1 else 16)
+      True
     """
     if jax.default_backend() == "cpu" and not inner and _head_mesh(n_heads) is None:
         return 1
@@ -173,11 +254,11 @@ def qk_sums(
     n_blocks = -(-d // block_rows)
     pad = n_blocks * block_rows - d
     masked = masked or bool(pad)
-    # (H, d, d_head) rows: a block is then a plain batched matmul, ~20% faster on XLA:CPU than
+    # (H, d, d_head) rows: a block is then a plain batched matmul, which XLA:CPU runs faster than
     # the same product as an einsum over wq's last axis
     q_by_row = jnp.pad(jnp.swapaxes(wq, 1, 2), ((0, 0), (0, pad), (0, 0)))
 
-    sliced = group < n_heads  # a slice of all heads is a copy XLA:CPU does not elide (5% slower)
+    sliced = group < n_heads  # a slice of all heads is a copy that XLA:CPU does not elide
 
     def body(i, carry):
         acc, gram = carry
@@ -198,7 +279,7 @@ def qk_sums(
         acc = jax.tree.map(put_back, acc, group_sums)
         if inner:
             kept = jnp.where(jnp.isfinite(block), block, 0.0) if masked else block  # padding rows are 0
-            flat = kept.reshape(n_heads, -1)  # one (H, rows*cols) GEMM: 3x faster than the einsum on CPU
+            flat = kept.reshape(n_heads, -1)  # one (H, rows*cols) GEMM: XLA:CPU runs it well, an einsum not
             gram = gram + jnp.dot(flat, flat.T, precision=_HIGHEST)
         return acc, gram
 
@@ -295,8 +376,30 @@ def layer_statistics(wq, wk, *, block_rows: int, inner: bool = False) -> dict[st
         every two heads' W_QK (see :func:`qk_sums`), for the cross-head geometry.
 
     Returns:
-      name -> array with leading dims (n_heads, 3) over ``MATRICES``: the scalar statistics,
+      name -> array with leading dims (n_heads, 3) over (W_Q, W_K, W_QK): the scalar statistics,
       ``zhist`` (.., NZ), ``hist`` (.., NB), ``singular_values`` (.., d_head), ``n_nonfinite``.
+      W_K's values are those of each query head's key head (repeated under GQA).
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels import layer_statistics
+      >>> wq = np.array([[[1, 0, 0, 0], [0, 1, 0, 0]], [[1, 1, 0, 0], [0, 0, 0, 1]]], np.float32)
+      >>> wk = np.array([[[2, 0, 0, 0], [0, 0, 1, 0]]], np.float32)  # one key head for both
+      >>> out = layer_statistics(wq, wk, block_rows=4)
+      >>> print(np.round(out["mean"][:, 2], 4), np.round(out["std"][:, 2], 4))  # W_QK per head
+      [0.1875 0.3125] [0.5266 0.6818]
+      >>> print(np.round(out["singular_values"][:, 2], 4))  # 2, 1 and 2 sqrt(2), 1
+      [[2.     1.    ]
+       [2.8284 1.    ]]
+      >>> print(np.round(out["stable_rank"], 4))  # (head, matrix): sum s^2 / s_1^2
+      [[2.    1.25  1.25 ]
+       [1.5   1.25  1.125]]
+      >>> print(out["zhist"].sum(-1))  # every entry of every matrix counted once
+      [[ 8  8 16]
+       [ 8  8 16]]
+      >>> print(out["n_nonfinite"])
+      [[0 0 0]
+       [0 0 0]]
     """
     wq = jnp.asarray(wq, jnp.float32)
     wk = jnp.asarray(wk, jnp.float32)

@@ -46,6 +46,15 @@ def gaussian_factors(
 
     ``key`` is the ensemble's key (``jax.random.PRNGKey(seed)``); draw i uses
     ``fold_in(key, i)``. ``first`` is traced, so every batch of one size shares a compilation.
+
+    Examples:
+      >>> import jax, numpy as np
+      >>> from spinjax.kernels import gaussian_factors
+      >>> key = jax.random.PRNGKey(0)
+      >>> wq, wk = gaussian_factors(key, 0, 1.0, n=4, d_model=8, d_head=2)  # draws 0..3
+      >>> wq2, wk2 = gaussian_factors(key, 2, 0.5, n=4, d_model=8, d_head=2)  # draws 2..5
+      >>> print(wq.shape, np.array_equal(wq[2:], 2 * wq2[:2]), np.array_equal(wk[2:], 2 * wk2[:2]))
+      (4, 2, 8) True True
     """
 
     def one(i):
@@ -62,6 +71,12 @@ def null_moments(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Mean and standard deviation (ddof 1) over the first axis, finite samples only.
 
     NaN where fewer than two samples are finite.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from spinjax.kernels.null import null_moments
+      >>> print(*null_moments(jnp.array([1.0, 2.0, 3.0, jnp.nan])))
+      2.0 1.0
     """
     x = jnp.asarray(samples, jnp.float32)
     finite = jnp.isfinite(x)
@@ -79,6 +94,14 @@ def matched_scale(frobenius_norm: jax.Array, *, d_model: int, d_head: int, sigma
     ``frobenius_norm`` (..., 3) over (W_Q, W_K, W_QK) as stored; the factors' RMS entries
     r_Q = ||W_Q||_F / sqrt(d_head d_model), r_K likewise, give (r_Q, r_K, r_Q r_K) / (sigma,
     sigma, sigma^2): the ``scale`` argument of :func:`null_zscores`.
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels import matched_scale
+      >>> # W_Q with RMS entry 0.5, W_K with RMS entry 2 (d_head 2 x d_model 4: 8 entries)
+      >>> f = np.array([0.5 * np.sqrt(8), 2.0 * np.sqrt(8), 1.0], np.float32)
+      >>> print(np.round(matched_scale(f, d_model=4, d_head=2), 4))
+      [0.5 2.  1. ]
     """
     f = jnp.asarray(frobenius_norm, jnp.float32)
     rms = f[..., :2] / jnp.sqrt(jnp.float32(d_head * d_model))
@@ -108,7 +131,20 @@ def null_zscores(
 
     Returns:
       ``<name>_z`` -> float32 array of the value's shape; NaN where the null's std is 0 or
-      not finite, or the value is not finite.
+      not finite, or the value is NaN; an infinite value gives an infinite z-score.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from spinjax.kernels import null_zscores
+      >>> null = {"std": jnp.array([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [3.0, 3.0, 3.0]]),
+      ...         "kurt": jnp.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])}
+      >>> head = {"std": jnp.array([[4.0, 2.0, 0.5]]), "kurt": jnp.array([[3.0, 1.0, 1.0]])}
+      >>> z = null_zscores(head, null)  # null mean 2 and std 1 for std; 1 and 1 for kurt
+      >>> print(z["std_z"], z["kurt_z"])
+      [[ 2.   0.  -1.5]] [[2. 0. 0.]]
+      >>> z = null_zscores(head, null, scale=jnp.array([[2.0, 1.0, 0.25]]))  # std / scale first
+      >>> print(z["std_z"], z["kurt_z"])  # kurt is scale-free
+      [[0. 0. 0.]] [[2. 0. 0.]]
     """
     if names is None:
         names = tuple(n for n in stats if n in baseline and n not in NOT_SCORED)

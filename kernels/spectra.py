@@ -5,10 +5,16 @@ W_K^T = Q_k R_k (thin QR, orthonormal Q), W_QK = Q_q (R_q R_k^T) Q_k^T, so its s
 values are those of the d_head x d_head matrix R_q R_k^T (SPEC section 4).
 
 Two ways to the R factors: :func:`gram_singular_values` takes them from the Grams w w^T that
-the binning guess computes anyway (Cholesky QR: R = chol(w w^T)^T), ~3x cheaper than a
-Householder QR of the factors on CPUs, but its error grows with the factors' conditioning;
-:func:`factor_singular_values` (Householder, accurate at any conditioning) takes the heads
-whose conditioning the Gram route cannot afford.
+the binning guess computes anyway (Cholesky QR: R = chol(w w^T)^T), much cheaper than a
+Householder QR of the factors on CPUs (no pass over the d_model-long factors), but its error
+grows with the factors' conditioning; :func:`factor_singular_values` (Householder, accurate at
+any conditioning) takes the heads whose conditioning the Gram route cannot afford.
+
+References:
+  G. H. Golub, C. F. Van Loan, "Matrix Computations", 4th ed., 2013 (thin QR, SVD);
+  A. Stathopoulos, K. Wu, "A block orthogonalization procedure with constant synchronization
+  requirements", SIAM J. Sci. Comput. 23(6), 2002 (Cholesky QR); Y. Yamamoto et al.,
+  "Roundoff error analysis of the CholeskyQR2 algorithm", ETNA 44, 2015.
 """
 
 from __future__ import annotations
@@ -40,6 +46,19 @@ def factor_singular_values(wq: jax.Array, wk: jax.Array) -> jax.Array:
 
     Returns:
       (H, 3, d_head) for the matrices (W_Q, W_K, W_QK) in that order.
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels.spectra import factor_singular_values
+      >>> wq = np.array([[[1, 0, 0, 0], [0, 1, 0, 0]], [[1, 1, 0, 0], [0, 0, 0, 1]]], np.float32)
+      >>> wk = np.array([[[2, 0, 0, 0], [0, 0, 1, 0]]], np.float32)  # shared by both heads
+      >>> print(np.round(factor_singular_values(wq, wk)[1], 4))  # head 1: W_Q, W_K, W_QK
+      [[1.4142 1.    ]
+       [2.     1.    ]
+       [2.8284 1.    ]]
+      >>> W_QK = wq[1].T @ wk[0]  # the same from the explicit 4 x 4 matrix
+      >>> print(np.round(np.linalg.svd(W_QK, compute_uv=False)[:2], 4))
+      [2.8284 1.    ]
     """
     n_q = wq.shape[0]
     w = jnp.concatenate([wq, wk])
@@ -73,6 +92,23 @@ def gram_singular_values(gram_q: jax.Array, gram_k: jax.Array) -> tuple[jax.Arra
       less accurate than SPEC's 1e-4 might need (see ``GRAM_ROUTE_LIMIT``), or where a Gram is
       not positive definite (rank-deficient or non-finite factors): recompute those with
       :func:`factor_singular_values`.
+
+    A head is trusted when (cond(W_Q) + cond(W_K)) s_1(W_Q) s_1(W_K) / s_1(W_QK) <=
+    ``GRAM_ROUTE_LIMIT``, every value is finite and W_Q, W_K have full rank (s_k > 0).
+
+    Examples:
+      >>> import numpy as np
+      >>> from spinjax.kernels.heads import factor_grams
+      >>> from spinjax.kernels.spectra import gram_singular_values
+      >>> wq = np.array([[[1, 0, 0, 0], [0, 1, 0, 0]], [[1, 1, 0, 0], [0, 0, 0, 0]]], np.float32)
+      >>> wk = np.array([[[2, 0, 0, 0], [0, 0, 1, 0]]], np.float32)
+      >>> s, trusted = gram_singular_values(*factor_grams(wq, wk))
+      >>> print(np.round(s[0], 4))  # head 0: W_Q, W_K, W_QK
+      [[1. 1.]
+       [2. 1.]
+       [2. 1.]]
+      >>> print(trusted)  # head 1's W_Q has rank 1: its Gram has no Cholesky factor
+      [ True False]
     """
     n_q = gram_q.shape[0]
     # One Cholesky and one SVD, one after the other: never two LAPACK calls in flight at once
@@ -88,7 +124,38 @@ def gram_singular_values(gram_q: jax.Array, gram_k: jax.Array) -> tuple[jax.Arra
 
 
 def spectral_summaries(s: jax.Array) -> dict[str, jax.Array]:
-    """SPEC section 4 spectral statistics of descending singular values ``s`` (..., k)."""
+    """SPEC section 4 spectral statistics of descending singular values ``s`` (..., k).
+
+    With lambda_i = s_i^2 and p_i = lambda_i / sum(lambda): spectral_norm = s_1,
+    frobenius_norm = sqrt(sum lambda), stable_rank = sum(lambda) / lambda_1,
+    spectral_entropy = -sum p_i ln p_i (0 ln 0 = 0), effective_rank = exp(spectral_entropy),
+    participation_ratio = (sum lambda)^2 / sum(lambda^2) (in [1, k]), condition_number =
+    s_1 / s_k (inf when s_k = 0). An all-zero spectrum has zero norms and NaN for the rest.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from spinjax.kernels.spectra import spectral_summaries
+      >>> out = jax.jit(spectral_summaries)(jnp.array([2.0, 1.0, 1.0, 0.0]))  # lambda 4, 1, 1, 0
+      >>> for name in ("spectral_norm", "frobenius_norm", "stable_rank", "spectral_entropy",
+      ...              "effective_rank", "participation_ratio", "condition_number"):
+      ...     print(name, round(float(out[name]), 4))
+      spectral_norm 2.0
+      frobenius_norm 2.4495
+      stable_rank 1.5
+      spectral_entropy 0.8676
+      effective_rank 2.3811
+      participation_ratio 2.0
+      condition_number inf
+
+      Here sqrt(6), 6 / 4, -(2/3 ln(2/3) + 2 (1/6) ln(1/6)) and 6^2 / (16 + 1 + 1).
+
+    References:
+      M. Rudelson, R. Vershynin, "Sampling from large matrices: an approach through geometric
+      functional analysis", J. ACM 54(4), 2007 (stable rank); O. Roy, M. Vetterli, "The
+      effective rank: a measure of effective dimensionality", EUSIPCO 2007; P. Gao et al., "A
+      theory of multineuronal dimensionality, dynamics and measurement", bioRxiv 2017
+      (participation ratio).
+    """
     lam = s * s
     total = lam.sum(-1)
     p = lam / total[..., None]

@@ -1,25 +1,21 @@
-"""spinjax: statistics and spectra of every attention head's W_QK, in JAX."""
+"""spinjax: statistics and spectra of every attention head's W_QK, in JAX.
 
-from importlib.metadata import PackageNotFoundError, version
+The package is a pipeline whose folders are its stages, data flowing one way:
 
-try:
-    __version__ = version("spinjax")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
+- ``spinjax.sources``: where checkpoints come from and where Q/K live in them;
+- ``spinjax.kernels``: pure JAX statistics of one layer's factors (top-level ``kernels/``);
+- ``spinjax.store``: the Zarr store (schema, groups, locking, the commit);
+- ``spinjax.run``: a run (sources -> kernels -> store) and its post-passes;
+- ``spinjax.analysis``: the reading side (datasets, figures, report), free of JAX.
 
-SCHEMA = 1
-DEFAULT_STORE = "store/spinjax.zarr"  # relative to the working directory
-RESERVED_GROUPS = ("baseline",)  # root groups of a store that hold no model (null ensembles)
+``import spinjax`` is light: the reading API below loads on first use, so the command line
+starts without xarray, zarr or JAX.
+"""
 
-_ANALYSIS = ("open_store", "tidy", "density", "align_layers", "StoreReader")
-__all__ = ["DEFAULT_STORE", "SCHEMA", "__version__", *_ANALYSIS]
+from ._lazy import lazy_api
+from .version import __version__
 
-
-def __getattr__(name: str):
-    """``spinjax.open_store`` and the analysis helpers, imported on first use (``import
-    spinjax`` itself stays free of JAX, zarr and xarray)."""
-    if name in _ANALYSIS:
-        from . import analysis
-
-        return getattr(analysis, name)
-    raise AttributeError(f"module 'spinjax' has no attribute {name!r}")
+__getattr__, __dir__, _reading = lazy_api(
+    __name__, {"analysis": ("StoreReader", "align_layers", "density", "open_store", "tidy")}
+)
+__all__ = ["__version__", *_reading]

@@ -1,5 +1,9 @@
 """Errors that mean "bad input": the CLI turns them into exit code 2 with their message."""
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+
 
 class InputError(Exception):
     """Bad input from the user: a file, tensor, argument or store. The message says what and where."""
@@ -7,3 +11,12 @@ class InputError(Exception):
 
 class UnsafeCheckpointError(InputError):
     """A pickled checkpoint asks for something other than tensor reconstruction."""
+
+
+def nearest(target: int, values: Iterable[int], k: int = 3) -> list[int]:
+    """The ``k`` values closest to ``target``, ascending: the hint of a "no such step" message.
+
+    >>> nearest(700, [0, 256, 512, 768, 1024])
+    [512, 768, 1024]
+    """
+    return sorted(sorted(values, key=lambda v: (abs(v - target), v))[:k])

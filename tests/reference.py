@@ -1,7 +1,7 @@
 """Independent float64 reference implementation of every statistic of SPEC section 4.
 
 This module is the oracle the JAX kernels are tested against. It is written directly from
-the formulas in /work/shared/SPEC.md section 4 with numpy/scipy in float64, as plainly as
+the definitions of docs/store.md ("The statistics") with numpy/scipy in float64, as plainly as
 possible (clarity over speed; it is meant for small matrices). It imports nothing from the
 kernels except the two histogram grids (``zbin_edges``, ``bin_edges``); in particular the
 log-space normal bin mass is re-derived here (:func:`log_normal_mass`) rather than taken

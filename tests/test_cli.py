@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from safetensors.numpy import load_file, save_file
 
 from spinjax.cli import main
-from spinjax.models import PYTHIA_STEPS
+from spinjax.sources.known import PYTHIA_STEPS
 
 KEY = "gpt_neox"
 NEOX = Path(__file__).parent / "fixtures" / "extraction" / KEY  # also in conftest
@@ -54,6 +54,7 @@ def invoke(*args: str):
 # ---- the installed script, in a pipe ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_console_script_run_then_show(tmp_path):
     store = tmp_path / "cli.zarr"
     done = _subprocess("run", "--model", str(NEOX), "--store", str(store), cwd=tmp_path)
@@ -116,7 +117,7 @@ def test_run_recompute_and_memory_budget(store_copy, neox_store):
 def test_default_memory_budget_is_a_quarter_of_host_or_accelerator_memory(monkeypatch):
     import jax
 
-    from spinjax.pipeline import default_memory_budget
+    from spinjax.run.options import default_memory_budget
 
     host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     cpu = default_memory_budget()
@@ -358,12 +359,12 @@ def test_store_that_is_not_a_store_exits_2(tmp_path, snapshot):
 
 
 def test_internal_failure_exits_1(monkeypatch, store_copy, snapshot):
-    import spinjax.pipeline
+    import spinjax.run.pipeline
 
     def boom(*args, **kwargs):
         raise RuntimeError("kernel exploded")
 
-    monkeypatch.setattr(spinjax.pipeline, "layer_statistics", boom)
+    monkeypatch.setattr(spinjax.run.pipeline, "layer_statistics", boom)
     before = snapshot(store_copy)
     args = ["run", "--model", str(NEOX), "--store", str(store_copy), "--recompute"]
     result = invoke(*args)

@@ -26,11 +26,13 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..analysis import BASE_DIMS, StoreReader, open_store
+from ..analysis import StoreReader, open_store
+from ..store.baseline import baseline_key
+from ..store.schema import BASE_DIMS, PAIR_VARIABLES, VARIABLES
 
 HISTOGRAMS = {"zhist": "zbin_edges", "hist": "bin_edges"}
 HEAD_STATS = ("mean", "std", "skew", "kurt", "mu_fit", "sigma_fit", "kl_gauss", "tail_mass", "stable_rank")
-PAIR_DIMS = ("step", "layer", "head", "head2")
+PAIR_DIMS = next(iter(PAIR_VARIABLES.values()))[0]  # (step, layer, head, head2)
 NULL_QUANTILES = (0.05, 0.95)  # the null band: per-bin 5% and 95% of the null draws' z densities
 CACHE_BYTES = 192 << 20  # whole scalar statistics over all steps, null bands, layer histograms
 _INT = re.compile(r"-?[0-9]{1,12}")
@@ -266,7 +268,7 @@ def _model_info(reader: StoreReader, key: str, steps: list[int], revisions: list
     attrs = dict(group.attrs)
     baseline = (attrs.get("features") or {}).get("null", {}).get("baseline")
     if not isinstance(baseline, str):
-        baseline = f"baseline/{attrs.get('d_model')}x{attrs.get('d_head')}"
+        baseline = baseline_key(attrs.get("d_model"), attrs.get("d_head"))
     if baseline not in reader.root or "zhist" not in reader.root[baseline]:
         baseline = None
     shown = ("source", "architecture", "dtype", "variant", "d_model", "n_layers", "n_heads", "n_kv_heads",
@@ -279,13 +281,21 @@ def _model_info(reader: StoreReader, key: str, steps: list[int], revisions: list
         n_layers=int(group["layer"].shape[0]),
         n_heads=int(group["head"].shape[0]),
         matrices=tuple(str(x) for x in group["matrix"][:]),
-        scalars=tuple(n for n, d in sorted(dims.items()) if d == BASE_DIMS),
+        scalars=tuple(sorted((n for n, d in dims.items() if d == BASE_DIMS), key=_statistic_order)),
         vectors=vectors,
         pairs=tuple(n for n, d in sorted(dims.items()) if d == PAIR_DIMS),
         baseline=baseline,
         requested=len(steps),
         attrs={k: attrs[k] for k in shown if k in attrs},
     )
+
+
+def _statistic_order(name: str) -> tuple:
+    """The SPEC's order (mean, std, skew, ...), then other statistics by name; each z-score
+    ``<s>_z`` in the same order after all of them."""
+    core = list(VARIABLES)
+    base, z = (name[:-2], 1) if name.endswith("_z") else (name, 0)
+    return (z, core.index(base) if base in core else len(core), base)
 
 
 # ---- parameters ------------------------------------------------------------------------------

@@ -1,0 +1,263 @@
+"""The reading side of a run: claimed steps, their checkpoints, and one layer's factors at a time.
+
+A :class:`Reader` thread extracts layer factors ahead of the compute, across step boundaries,
+and opens (for hub sources: downloads) the next checkpoint while the current one computes. It
+hands the compute loop typed items through a bounded queue: :class:`LayerFactors`, then a
+:class:`StepRead` at the end of each step, :class:`StepSkipped` for a step another process
+finished meanwhile; errors travel as exceptions and are raised in the consumer, in step order.
+
+Several processes may run on one store: each step is claimed (:class:`Claims`, a lock file per
+step) before it is read, so a step that another live process is computing is deferred, then
+skipped once that process has finished it (or taken over if it died).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..sources import registry
+from ..sources.base import Checkpoint, Source
+from ..sources.layouts import Geometry, Layout, layout_for
+from ..store import LockFile, claim_path, step_done, writing
+from ..store.schema import META_DIR
+
+
+@dataclass(frozen=True)
+class OpenedStep:
+    """A checkpoint opened for a run: its layout and geometry, every file it needs opened."""
+
+    step: int
+    checkpoint: Checkpoint
+    layout: Layout
+    geometry: Geometry
+    where: str  # source and revision, for messages
+
+
+@dataclass(frozen=True)
+class LayerFactors:
+    """One layer's float32 factors, as the kernels take them."""
+
+    step: int
+    layer: int
+    wq: np.ndarray  # (n_heads, d_head, d)
+    wk: np.ndarray  # (n_kv_heads, d_head, d)
+    geometry: Geometry
+    tensors: tuple[str, ...]  # where the factors come from, for messages
+    ov: tuple[np.ndarray, np.ndarray] | None = None  # (wv, wo) with --ov
+
+
+@dataclass(frozen=True)
+class StepRead:
+    """Every layer of ``opened`` has been handed out; ``dtype`` says how the tensors were stored."""
+
+    opened: OpenedStep
+    dtype: str
+    variant: str
+
+
+@dataclass(frozen=True)
+class StepSkipped:
+    step: int  # finished by another process meanwhile
+
+
+Item = LayerFactors | StepRead | StepSkipped
+
+
+def variant_source(model: str, variant: str = "raw") -> Source:
+    """``model``'s source, keyed by its store group: ``<key>@<variant>`` for a variant not raw."""
+    source = registry.resolve(model)
+    return source if variant == "raw" else dataclasses.replace(source, key=f"{source.key}@{variant}")
+
+
+def open_step(source: Source, step: int, variant: str = "raw", ov: bool = False) -> OpenedStep:
+    """Open one step with every tensor its layers will read (for hub sources: downloaded), so
+    a missing tensor is reported before any compute."""
+    revision = source.revision(step)
+    checkpoint = source.open(step, revision)
+    where = f"{source.source} ({revision})"
+    layout = layout_for(checkpoint.config, where)
+    geometry = layout.geometry(checkpoint.config, where)
+    for layer in range(geometry.n_layers):
+        raw, of_variant = layout.tensor_names(layer), layout.tensor_names(layer, variant)
+        for name in layout.tensor_names(layer, variant, ov):
+            try:
+                checkpoint.tensor(name)
+            except InputError as exc:
+                if name in raw:
+                    raise
+                asked = f"--variant {variant}" if name in of_variant else "--ov"
+                raise InputError(f"{exc}; {asked} needs it") from exc
+    return OpenedStep(step, checkpoint, layout, geometry, where)
+
+
+class Claims:
+    """Per-step lock files inside the store: who computes which step (see the module docstring)."""
+
+    def __init__(self, store_path: Path, key: str, recompute: bool):
+        self.store_path, self.key, self.recompute = store_path, key, recompute
+        self._held: dict[int, LockFile] = {}
+        self._mutex = threading.Lock()
+        # folders that claims may create before the store exists, removed again if it never does
+        self._missing = [p for p in (store_path, *store_path.parents) if not p.exists()]
+
+    def claim(self, step: int) -> bool:
+        """Take ``step`` unless another live process holds it (True also if held already)."""
+        with self._mutex:
+            if step in self._held:
+                return True
+            lock = LockFile(claim_path(self.store_path, self.key, step))
+            with writing(self.store_path):
+                if not lock.try_acquire():
+                    return False
+            self._held[step] = lock
+            return True
+
+    def done_elsewhere(self, step: int) -> bool:
+        return not self.recompute and step_done(self.store_path, self.key, step)
+
+    def release(self, step: int) -> None:
+        with self._mutex:
+            lock = self._held.pop(step, None)
+        if lock is not None:
+            lock.release()
+
+    def release_all(self) -> None:
+        for step in list(self._held):
+            self.release(step)
+        if not (self.store_path / "zarr.json").exists():  # nothing written: leave no trace
+            meta = self.store_path / META_DIR
+            for folder in sorted((p for p in meta.rglob("*") if p.is_dir()), reverse=True) + [meta]:
+                _rmdir(folder)
+            for folder in self._missing:
+                _rmdir(folder)
+
+
+def _rmdir(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (another process uses it) or gone
+        pass
+
+
+_FINISHED = object()
+
+
+class Reader(threading.Thread):
+    """Reads layer factors ahead of the compute, across step boundaries.
+
+    The queue holds at most ``depth`` items, so memory stays bounded; the next checkpoint is
+    opened while the current one computes (see the module docstring).
+    """
+
+    def __init__(
+        self, source: Source, todo: list[int], claims: Claims, variant: str, ov: bool, depth: int = 2
+    ):
+        super().__init__(daemon=True, name="spinjax-reader")
+        self.source, self.todo, self.claims = source, todo, claims
+        self.variant, self.ov = variant, ov
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+
+    def items(self, poll_s: float = 0.2) -> Iterator[Item | None]:
+        """The items in order, ``None`` every ``poll_s`` seconds of waiting (so that the caller
+        notices Ctrl-C); raises what the reader raised; ends when the reader is done."""
+        while True:
+            try:
+                item = self.queue.get(timeout=poll_s)
+            except queue.Empty:
+                yield None
+                continue
+            if item is _FINISHED:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _claimed_steps(self) -> Iterator[int]:
+        """The steps this process computes, in order, each claimed before it is read.
+
+        Steps claimed by another live process are deferred to the end and then waited for:
+        skipped when that process finishes them, computed here when it dies.
+        """
+        claims, deferred = self.claims, []
+
+        def take(step: int) -> bool:
+            if claims.done_elsewhere(step):
+                claims.release(step)
+                self._put(StepSkipped(step))
+                return False
+            return True
+
+        for step in self.todo:
+            if not claims.claim(step):
+                deferred.append(step)
+            elif take(step):
+                yield step
+        while deferred:
+            for step in deferred:
+                if claims.claim(step):
+                    deferred.remove(step)
+                    if take(step):
+                        yield step
+                    break
+            else:
+                if self.stop.wait(0.25):
+                    return
+
+    def _open_next(self, steps: Iterator[int]) -> OpenedStep | None:
+        step = next(steps, None)
+        return None if step is None else open_step(self.source, step, self.variant, self.ov)
+
+    def run(self) -> None:
+        try:
+            steps = self._claimed_steps()
+            with ThreadPoolExecutor(1) as pool:  # claims (and waits) and opens one step ahead
+                opening = pool.submit(self._open_next, steps)
+                first = None
+                while (opened := opening.result()) is not None:
+                    opening = pool.submit(self._open_next, steps)
+                    first = first or (opened.layout.architecture, opened.geometry)
+                    if (opened.layout.architecture, opened.geometry) != first:
+                        raise InputError(
+                            f"{opened.where}: architecture or geometry differs from the run's first step"
+                        )
+                    if not self._read_layers(opened):
+                        return
+            self._put(_FINISHED)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._put(exc)
+
+    def _read_layers(self, opened: OpenedStep) -> bool:
+        """Hand out every layer of ``opened``, then its :class:`StepRead`; False if stopped."""
+        layout, geometry, dtypes = opened.layout, opened.geometry, set()
+
+        def lookup(name: str):
+            tensor = opened.checkpoint.tensor(name)
+            dtypes.add(str(tensor.dtype))
+            return tensor
+
+        for layer in range(geometry.n_layers):
+            wq, wk = layout.extract(lookup, layer, geometry, self.variant)
+            ov = layout.extract_ov(lookup, layer, geometry) if self.ov else None
+            tensors = tuple(layout.tensor_names(layer, self.variant, self.ov))
+            if not self._put(LayerFactors(opened.step, layer, wq, wk, geometry, tensors, ov)):
+                return False
+        return self._put(StepRead(opened, ",".join(sorted(dtypes)), self.variant))

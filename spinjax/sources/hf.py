@@ -1,0 +1,244 @@
+"""Checkpoints in Hugging Face layout: config.json and safetensors or pickled .bin weights.
+
+An :class:`HFCheckpoint` knows its config and where every tensor lives; it hands out
+:class:`~spinjax.sources.base.Tensor` handles that read only the indexed rows from disk.
+Nothing is read until a layout asks for a tensor, and only the tensors the statistics need
+are ever asked for. Files come through a :class:`Files` (a local directory here, hub
+downloads in :mod:`spinjax.sources.hub`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from safetensors import safe_open
+
+from ..errors import InputError
+from .base import Source
+from .torchbin import TorchBinFile
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; InputError naming the file if it is missing or not an object."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: file not found") from exc
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return data
+
+
+class _SafetensorsFile:
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._handle = safe_open(str(path), framework="numpy")
+        except Exception as exc:  # safetensors raises its own error types for bad headers
+            raise InputError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+    def keys(self) -> list[str]:
+        return list(self._handle.keys())
+
+    def tensor(self, name: str) -> _SafetensorsTensor:
+        return _SafetensorsTensor(self, name)
+
+
+@dataclass
+class _SafetensorsTensor:
+    file: _SafetensorsFile
+    name: str
+
+    def __post_init__(self):
+        self._slice = self.file._handle.get_slice(self.name)
+        self.shape = tuple(self._slice.get_shape())
+        self.dtype = _SAFETENSORS_DTYPES.get(self._slice.get_dtype(), self._slice.get_dtype())
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        try:
+            return self._slice[rows]
+        except Exception as exc:
+            raise InputError(f"{self.file.path}: cannot read tensor {self.name!r} ({exc})") from exc
+
+
+_SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+class _TorchBinFile:
+    """Adapter of the safe pickle reader to the file interface used here."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = TorchBinFile(path)
+
+    def keys(self) -> list[str]:
+        return self._file.keys()
+
+    def tensor(self, name: str) -> _TorchBinTensor:
+        return _TorchBinTensor(self, name)
+
+
+@dataclass
+class _TorchBinTensor:
+    file: _TorchBinFile
+    name: str
+
+    def __post_init__(self):
+        self.shape = tuple(self.file._file.shape(self.name))
+        self.dtype = str(self.file._file.dtype(self.name))
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        # a view on the memory map: only the indexed rows are read and copied
+        return np.array(self.file._file.get(self.name, copy=False)[rows])
+
+
+def _open_weights(path: Path):
+    return _TorchBinFile(path) if path.suffix == ".bin" else _SafetensorsFile(path)
+
+
+WEIGHT_CANDIDATES = (SAFETENSORS_INDEX, "model.safetensors", TORCH_INDEX, "pytorch_model.bin")
+
+
+class Files(Protocol):
+    """Where a checkpoint's files come from."""
+
+    def __call__(self, name: str) -> Path:
+        """A local path of the file ``name``; FileNotFoundError if there is none."""
+        ...
+
+    def release(self) -> None:
+        """Free what was fetched (hub downloads); local files are never touched."""
+        ...
+
+
+class LocalFiles:
+    """The files of a local directory."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def __call__(self, name: str) -> Path:
+        path = self.directory / name
+        if not path.is_file():
+            raise FileNotFoundError(f"file {name!r} not found")
+        return path
+
+    def release(self) -> None:
+        pass
+
+
+class HFCheckpoint:
+    """One checkpoint in Hugging Face layout: config.json plus weight files.
+
+    Weights are ``*.safetensors`` (preferred) or ``pytorch_model*.bin``, single or sharded
+    with an index json. Files come through ``files`` (a local directory by default, or hub
+    downloads), and only when a tensor in them is asked for. Tensor names resolve exactly
+    or by suffix, so that prefixes such as ``transformer.`` (GPT2LMHeadModel) or ``bert.``
+    match the layouts' canonical names.
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike | None = None, *, step: int = -1, revision: str | None = None,
+        files: Files | None = None, label: str | None = None,
+    ):  # fmt: skip
+        if files is None:
+            directory = Path(directory)
+            if not directory.is_dir():
+                raise InputError(f"{directory}: not a checkpoint directory")
+            files = LocalFiles(directory)
+        self.label = label or str(directory)
+        self.step = step
+        self.revision = revision if revision is not None else self.label
+        self._fetch = files
+        self.config = read_json(self._path("config.json"))
+        self._files: dict[str, Any] = {}
+        self._where = self._index_tensors()
+
+    def _path(self, name: str) -> Path:
+        try:
+            return self._fetch(name)
+        except FileNotFoundError as exc:
+            raise InputError(f"{self.label}: {exc}") from None
+
+    def _weight_map(self) -> dict[str, str] | list[str]:
+        """Tensor -> file from an index json, or the list of unindexed weight files."""
+        for name in WEIGHT_CANDIDATES:
+            try:
+                path = self._fetch(name)
+            except FileNotFoundError:
+                continue
+            if not name.endswith(".json"):
+                return [name]
+            weight_map = read_json(path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise InputError(f"{path}: no 'weight_map' object")
+            return weight_map
+        directory = self._fetch("config.json").parent  # unindexed shards in a local directory
+        for pattern in ("*.safetensors", "pytorch_model*.bin"):
+            names = sorted(p.name for p in directory.glob(pattern))
+            if names:
+                return names
+        raise InputError(
+            f"{self.label}: no weights found: none of {', '.join(WEIGHT_CANDIDATES)} "
+            "(nor other *.safetensors / pytorch_model*.bin) exists; for a hub repo, they are not on "
+            "the hub or not in the local cache"
+        )
+
+    def _index_tensors(self) -> dict[str, str]:
+        found = self._weight_map()
+        if isinstance(found, dict):
+            return dict(found)
+        return {key: name for name in found for key in self._file(name).keys()}
+
+    def _file(self, name: str):
+        if name not in self._files:
+            self._files[name] = _open_weights(self._path(name))
+        return self._files[name]
+
+    def _resolve(self, name: str) -> str:
+        if name in self._where:
+            return name
+        matches = [k for k in self._where if k.endswith("." + name)]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise InputError(f"{self.label}: tensor {name!r} is ambiguous: {matches}")
+        raise InputError(f"{self.label}: tensor {name!r} not found in the checkpoint")
+
+    def tensor(self, name: str):
+        """A lazily-read handle on the stored tensor ``name`` (canonical or full key)."""
+        key = self._resolve(name)
+        file = self._file(self._where[key])
+        if key not in file.keys():
+            raise InputError(f"{file.path}: tensor {key!r} listed in the index is missing")
+        return file.tensor(key)
+
+    def release(self) -> None:
+        self._fetch.release()
+
+
+class HFDirectoryKind:
+    """A local directory with config.json and weights in Hugging Face layout: one checkpoint."""
+
+    name = "huggingface directory"
+
+    def can_open(self, model: str) -> bool:
+        return (Path(model).expanduser() / "config.json").is_file()
+
+    def open(self, model: str) -> Source:
+        path = Path(model).expanduser().resolve()
+        return Source(
+            key=path.name, source=str(path), offered=((-1, str(path)),),
+            open=lambda step, revision: HFCheckpoint(path, step=step, revision=revision),
+        )  # fmt: skip

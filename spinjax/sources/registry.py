@@ -1,0 +1,44 @@
+"""What a ``--model`` value names (SPEC section 5): the kinds of sources, asked in a declared order.
+
+Like xarray's backends: each kind says whether it can open a value (:meth:`SourceKind.can_open`)
+and the first that can, opens it. A new kind of checkpoint is a new module and one line in
+:data:`KINDS`, not a new branch of an if-chain.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from ..errors import InputError
+from .base import Source, SourceKind
+from .hf import HFDirectoryKind
+from .hub import HubKind
+from .jaxtree import FlaxMsgpackKind, OrbaxKind
+from .known import KNOWN
+from .tinypythia import EmbeddedKind
+
+KINDS: tuple[SourceKind, ...] = (
+    FlaxMsgpackKind(),  # local: a .msgpack file or a folder holding flax_model.msgpack
+    OrbaxKind(),  # local: numbered step folders (also hold a config.json, so before the next)
+    HFDirectoryKind(),  # local: config.json with safetensors / .bin weights
+    EmbeddedKind(),  # tiny-pythia, trained on first use
+    HubKind(),  # a known name or an owner/name hub id
+)
+
+
+def resolve(model: str) -> Source:
+    """The source a ``--model`` value names: the first kind of :data:`KINDS` that claims it."""
+    for kind in KINDS:
+        if kind.can_open(model):
+            return kind.open(model)
+    path = Path(model).expanduser()
+    if path.is_file():
+        raise InputError(f"{path}: a file; --model takes a checkpoint directory or a Flax .msgpack file")
+    if path.is_dir():
+        raise InputError(f"{path}: no config.json, Flax msgpack or orbax checkpoint steps found")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise InputError(f"--model {model!r}: no such directory")
+    close = difflib.get_close_matches(model, list(KNOWN), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see `spinjax models`"
+    raise InputError(f"--model {model!r}: no such directory and not a known model name{hint}")

@@ -1,0 +1,575 @@
+"""Read PyTorch ``pytorch_model*.bin`` state dicts without torch and without executing code.
+
+A torch (>= 1.6) checkpoint is a zip archive (members stored uncompressed)::
+
+    <archive>/data.pkl        the pickled state dict
+    <archive>/data/<key>      raw bytes of each storage
+    <archive>/byteorder       "little" or "big" (absent in old files: little)
+
+``data.pkl`` is parsed by a restricted unpickler: ``find_class`` resolves only the
+tensor-rebuild globals that torch writes for state dicts, each to a small local
+stand-in (torch is never imported), and ``persistent_load`` accepts only
+``('storage', <storage type>, key, location, numel)`` records.  Any other global is
+refused with :class:`~spinjax.errors.UnsafeCheckpointError` before it is looked up,
+so nothing in the pickle is ever executed.
+
+Parsing records only (storage key, dtype, offset, shape, stride); the bytes of one
+tensor are read in :meth:`TorchBinFile.get`, through a memory map of exactly the
+region of its zip member that the tensor covers.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import pickle
+import struct
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from ..errors import InputError, UnsafeCheckpointError
+
+__all__ = ["TorchBinFile"]
+
+# torch < 1.6 (`_use_new_zipfile_serialization=False`) starts with a pickled magic number.
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header, 30 bytes
+_LOCAL_HEADER_SIG = b"PK\x03\x04"
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+# Legacy typed storage classes (`torch.FloatStorage`, ...): what torch writes in
+# persistent records, with the element dtype of the storage.  None: known but unsupported.
+_STORAGE_DTYPES: dict[str, np.dtype | None] = {
+    "DoubleStorage": np.dtype(np.float64),
+    "FloatStorage": np.dtype(np.float32),
+    "HalfStorage": np.dtype(np.float16),
+    "BFloat16Storage": _BF16,
+    "LongStorage": np.dtype(np.int64),
+    "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16),
+    "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8),
+    "BoolStorage": np.dtype(np.bool_),
+    "ComplexFloatStorage": np.dtype(np.complex64),
+    "ComplexDoubleStorage": np.dtype(np.complex128),
+    "QInt8Storage": None,
+    "QInt32Storage": None,
+    "QUInt8Storage": None,
+    "QUInt4x2Storage": None,
+    "QUInt2x4Storage": None,
+}
+
+# torch dtypes, as pickled (`torch.uint16`, ...): the third argument of _rebuild_tensor_v3,
+# which torch uses for dtypes without a legacy storage class.
+_TORCH_DTYPES: dict[str, np.dtype] = {
+    "float64": np.dtype(np.float64),
+    "double": np.dtype(np.float64),
+    "float32": np.dtype(np.float32),
+    "float": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "half": np.dtype(np.float16),
+    "bfloat16": _BF16,
+    "int64": np.dtype(np.int64),
+    "long": np.dtype(np.int64),
+    "int32": np.dtype(np.int32),
+    "int": np.dtype(np.int32),
+    "int16": np.dtype(np.int16),
+    "short": np.dtype(np.int16),
+    "int8": np.dtype(np.int8),
+    "uint8": np.dtype(np.uint8),
+    "uint16": np.dtype(np.uint16),
+    "uint32": np.dtype(np.uint32),
+    "uint64": np.dtype(np.uint64),
+    "bool": np.dtype(np.bool_),
+    "complex64": np.dtype(np.complex64),
+    "cfloat": np.dtype(np.complex64),
+    "complex128": np.dtype(np.complex128),
+    "cdouble": np.dtype(np.complex128),
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+    "float8_e4m3fnuz": np.dtype(ml_dtypes.float8_e4m3fnuz),
+    "float8_e5m2fnuz": np.dtype(ml_dtypes.float8_e5m2fnuz),
+}
+if hasattr(ml_dtypes, "float8_e8m0fnu"):
+    _TORCH_DTYPES["float8_e8m0fnu"] = np.dtype(ml_dtypes.float8_e8m0fnu)
+
+
+def _short(obj: object, limit: int = 160) -> str:
+    text = repr(obj)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------- stand-ins
+
+
+class _Frozen:
+    """Base of the stand-ins: a pickle may not BUILD (set state on) any of them."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state):  # called by the BUILD opcode
+        raise UnsafeCheckpointError(f"pickle tries to set state on {type(self).__name__} ({_short(state)})")
+
+
+class _StorageType(_Frozen):
+    """Stand-in for `torch.FloatStorage`, `torch.storage.UntypedStorage`, ..."""
+
+    __slots__ = ("name", "dtype", "untyped")
+
+    def __init__(self, name: str, dtype: np.dtype | None, untyped: bool = False):
+        self.name, self.dtype, self.untyped = name, dtype, untyped
+
+    def __repr__(self) -> str:
+        return f"<storage type {self.name}>"
+
+
+class _DType(_Frozen):
+    """Stand-in for a pickled `torch.<dtype>`."""
+
+    __slots__ = ("name", "dtype")
+
+    def __init__(self, name: str, dtype: np.dtype):
+        self.name, self.dtype = name, dtype
+
+    def __repr__(self) -> str:
+        return f"<torch.{self.name}>"
+
+
+class _TypeMarker(_Frozen):
+    """Stand-in for `torch.Tensor` / `torch.nn.Parameter` (arguments of _rebuild_from_type_v2)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+class _Rebuild(_Frozen):
+    """A rebuild function callable by REDUCE; one instance per unpickler."""
+
+    __slots__ = ("name", "fn")
+
+    def __init__(self, name: str, fn):
+        self.name, self.fn = name, fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+class _OrderedDict(OrderedDict):
+    """Stand-in for `collections.OrderedDict` (state dicts and empty backward hooks).
+
+    `nn.Module.state_dict()` carries a `_metadata` attribute, which pickles as BUILD
+    state: accepted (when it is a dict) and dropped.
+    """
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict):
+            raise UnsafeCheckpointError(f"pickle tries to set state {_short(state)} on an OrderedDict")
+
+    def __reduce__(self):  # pragma: no cover - never pickled
+        raise TypeError("not picklable")
+
+
+@dataclass(frozen=True)
+class _StorageRef:
+    key: str
+    stype: _StorageType
+    numel: int  # elements of stype (bytes for UntypedStorage)
+
+    def __setstate__(self, state):  # pragma: no cover - frozen dataclass, BUILD refused
+        raise UnsafeCheckpointError("pickle tries to set state on a storage")
+
+
+@dataclass(frozen=True)
+class _TensorRecord:
+    key: str  # storage member: <archive>/data/<key>
+    dtype: np.dtype
+    offset: int  # in elements of dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]  # in elements of dtype
+
+    def __setstate__(self, state):
+        raise UnsafeCheckpointError("pickle tries to set state on a tensor")
+
+
+def _int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{what} should be an int, got {_short(value)}")
+    return value
+
+
+def _ints(value, what: str) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)):
+        raise InputError(f"{what} should be a tuple of ints, got {_short(value)}")
+    return tuple(_int(v, what) for v in value)
+
+
+def _tensor(storage, storage_offset, size, stride, dtype: np.dtype | None) -> _TensorRecord:
+    if not isinstance(storage, _StorageRef):
+        raise InputError(f"tensor storage should be a persistent storage record, got {_short(storage)}")
+    if dtype is None:
+        if storage.stype.untyped:
+            raise InputError("tensor on an untyped storage without a dtype")
+        dtype = storage.stype.dtype
+    if dtype is None:
+        raise InputError(f"unsupported storage type {storage.stype.name} (quantized tensors)")
+    shape = _ints(size, "tensor size")
+    strides = _ints(stride, "tensor stride")
+    offset = _int(storage_offset, "tensor storage offset")
+    if len(shape) != len(strides):
+        raise InputError(f"tensor size {shape} and stride {strides} differ in length")
+    if offset < 0 or any(s < 0 for s in shape) or any(s < 0 for s in strides):
+        raise InputError(f"negative size, stride or offset: {shape}, {strides}, {offset}")
+    return _TensorRecord(storage.key, dtype, offset, shape, strides)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    return _tensor(storage, storage_offset, size, stride, None)
+
+
+def _rebuild_tensor_v2(
+    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+):
+    return _tensor(storage, storage_offset, size, stride, None)
+
+
+def _rebuild_tensor_v3(
+    storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None
+):
+    if not isinstance(dtype, _DType):
+        raise InputError(f"_rebuild_tensor_v3 dtype should be a torch dtype, got {_short(dtype)}")
+    return _tensor(storage, storage_offset, size, stride, dtype.dtype)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+    if not isinstance(data, _TensorRecord):
+        raise InputError(f"parameter data should be a tensor, got {_short(data)}")
+    return data
+
+
+def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
+    return _rebuild_parameter(data)
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    if not isinstance(func, _Rebuild) or not isinstance(new_type, _TypeMarker):
+        raise InputError(f"_rebuild_from_type_v2 with {_short(func)}, {_short(new_type)}")
+    if not isinstance(args, tuple):
+        raise InputError(f"_rebuild_from_type_v2 arguments should be a tuple, got {_short(args)}")
+    return func(*args)
+
+
+_REBUILD_FUNCTIONS = {
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+}
+
+
+def allowed_globals() -> list[str]:
+    """The dotted names of every global a checkpoint may reference."""
+    names = [f"{m}.{n}" for m, n in _REBUILD_FUNCTIONS]
+    names += ["collections.OrderedDict", "torch.storage.UntypedStorage", "torch.UntypedStorage"]
+    names += [f"torch.{n}" for n in _STORAGE_DTYPES]
+    names += [f"torch.{n}" for n in _TORCH_DTYPES]
+    names += ["torch.Tensor", "torch._tensor.Tensor", "torch.nn.parameter.Parameter"]
+    return names
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only tensor-rebuild globals, to local stand-ins; refuses everything else."""
+
+    def __init__(self, file, where: str):
+        super().__init__(file)
+        self._where = where
+        self._storage_refs: dict[str, _StorageRef] = {}
+        # Fresh objects per load, so that nothing a pickle does can outlive it.
+        self._globals: dict[tuple[str, str], object] = {
+            key: _Rebuild(key[1], fn) for key, fn in _REBUILD_FUNCTIONS.items()
+        }
+        self._globals[("collections", "OrderedDict")] = _OrderedDict
+        for name, dtype in _STORAGE_DTYPES.items():
+            self._globals[("torch", name)] = _StorageType(name, dtype)
+        untyped = _StorageType("UntypedStorage", np.dtype(np.uint8), untyped=True)
+        self._globals[("torch.storage", "UntypedStorage")] = untyped
+        self._globals[("torch", "UntypedStorage")] = untyped
+        for name, dtype in _TORCH_DTYPES.items():
+            self._globals[("torch", name)] = _DType(name, dtype)
+        for module, name in [
+            ("torch", "Tensor"),
+            ("torch._tensor", "Tensor"),
+            ("torch.nn.parameter", "Parameter"),
+        ]:
+            self._globals[(module, name)] = _TypeMarker(f"{module}.{name}")
+
+    def find_class(self, module, name):
+        found = self._globals.get((module, name))
+        if found is None:
+            raise UnsafeCheckpointError(
+                f"{self._where}: refusing to unpickle global '{module}.{name}': only the "
+                "tensor-rebuild globals of a PyTorch state dict are allowed (nothing was "
+                "executed; the file may be malicious)"
+            )
+        return found
+
+    def persistent_load(self, pid):
+        if (
+            not isinstance(pid, tuple)
+            or len(pid) != 5
+            or pid[0] not in ("storage", b"storage")
+            or not isinstance(pid[1], _StorageType)
+            or not isinstance(pid[2], (str, bytes))
+            or not isinstance(pid[3], (str, bytes))
+            or isinstance(pid[4], bool)
+            or not isinstance(pid[4], int)
+            or pid[4] < 0
+        ):
+            raise UnsafeCheckpointError(
+                f"{self._where}: refusing persistent record {_short(pid)}: only "
+                "('storage', <storage type>, key, location, numel) records are allowed"
+            )
+        _, stype, key, _location, numel = pid
+        key = key.decode("ascii", "replace") if isinstance(key, bytes) else key
+        if not key or "/" in key or key in (".", ".."):
+            raise UnsafeCheckpointError(f"{self._where}: bad storage key {key!r}")
+        ref = self._storage_refs.get(key)
+        if ref is None:
+            ref = self._storage_refs[key] = _StorageRef(key, stype, numel)
+        return ref
+
+
+# --------------------------------------------------------------------------- the reader
+
+
+@dataclass(frozen=True)
+class _Member:
+    name: str
+    data_offset: int  # absolute offset of the member's bytes in the file
+    size: int
+
+
+class TorchBinFile:
+    """A PyTorch zip checkpoint (``torch.save`` of a state dict), read lazily and safely.
+
+    >>> with TorchBinFile("pytorch_model.bin") as f:
+    ...     w = f.get("gpt_neox.layers.0.attention.query_key_value.weight")
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._fh: io.BufferedReader | None = None
+        self._records: dict[str, _TensorRecord] = {}
+        self._members: dict[str, _Member] = {}
+        if not os.path.isfile(self.path):
+            raise InputError(f"{self.path}: not a file")
+        try:
+            fh = open(self.path, "rb")
+        except OSError as e:
+            raise InputError(f"{self.path}: cannot open: {e.strerror or e}") from e
+        self._fh = fh
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- parsing
+
+    def _open(self) -> None:
+        fh = self._fh
+        assert fh is not None
+        head = fh.read(512)
+        if head.startswith(_LEGACY_MAGIC) or head[257:262] == b"ustar":
+            raise InputError(
+                f"{self.path}: legacy (non-zip) PyTorch format is not supported; re-save with "
+                "torch >= 1.6 (torch.save(torch.load(path), path)) or convert to safetensors"
+            )
+        fsize = os.fstat(fh.fileno()).st_size
+        try:
+            zf = zipfile.ZipFile(fh)
+            infos = zf.infolist()
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as e:
+            kind = "a pickle, not a zip" if head[:1] == b"\x80" else "not a valid zip archive"
+            raise InputError(
+                f"{self.path}: not a PyTorch zip checkpoint ({kind}; truncated or corrupt?): {e}"
+            ) from e
+
+        pkl = [i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
+        if len(pkl) != 1:
+            raise InputError(f"{self.path}: no '<archive>/data.pkl' member: not a PyTorch zip checkpoint")
+        prefix = pkl[0].filename[: -len("data.pkl")]
+        by_name = {i.filename: i for i in infos}
+
+        byteorder = by_name.get(prefix + "byteorder")
+        if byteorder is not None:
+            order = self._read_member(zf, byteorder).strip()
+            if order != b"little":
+                raise InputError(
+                    f"{self.path}: byteorder record says {order.decode('ascii', 'replace')!r}; "
+                    "only little-endian checkpoints are supported"
+                )
+
+        unpickler = _RestrictedUnpickler(io.BytesIO(self._read_member(zf, pkl[0])), self.path)
+        try:
+            obj = unpickler.load()
+        except InputError as e:
+            if self.path in str(e):
+                raise
+            raise type(e)(f"{self.path}: {pkl[0].filename}: {e}") from None
+        except RecursionError as e:
+            raise InputError(f"{self.path}: {pkl[0].filename} nests too deeply") from e
+        except Exception as e:  # malformed pickle: opcodes, types, truncation
+            raise InputError(f"{self.path}: cannot parse {pkl[0].filename}: {type(e).__name__}: {e}") from e
+
+        if not isinstance(obj, dict):
+            raise InputError(f"{self.path}: holds a {type(obj).__name__}, not a state dict of tensors")
+        self._flatten(obj, "")
+
+        for key in sorted({r.key for r in self._records.values()}):
+            name = f"{prefix}data/{key}"
+            info = by_name.get(name)
+            if info is None:
+                raise InputError(f"{self.path}: storage record '{name}' is missing from the archive")
+            self._members[key] = self._locate(info, fsize)
+
+    def _flatten(self, obj: dict, prefix: str) -> None:
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise InputError(f"{self.path}: state dict key {_short(k)} is not a string")
+            if isinstance(v, _TensorRecord):
+                self._records[prefix + k] = v
+            elif isinstance(v, dict):
+                self._flatten(v, f"{prefix}{k}.")
+            # other values (ints, strings, None) are not tensors: skipped
+
+    def _read_member(self, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+        try:
+            return zf.read(info)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+            raise InputError(f"{self.path}: cannot read record '{info.filename}': {e}") from e
+
+    def _locate(self, info: zipfile.ZipInfo, fsize: int) -> _Member:
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise InputError(
+                f"{self.path}: record '{info.filename}' is compressed; torch stores records uncompressed"
+            )
+        assert self._fh is not None
+        header = os.pread(self._fh.fileno(), _LOCAL_HEADER.size, info.header_offset)
+        if len(header) != _LOCAL_HEADER.size or header[:4] != _LOCAL_HEADER_SIG:
+            raise InputError(
+                f"{self.path}: bad local header for record '{info.filename}' (truncated or corrupt)"
+            )
+        fields = _LOCAL_HEADER.unpack(header)
+        name_len, extra_len = fields[-2], fields[-1]
+        data_offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+        if data_offset + info.file_size > fsize:
+            raise InputError(
+                f"{self.path}: record '{info.filename}' extends past the end of the file (truncated?)"
+            )
+        return _Member(info.filename, data_offset, info.file_size)
+
+    # ---- API
+
+    def keys(self) -> list[str]:
+        return list(self._records)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def _record(self, name: str) -> _TensorRecord:
+        try:
+            return self._records[name]
+        except KeyError:
+            raise InputError(f"{self.path}: no tensor named {name!r}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._record(name).shape
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._record(name).dtype
+
+    def get(self, name: str, *, copy: bool = True) -> np.ndarray:
+        """The tensor `name`, bit-identical to ``torch.load``.
+
+        Only the bytes this tensor covers are mapped.  With ``copy`` (the default) the
+        result is a C-contiguous array and the mapping is released at once; without, a
+        read-only (possibly strided) view of the file mapping, valid after :meth:`close`.
+        """
+        rec = self._record(name)
+        if self._fh is None:
+            raise InputError(f"{self.path}: file is closed")
+        if any(s == 0 for s in rec.shape):
+            empty = np.empty(rec.shape, rec.dtype)
+            empty.flags.writeable = copy
+            return empty
+        item = rec.dtype.itemsize
+        extent = 1 + sum((s - 1) * st for s, st in zip(rec.shape, rec.stride, strict=True))
+        member = self._members[rec.key]
+        start, nbytes = rec.offset * item, extent * item
+        if start + nbytes > member.size:
+            raise InputError(
+                f"{self.path}: tensor {name!r} (shape {rec.shape}, stride {rec.stride}, offset "
+                f"{rec.offset}, {rec.dtype}) needs bytes [{start}, {start + nbytes}) of record "
+                f"'{member.name}', which holds {member.size} bytes"
+            )
+        flat = self._map(member.data_offset + start, extent, rec.dtype)
+        # as_strided goes through __array_interface__, which cannot name ml_dtypes types
+        # (bfloat16, float8): stride a void view of the same width, then view back.
+        view = np.lib.stride_tricks.as_strided(
+            flat.view(f"V{item}"),
+            shape=rec.shape,
+            strides=tuple(st * item for st in rec.stride),
+            writeable=False,
+        ).view(rec.dtype)
+        if copy:
+            out = np.array(view, order="C", copy=True)
+            del view, flat  # unmaps
+            return out
+        return view
+
+    def _map(self, offset: int, count: int, dtype: np.dtype) -> np.ndarray:
+        """A read-only array of `count` elements at absolute file `offset`, on its own mmap."""
+        assert self._fh is not None
+        aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+        delta = offset - aligned
+        mm = mmap.mmap(
+            self._fh.fileno(),
+            delta + count * dtype.itemsize,
+            access=mmap.ACCESS_READ,
+            offset=aligned,
+        )
+        # The array keeps the mmap alive; it is unmapped when the array is freed.
+        return np.frombuffer(mm, dtype=dtype, count=count, offset=delta)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> TorchBinFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"TorchBinFile({self.path!r}, {len(self._records)} tensors)"

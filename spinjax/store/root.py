@@ -1,0 +1,149 @@
+"""A store's root: opening, creating, locking, the commit of metadata changes, listing groups.
+
+Crashes and concurrent writers: every metadata change (creating the store or a group, appending
+steps, the ``runs`` attribute, consolidation) happens under the store's lock file
+(:func:`locked`) and ends with a consolidation, which is the commit: zarr-python replaces each
+file atomically, a new group is built aside and renamed into place (:func:`build_aside`,
+:func:`commit_group`), and a half-done append (a process killed between array resizes) is rolled
+back to the consolidated shapes by the next writer. Readers going through the consolidated
+metadata (xarray's default) always see a consistent store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import zarr
+import zarr.codecs
+
+from ..errors import InputError
+from ..version import __version__
+from .locking import LockFile
+from .schema import META_DIR, RESERVED_GROUPS, SCHEMA, check_root_attrs
+
+COMPRESSORS = (zarr.codecs.ZstdCodec(level=3),)
+
+
+class StoreWriteError(InputError, OSError):
+    """The store cannot be written (permissions, full disk, read-only file system)."""
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """An OSError while writing the store (full disk, no permission) is bad input, not a bug."""
+    try:
+        yield
+    except InputError:
+        raise
+    except OSError as exc:
+        raise StoreWriteError(
+            f"{path}: cannot write the store ({exc}); finished steps are kept, "
+            "rerun the same command when it is writable again"
+        ) from exc
+
+
+def check_can_hold(path: Path) -> None:
+    """Refuse a path that is a file, or a folder holding something else than a store."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path}: exists and is not a Zarr store directory")
+    if not (path / "zarr.json").exists() and path.exists():
+        if any(p.name != META_DIR for p in path.iterdir()):
+            raise InputError(f"{path}: directory is not empty and is not a Zarr store")
+
+
+def open_store(path: str | Path, *, create: bool = False, consolidated: bool = True) -> zarr.Group:
+    """Open (or with ``create``, create) the store's root group, refusing anything not schema 1.
+
+    ``consolidated=False`` reads every node's own metadata (what writers holding the lock
+    need); else the consolidated copy, the last committed state, which is what readers see.
+    Without ``create`` the root is opened read-only. Creating a store should happen under
+    :func:`locked` when other processes may create it too.
+    """
+    path = Path(path)
+    check_can_hold(path)
+    if not (path / "zarr.json").exists():
+        if not create:
+            raise InputError(f"{path}: not a Zarr store (no zarr.json)")
+        # one write of zarr.json with the attribute: a crash cannot leave an unmarked store
+        return zarr.create_group(
+            store=str(path), zarr_format=3, attributes={"spinjax": {"version": __version__, "schema": SCHEMA}}
+        )
+    try:
+        mode, use = ("r+" if create else "r"), (None if consolidated else False)
+        root = zarr.open_group(str(path), mode=mode, zarr_format=3, use_consolidated=use)
+    except Exception as exc:
+        raise InputError(f"{path}: cannot open as a Zarr v3 group ({exc})") from exc
+    check_root_attrs(root.attrs, path)
+    return root
+
+
+def store_path(root: zarr.Group) -> Path:
+    """The directory of an opened store."""
+    return Path(str(root.store.root))
+
+
+@contextmanager
+def locked(path: str | Path) -> Iterator[zarr.Group]:
+    """The root group (created if missing), fresh from disk, with the store's lock held.
+
+    Everything that changes metadata goes in here and ends with :func:`consolidate`. Groups
+    left half-built by a killed process are removed first.
+    """
+    path = Path(path)
+    check_can_hold(path)  # refuse a foreign directory before writing into it
+    (path / META_DIR).mkdir(parents=True, exist_ok=True)
+    with LockFile(path / META_DIR / "lock"):
+        shutil.rmtree(path / META_DIR / "new", ignore_errors=True)  # only the lock holder builds there
+        for claim in (path / META_DIR / "claims").glob("*/*"):  # left by killed processes
+            if not claim.name.endswith(".break"):
+                LockFile(claim).break_if_stale()
+        yield open_store(path, create=True, consolidated=False)
+
+
+def consolidate(root: zarr.Group, key: str | None = None) -> None:
+    """Refresh the consolidated metadata (of the group ``key`` and of the root) after shapes or
+    attributes changed: the commit of a metadata change, made under :func:`locked`."""
+    path = store_path(root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # consolidated metadata is a zarr-python extension
+        if key is not None:  # what xarray.open_zarr(store, group=key) reads
+            zarr.consolidate_metadata(str(path), path=key)
+        zarr.consolidate_metadata(str(path))
+
+
+def build_aside(root: zarr.Group, key: str, attrs: dict[str, Any]) -> zarr.Group:
+    """A new group for ``key``, built in ``.spinjax/new/`` until :func:`commit_group` renames it
+    into place, so that a crash never leaves a half-built group. Under :func:`locked`."""
+    building = store_path(root) / META_DIR / "new" / f"{key.replace('/', '.')}.{uuid.uuid4().hex}"
+    building.parent.mkdir(parents=True, exist_ok=True)
+    return zarr.create_group(store=str(building), zarr_format=3, attributes=attrs)
+
+
+def commit_group(root: zarr.Group, built: zarr.Group, key: str) -> None:
+    """Rename a group from :func:`build_aside` to ``key`` (replacing an older one), and commit."""
+    path = store_path(root)
+    if "/" in key:
+        root.require_group(key.rsplit("/", 1)[0])
+    target, old = path / key, path / META_DIR / "new" / f"old.{uuid.uuid4().hex}"
+    if target.exists():
+        os.rename(target, old)
+    os.rename(str(built.store.root), target)
+    shutil.rmtree(old, ignore_errors=True)
+    consolidate(root, key)
+
+
+def model_keys(root: zarr.Group) -> list[str]:
+    """The model groups of a store (every root group but the reserved ones), sorted."""
+    return sorted(k for k in root.group_keys() if k not in RESERVED_GROUPS)
+
+
+def claim_path(path: str | Path, key: str, step: int) -> Path:
+    """The lock file by which one process claims the computation of ``step`` of model ``key``."""
+    return Path(path) / META_DIR / "claims" / key / f"step{step}"

@@ -1,0 +1,84 @@
+"""The store's contract as data: schema number, names, dimensions, dtypes and fill values.
+
+One definition of every name the writer creates and the readers rely on (docs/store.md says
+what each means). Nothing here imports JAX.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..version import __version__
+
+SCHEMA = 1
+DEFAULT_STORE = "store/spinjax.zarr"  # relative to the working directory
+BASELINE_GROUP = "baseline"  # root group holding the null ensembles baseline/<d>x<dh>
+RESERVED_GROUPS = (BASELINE_GROUP,)  # root groups of a store that hold no model
+META_DIR = ".spinjax"  # lock, step claims and groups being built; not a zarr node, readers skip it
+
+MATRICES = ("W_Q", "W_K", "W_QK")  # the order of the kernels' matrix axis
+OV_MATRICES = MATRICES + ("W_V", "W_O", "W_OV")  # `spinjax run --ov`
+BASE_DIMS = ("step", "layer", "head", "matrix")  # dims of every per-head scalar statistic
+
+SCALARS = (
+    "mean", "std", "skew", "kurt", "min", "max",
+    "entropy", "entropy_residual", "entropy_mm", "kl_gauss", "kl_gauss_mm",
+    "mu_fit", "sigma_fit", "kl_fit", "tail_mass",
+    "spectral_norm", "frobenius_norm", "stable_rank", "spectral_entropy",
+    "effective_rank", "participation_ratio", "condition_number",
+)  # fmt: skip
+
+VariableSpec = tuple[tuple[str, ...], str, Any]
+"""(dims, dtype, fill value) of a store variable."""
+
+# Core variables (SPEC section 3): name -> (extra trailing dimension or None, dtype, fill value)
+VARIABLES: dict[str, tuple[str | None, str, Any]] = {
+    **{name: (None, "float32", np.nan) for name in SCALARS},
+    "n_nonfinite": (None, "int64", 0),
+    "zhist": ("zbin", "uint32", 0),
+    "hist": ("bin", "uint32", 0),
+    "singular_values": ("sv", "float32", np.nan),
+}
+
+# Optional variables (schema 1 additions), created in a group when first asked for.
+NULL_VARIABLES: dict[str, VariableSpec] = {  # run --null
+    **{f"{name}_z": (BASE_DIMS, "float32", np.nan) for name in SCALARS},
+    "singular_values_z": (BASE_DIMS + ("sv",), "float32", np.nan),
+}
+PAIR_VARIABLES: dict[str, VariableSpec] = {  # run --pairs layer
+    name: (("step", "layer", "head", "head2"), "float32", np.nan)
+    for name in ("qk_distance", "qk_cosine", "js_head")
+}
+MODEL_PAIR_VARIABLES: dict[str, VariableSpec] = {  # run --pairs model
+    name: (("step", "layer", "head", "layer2", "head2"), "float32", np.nan)
+    for name in ("qk_distance_model", "qk_cosine_model")
+}
+# spinjax dynamics
+NO_PREDECESSOR = -1  # mode_event of a first step (kernels.dynamics.NO_PREDECESSOR)
+DYNAMICS_HIST_VARIABLES: dict[str, VariableSpec] = {
+    name: (BASE_DIMS, "float32", np.nan) for name in ("kl_first", "js_first", "change_js")
+}
+LARGEST_CHANGE: dict[str, VariableSpec] = {"largest_change_step": (("layer", "head", "matrix"), "int64", -1)}
+OVERLAP_VARIABLES: dict[str, VariableSpec] = {
+    name: (("step", "layer", "head", "mode", "mode2"), "float32", np.nan)
+    for name in ("overlap_left", "overlap_right")
+}
+EVENT_VARIABLES: dict[str, VariableSpec] = {
+    "mode_event": (("step", "layer", "head", "mode"), "int8", NO_PREDECESSOR)
+}
+
+
+def check_root_attrs(attrs, path: Path) -> None:
+    """Refuse a Zarr group that spinjax did not write, or that another schema wrote."""
+    meta = attrs.get("spinjax")
+    if not isinstance(meta, dict) or "schema" not in meta:
+        raise InputError(f"{path}: a Zarr store, but not written by spinjax (no 'spinjax' attribute)")
+    if meta["schema"] != SCHEMA:
+        raise InputError(
+            f"{path}: store has schema {meta['schema']}, this spinjax (v{__version__}) reads "
+            f"and writes schema {SCHEMA}; use another --store"
+        )

@@ -1,0 +1,239 @@
+"""spinjax.torchbin: PyTorch .bin checkpoints read without torch and without executing code.
+
+Fixtures come from tests/fixtures/make_torchbin_fixtures.py (run with torch, once);
+this file must not import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import FIXTURES_ROOT
+
+from spinjax.errors import InputError, UnsafeCheckpointError
+from spinjax.sources import torchbin
+from spinjax.sources.torchbin import TorchBinFile
+
+FIX = FIXTURES_ROOT / "torchbin"
+SENTINEL = Path("/tmp/spinjax_pwned_sentinel")  # what the malicious fixtures would create
+
+NP_DTYPES = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": ml_dtypes.bfloat16,
+    "float64": np.float64,
+    "int64": np.int64,
+    "int32": np.int32,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "bool": np.bool_,
+    "complex64": np.complex64,
+    "complex128": np.complex128,
+}
+
+
+def same_bits(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Bit-identical: same shape, and same bytes element by element."""
+    assert actual.shape == expected.shape
+    assert actual.dtype.itemsize == expected.dtype.itemsize
+    assert np.ascontiguousarray(actual).tobytes() == np.ascontiguousarray(expected).tobytes()
+
+
+def test_no_torch_imported():
+    with TorchBinFile(FIX / "basic.bin") as f:
+        f.get("f32")
+    assert "torch" not in sys.modules
+
+
+def test_basic_values_dtypes_shapes():
+    expected = np.load(FIX / "basic_expected.npz")
+    dtypes = json.loads((FIX / "basic_dtypes.json").read_text())
+    with TorchBinFile(FIX / "basic.bin") as f:
+        assert f.keys() == list(dtypes)
+        for name, dt in dtypes.items():
+            assert f.dtype(name) == np.dtype(NP_DTYPES[dt]), name
+            assert f.shape(name) == expected[name].shape, name
+            got = f.get(name)
+            assert got.dtype == np.dtype(NP_DTYPES[dt]) and got.flags.c_contiguous, name
+            same_bits(got, expected[name])
+            view = f.get(name, copy=False)
+            same_bits(view, expected[name])
+            assert not view.flags.writeable
+        # views share one storage: the slice really is at a nonzero offset of base's record
+        rec = f._records
+        assert rec["row_slice"].key == rec["base"].key == rec["transposed"].key
+        assert rec["row_slice"].offset == 16 and rec["transposed"].stride == (1, 8)
+        assert f.get("scalar").shape == () and float(f.get("scalar")) == 3.25
+        assert f.get("empty").shape == (0, 5) and f.get("empty_f16").dtype == np.float16
+
+
+def test_v3_dtypes():
+    expected = np.load(FIX / "v3_expected.npz")
+    with TorchBinFile(FIX / "v3_dtypes.bin") as f:
+        assert f.dtype("u16") == np.uint16
+        assert f.dtype("f8e4m3") == np.dtype(ml_dtypes.float8_e4m3fn)
+        assert f.dtype("f8e5m2") == np.dtype(ml_dtypes.float8_e5m2)
+        for name in expected.files:
+            same_bits(f.get(name), expected[name])
+
+
+def test_parameter():
+    with TorchBinFile(FIX / "parameter.bin") as f:
+        np.testing.assert_array_equal(f.get("weight"), np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
+def test_neox_tiny_model():
+    expected = np.load(FIX / "neox_expected.npz")
+    with TorchBinFile(FIX / "neox" / "pytorch_model.bin") as f:
+        assert "gpt_neox.embed_in.weight" in f
+        for name in expected.files:
+            assert f.dtype(name) == np.float16 and f.shape(name) == (96, 32)
+            same_bits(f.get(name), expected[name])
+
+
+def test_neox_sharded():
+    expected = np.load(FIX / "neox_expected.npz")
+    index = json.loads((FIX / "neox_sharded" / "pytorch_model.bin.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2
+    seen = {}
+    for shard in shards:
+        with TorchBinFile(FIX / "neox_sharded" / shard) as f:
+            assert set(f.keys()) == {k for k, v in index["weight_map"].items() if v == shard}
+            for name in f.keys():
+                seen[name] = f.get(name)
+    assert set(seen) == set(index["weight_map"])
+    for name in expected.files:
+        same_bits(seen[name], expected[name])
+    with TorchBinFile(FIX / "neox" / "pytorch_model.bin") as whole:
+        for name, value in seen.items():
+            same_bits(value, whole.get(name))
+
+
+@pytest.mark.parametrize(
+    "fixture, global_name",
+    [
+        ("malicious_os_system.bin", "posix.system"),
+        ("malicious_exec.bin", "exec"),
+        ("malicious_nested.bin", "eval"),
+    ],
+)
+def test_malicious_global_refused_without_running(fixture, global_name):
+    SENTINEL.unlink(missing_ok=True)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        TorchBinFile(FIX / fixture)
+    msg = str(info.value)
+    assert fixture in msg and global_name in msg
+    assert not SENTINEL.exists()
+
+
+def test_malicious_persistent_record_refused():
+    with pytest.raises(UnsafeCheckpointError, match=r"malicious_persid\.bin.*persistent record"):
+        TorchBinFile(FIX / "malicious_persid.bin")
+
+
+def test_unsafe_is_input_error():
+    assert issubclass(UnsafeCheckpointError, InputError)
+    assert "posix.system" not in torchbin.allowed_globals()
+
+
+def test_legacy_format():
+    with pytest.raises(InputError, match=r"legacy\.bin.*legacy \(non-zip\) PyTorch format") as info:
+        TorchBinFile(FIX / "legacy.bin")
+    assert not isinstance(info.value, UnsafeCheckpointError)
+
+
+def test_truncated(tmp_path):
+    src = (FIX / "basic.bin").read_bytes()
+    cut = tmp_path / "cut_in_half.bin"
+    cut.write_bytes(src[: len(src) // 2])
+    with pytest.raises(InputError, match="cut_in_half.bin"):
+        TorchBinFile(cut)
+
+
+def test_not_a_file(tmp_path):
+    with pytest.raises(InputError, match="nope.bin"):
+        TorchBinFile(tmp_path / "nope.bin")
+    with pytest.raises(InputError, match=str(tmp_path)):
+        TorchBinFile(tmp_path)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"hello, not a checkpoint" * 10)
+    with pytest.raises(InputError, match="junk.bin"):
+        TorchBinFile(junk)
+
+
+def test_missing_record():
+    with pytest.raises(InputError, match=r"missing_record\.bin.*archive/data/7"):
+        TorchBinFile(FIX / "missing_record.bin")
+
+
+def test_big_endian_refused(tmp_path):
+    import zipfile
+
+    src = FIX / "basic.bin"
+    dst = tmp_path / "big_endian.bin"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("/byteorder"):
+                data = b"big"
+            zout.writestr(info, data)
+    with pytest.raises(InputError, match=r"big_endian\.bin.*byteorder"):
+        TorchBinFile(dst)
+
+
+def test_unknown_tensor_name():
+    with TorchBinFile(FIX / "basic.bin") as f, pytest.raises(InputError, match="nonexistent"):
+        f.get("nonexistent")
+
+
+def test_lazy_huge_tensor_never_read():
+    """A record claiming 2**31 float32 (8 GiB) on a 16-byte member: parsing never touches it."""
+    with TorchBinFile(FIX / "bogus_huge.bin") as f:
+        assert f.shape("huge") == (2**31,) and f.dtype("huge") == np.float32
+        np.testing.assert_array_equal(f.get("small"), np.arange(4, dtype=np.float32))
+        with pytest.raises(InputError, match=r"bogus_huge\.bin.*'huge'.*holds 16 bytes"):
+            f.get("huge")
+
+
+def test_get_maps_only_that_tensor(monkeypatch):
+    calls = []
+    real = TorchBinFile._map
+
+    def spy(self, offset, count, dtype):
+        calls.append((offset, count * dtype.itemsize))
+        return real(self, offset, count, dtype)
+
+    monkeypatch.setattr(TorchBinFile, "_map", spy)
+    f = TorchBinFile(FIX / "neox" / "pytorch_model.bin")
+    assert calls == []  # opening parses data.pkl only
+    name = "gpt_neox.layers.1.attention.query_key_value.weight"
+    f.get(name)
+    member = f._members[f._records[name].key]
+    assert calls == [(member.data_offset, 96 * 32 * 2)]
+    f.close()
+
+
+def test_view_outlives_close():
+    f = TorchBinFile(FIX / "basic.bin")
+    view = f.get("transposed", copy=False)
+    f.close()
+    same_bits(view, np.load(FIX / "basic_expected.npz")["transposed"])
+    with pytest.raises(InputError, match="closed"):
+        f.get("f32")
+
+
+def test_copy_of_fixture_in_odd_place(tmp_path):
+    """Reads by absolute offsets computed from local headers, not from the archive name."""
+    dst = tmp_path / "renamed model.bin"
+    shutil.copy(FIX / "basic.bin", dst)
+    os.chmod(dst, 0o444)
+    with TorchBinFile(dst) as f:
+        same_bits(f.get("col_slice"), np.load(FIX / "basic_expected.npz")["col_slice"])
