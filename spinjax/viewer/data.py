@@ -291,7 +291,7 @@ def _model_info(reader: StoreReader, key: str, steps: list[int], revisions: list
 
 
 def _statistic_order(name: str) -> tuple:
-    """The SPEC's order (mean, std, skew, ...), then other statistics by name; each z-score
+    """The schema's order (mean, std, skew, ...), then other statistics by name; each z-score
     ``<s>_z`` in the same order after all of them."""
     core = list(VARIABLES)
     base, z = (name[:-2], 1) if name.endswith("_z") else (name, 0)
