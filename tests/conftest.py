@@ -23,12 +23,14 @@ FIXTURES = FIXTURES_ROOT / "extraction"
 NEOX = FIXTURES / "gpt_neox"  # 2 layers, 6 heads, d_model 96, stored float16
 
 
-def tree_bytes(path: Path) -> dict[str, bytes]:
-    """Every file under ``path`` (relative name -> content); a missing path is {}."""
+def tree_bytes(path: Path) -> dict[str, bytes | None]:
+    """Every file under ``path`` (relative name -> content) and every folder (-> None), empty
+    ones included: "the store exactly as it was" is its whole tree. A missing path is {}."""
     path = Path(path)
     if not path.exists():
         return {}
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    entries = sorted(path.rglob("*"))
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None for p in entries}
 
 
 @pytest.fixture(scope="session")

@@ -257,7 +257,13 @@ def broken(tmp_path) -> dict[str, tuple[list[str], list[str]]]:
     shutil.copy(NEOX / "config.json", malicious / "config.json")
     shutil.copy(TORCHBIN / "malicious_os_system.bin", malicious / "pytorch_model.bin")
 
+    named = {}  # model directories whose names collide with the store's own
+    for name in (".spinjax", "zarr.json", "baseline", "__zarr"):
+        named[name] = tmp_path / "names" / name
+        shutil.copytree(NEOX, named[name])
+
     return {
+        **{f"reserved name {n}": (["--model", str(path)], [repr(n), "rename"]) for n, path in named.items()},
         "config missing": (["--model", str(no_config)], [str(no_config), "config.json"]),
         "config inconsistent": (
             ["--model", str(inconsistent)],
@@ -279,6 +285,10 @@ def broken(tmp_path) -> dict[str, tuple[list[str], list[str]]]:
 
 
 CASES = [
+    "reserved name .spinjax",
+    "reserved name zarr.json",
+    "reserved name baseline",
+    "reserved name __zarr",
     "config missing",
     "config inconsistent",
     "corrupted safetensors",

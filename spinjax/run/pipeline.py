@@ -19,10 +19,9 @@ import time
 
 import numpy as np
 
-from ..errors import InputError
 from ..kernels.heads import block_entries_cap, block_rows_for_budget, layer_statistics
 from ..sources.steps import select_steps
-from ..store import RESERVED_GROUPS, ModelGroup, check_can_hold, open_store
+from ..store import ModelGroup, break_stale_locks, check_can_hold, open_store
 from ..store.schema import OV_MATRICES
 from . import features
 from .distributed import barrier
@@ -60,8 +59,6 @@ def run(model: str, options: RunOptions | None = None, progress: Progress | None
     progress = progress or Progress()
     one_blas_thread_under_lapack()
     source = variant_source(model, options.variant)
-    if source.key in RESERVED_GROUPS:
-        raise InputError(f"--model {model!r}: its store key {source.key!r} is reserved; rename the directory")
     chosen = select_steps(options.steps, [s for s, _ in source.offered])
     existing = _existing_group(options, source.key)
     finished = set()
@@ -81,6 +78,7 @@ def run(model: str, options: RunOptions | None = None, progress: Progress | None
     if not pending:
         if options.adds_features_to(existing) and index == 0:  # e.g. --null on finished steps
             writer.add_features()
+        break_stale_locks(options.store)  # e.g. of a predecessor killed in its last commit
         return result
     interrupted = False
     if todo:
@@ -89,6 +87,8 @@ def run(model: str, options: RunOptions | None = None, progress: Progress | None
     if count > 1:
         barrier("spinjax-run-end")  # every process has written its steps
     writer.finish(interrupted=interrupted)
+    if (options.store / "zarr.json").exists():
+        break_stale_locks(options.store)
     if interrupted:
         left = len(todo) - len(result.computed) - (len(result.skipped) - already)
         raise Interrupted(

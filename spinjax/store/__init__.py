@@ -7,6 +7,7 @@ from .group import SHAPE_ATTRS, ModelGroup, step_done, summary, write_coordinate
 from .locking import LockFile
 from .root import (
     StoreWriteError,
+    break_stale_locks,
     build_aside,
     check_can_hold,
     claim_path,
@@ -46,6 +47,7 @@ __all__ = [
     "SHAPE_ATTRS",
     "StoreWriteError",
     "VARIABLES",
+    "break_stale_locks",
     "build_aside",
     "check_can_hold",
     "claim_path",

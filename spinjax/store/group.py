@@ -22,8 +22,8 @@ import zarr
 from ..errors import InputError
 from ..kernels import bins
 from ..version import __version__
-from .root import COMPRESSORS, build_aside, commit_group, consolidate, model_keys, open_store, store_path
-from .schema import BASE_DIMS, MATRICES, VARIABLES, VariableSpec
+from .root import COMPRESSORS, build_aside, commit_group, consolidate, model_keys, open_store, reopen, store_path
+from .schema import BASE_DIMS, MATRICES, VARIABLES, VariableSpec, check_group_key
 
 SHAPE_ATTRS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head")
 """The group attributes giving a model's attention geometry."""
@@ -128,6 +128,7 @@ class ModelGroup:
             existing = cls(root, key)
             existing.check_holds(shape, architecture, matrices)
             return existing
+        check_group_key(key)
         shape = {k: int(shape[k]) for k in SHAPE_ATTRS}
         group_attrs = {**attrs, "architecture": architecture, **shape,
                        "spinjax_version": __version__, "runs": []}  # fmt: skip
@@ -155,7 +156,7 @@ class ModelGroup:
             )  # fmt: skip
             arr.attrs["coordinates"] = "revision"
         commit_group(root, group, key)
-        return cls(open_store(store_path(root), create=True, consolidated=False), key)
+        return cls(reopen(root), key)
 
     def check_source(self, source: str) -> None:
         """Refuse a run of another source under this key (e.g. two directories of one name)."""

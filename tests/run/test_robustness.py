@@ -407,6 +407,23 @@ def test_lock_file_is_exclusive_and_stale_locks_are_broken(tmp_path):
     a.release()
 
 
+def test_a_lock_left_by_a_killed_run_is_removed_by_the_next_run_with_nothing_to_do(
+    trajectory, reference, tmp_path
+):
+    # a run SIGKILLed while it held the store's lock for its final commit: every step is done
+    path = tmp_path / "s.zarr"
+    shutil.copytree(reference, path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    owner = {"host": socket.gethostname(), "pid": int(dead.stdout), "token": "dead"}
+    (path / store_mod.META_DIR / "lock").write_text(json.dumps(owner))
+    claim = store_mod.claim_path(path, KEY, 3000)
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    claim.write_text(json.dumps(owner))
+    again = run(str(trajectory), RunOptions(steps="all", store=path, memory_budget=BUDGET))
+    assert again.computed == [] and again.skipped == STEPS
+    assert leftover_files(path) == []
+
+
 def test_a_second_model_goes_into_an_existing_store(reference, tmp_path):
     path = tmp_path / "two.zarr"
     shutil.copytree(reference, path)
@@ -548,3 +565,92 @@ def test_unwritable_store_exits_2_and_leaves_no_trace(tmp_path, monkeypatch, sto
     result = invoke("run", "--model", str(NEOX), "--store", str(store_copy), "--recompute")
     assert result.exit_code == 2 and "Permission denied" in result.stderr
     assert snapshot(store_copy) == before
+
+
+# ---- a writer frozen past the lock's stale time ------------------------------------------
+
+FROZEN = r"""
+import sys, time
+from pathlib import Path
+from spinjax.store import group
+
+marker, where = Path(sys.argv[1]), sys.argv[2]
+owner = group if where == "commit_group" else group.ModelGroup
+original = getattr(owner, where)
+
+
+def pausing(*args, **kwargs):  # holding the store's lock: the test stops this process here
+    marker.write_text("in")
+    time.sleep(1.0)
+    return original(*args, **kwargs)
+
+
+setattr(owner, where, pausing)
+from spinjax.cli import main
+
+main(sys.argv[3:], prog_name="spinjax")
+"""
+STALE_S = 2.0
+
+
+def _frozen_while_another_runs(child_env, tmp_path, where: str, frozen_args: list[str], other_args):
+    """Start ``frozen_args`` in a child that pauses in ``where`` holding the store's lock, stop it
+    (SIGSTOP) there past the lock's stale time while ``other_args`` runs to its end, then let it
+    go on (SIGCONT). Returns (frozen child's returncode, stderr; the other's returncode, stderr)."""
+    env = {**child_env, "SPINJAX_LOCK_STALE_AFTER": str(STALE_S)}
+    marker = tmp_path / f"marker-{where}"
+    frozen = subprocess.Popen([sys.executable, "-c", FROZEN, str(marker), where, *frozen_args], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert frozen.poll() is None and time.monotonic() < deadline, frozen.communicate()
+            time.sleep(0.02)
+        os.kill(frozen.pid, signal.SIGSTOP)
+        other = subprocess.run([sys.executable, "-m", "spinjax.cli", *other_args], env=env,
+                               capture_output=True, text=True, timeout=300)  # fmt: skip
+    finally:
+        if frozen.poll() is None:
+            os.kill(frozen.pid, signal.SIGCONT)
+    _, err = frozen.communicate(timeout=300)
+    return frozen.returncode, err, other.returncode, other.stderr
+
+
+@pytest.mark.slow
+def test_a_frozen_writer_that_lost_the_lock_stops_and_a_rerun_completes(
+    trajectory, reference, child_env, tmp_path
+):
+    path = tmp_path / "s.zarr"
+    run(str(trajectory), RunOptions(steps="0", store=path, memory_budget=BUDGET))
+    # the frozen run is appending steps 1000..3000 when it stops; the other one takes the lock
+    code, err, other_code, other_err = _frozen_while_another_runs(
+        child_env, tmp_path, "plan", _args(trajectory, path, "1000:3000"), _args(trajectory, path, "3000")
+    )
+    assert other_code == 0, other_err
+    assert code == 2, err
+    assert "lost the lock" in err and "rerun the same command" in err and "Traceback" not in err
+    again = run(str(trajectory), RunOptions(steps="all", store=path, memory_budget=BUDGET))
+    assert sorted(again.computed) == [1000, 2000] and sorted(again.skipped) == [0, 3000]
+    assert_same_steps(path, reference)
+    runs = zarr.open_group(str(path), mode="r")[KEY].attrs["runs"]
+    assert all(r["finished"] for r in runs)  # the run that lost the lock never recorded one
+    assert leftover_files(path) == []
+
+
+@pytest.mark.slow
+def test_a_frozen_writer_building_a_group_never_breaks_another_models_run(
+    trajectory, reference, child_env, tmp_path
+):
+    path = tmp_path / "s.zarr"
+    other_model = tmp_path / "traj2"
+    shutil.copytree(trajectory, other_model)
+    run(str(other_model), RunOptions(steps="0", store=path, memory_budget=BUDGET))
+    code, err, other_code, other_err = _frozen_while_another_runs(
+        child_env, tmp_path, "commit_group", _args(trajectory, path), _args(other_model, path)
+    )
+    assert other_code == 0, other_err
+    assert code == 2 and "lost the lock" in err and "Traceback" not in err, err
+    assert xr.open_zarr(str(path), group="traj2")["done"].values.all()
+    assert run(str(trajectory), RunOptions(steps="all", store=path, memory_budget=BUDGET)).computed == STEPS
+    assert_same_steps(path, reference)
+    assert leftover_files(path) == []
