@@ -428,6 +428,25 @@ def report(
 
 
 @main.command()
+@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.option(
+    "--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port; 0: any free one."
+)
+@click.option(
+    "--host", default="127.0.0.1", show_default=True,
+    help="Address to listen on; beyond loopback, anyone who reaches the port can read the store.",
+)  # fmt: skip
+@click.option("--open", "open_browser", is_flag=True, help="Open the page in the default browser.")
+@click.option("--debug", is_flag=True, help="Log requests and show tracebacks.")
+def view(store_path: Path, port: int, host: str, open_browser: bool, debug: bool) -> None:
+    """Browse STORE in a local web page: every head of every finished step (read-only)."""
+    with _errors(debug):
+        from spinjax.viewer.server import serve
+
+        serve(store_path, host, port, open_browser=open_browser, debug=debug, echo=click.echo)
+
+
+@main.command()
 @click.option("--model", required=True, help="The model as given to `spinjax run` (its store group).")
 @click.option(
     "--store", "store_path", default=DEFAULT_STORE, show_default=True, type=click.Path(path_type=Path)
