@@ -189,7 +189,7 @@ def null_band(
     (skew, kurt, divergences, spectral ratios) unchanged. ``name`` and ``estimator`` as in
     :func:`statistic`. The model's matrices map onto the null's by position in their triple.
     """
-    values = statistic(null, name, estimator)
+    values = statistic(null, name, estimator).astype(np.float64)
     q = values.quantile(list(quantiles), dim="sample", skipna=True).drop_vars("quantile")
     q = q.rename(quantile="band")
     mean = values.mean("sample", skipna=True).expand_dims(band=1)

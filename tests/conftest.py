@@ -69,7 +69,22 @@ def tiny_pythia(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def trajectory_store(tmp_path_factory, tiny_pythia) -> Path:
+def tiny_pythia_ready(request) -> Path:
+    """A cache holding tiny-pythia, for tests that only read it: the user's ``SPINJAX_CACHE``
+    when it already holds a generated copy (read, never written), else the session's
+    :func:`tiny_pythia` (trained once, ``SPINJAX_CACHE`` pointed at it)."""
+    import os
+
+    from spinjax import tinypythia
+
+    env = os.environ.get("SPINJAX_CACHE")
+    if env and (Path(env) / f"{tinypythia.NAME}-v{tinypythia.VERSION}" / "config.json").is_file():
+        return Path(env)
+    return request.getfixturevalue("tiny_pythia")[0]
+
+
+@pytest.fixture(scope="session")
+def trajectory_store(tmp_path_factory, tiny_pythia_ready) -> Path:
     """A store with two models (do not modify): ``tiny-pythia``, its whole embedded trajectory
     (14 steps), and ``gpt_neox``, the one-checkpoint fixture (step -1)."""
     from spinjax.pipeline import run
@@ -77,4 +92,27 @@ def trajectory_store(tmp_path_factory, tiny_pythia) -> Path:
     path = tmp_path_factory.mktemp("trajectory") / "store.zarr"
     assert len(run("tiny-pythia", steps="all", store_path=path).computed) == 14
     assert run(str(NEOX), steps="all", store_path=path).computed == [-1]
+    return path
+
+
+STUDY_STEPS = (0, 16, 128, 512, 1280)
+STUDY_NULL_SAMPLES = 200
+
+
+@pytest.fixture(scope="session")
+def study_store(tmp_path_factory, tiny_pythia_ready) -> Path:
+    """Everything the figures can show (do not modify): tiny-pythia at ``STUDY_STEPS`` run with
+    ``--null`` (``baseline/64x16``, ``STUDY_NULL_SAMPLES`` draws) and ``--pairs layer``, then
+    ``spinjax dynamics``, and a null sweep ``--d 64 --d-head 4,16,32`` (same draws)."""
+    from spinjax.baseline import run_baseline
+    from spinjax.dynamics import compute_dynamics
+    from spinjax.pipeline import run
+
+    path = tmp_path_factory.mktemp("study") / "store.zarr"
+    steps = ",".join(map(str, STUDY_STEPS))
+    done = run("tiny-pythia", steps=steps, store_path=path, null=True, null_samples=STUDY_NULL_SAMPLES)
+    assert done.computed == list(STUDY_STEPS)
+    compute_dynamics("tiny-pythia", path)
+    for d_head in (4, 16, 32):
+        run_baseline(64, d_head, store_path=path, samples=STUDY_NULL_SAMPLES)
     return path

@@ -129,6 +129,8 @@ def select(
     for k in keys:
         if k not in datasets:
             raise InputError(f"no model {k!r} in the store; it holds {', '.join(datasets)}")
+    if model is None and given & {"step", "layer", "head"}:
+        raise InputError("--step, --layer and --head choose within one model: give --model too")
     ds = datasets[model] if model else None
     reference = ds if ds is not None else next(iter(datasets.values()), None)
     if model:
