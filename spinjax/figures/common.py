@@ -67,6 +67,12 @@ class Selection:
             raise InputError("the store holds no model (only null ensembles)")
         return self.ds
 
+    def cross(self) -> dict[str, xr.Dataset]:
+        """The models of a cross-model figure; InputError when the store has none finished."""
+        if not self.models:
+            raise InputError("the store holds no model with a finished step (only null ensembles)")
+        return self.models
+
     def null(self, key: str | None = None) -> xr.Dataset | None:
         """The null ensemble of model ``key``'s geometry (default the chosen model), if stored."""
         key = key or self.key

@@ -159,7 +159,7 @@ def fig_heads(sel: Selection) -> Figure:
 def _scatter_models(sel: Selection, ax, xvar: str, yvar: str, **kw) -> np.ndarray:
     """One series per model (``sel.models``), all heads; returns all x values."""
     xs = []
-    for key, d in sel.models.items():
+    for key, d in sel.cross().items():
         x = sel.stat_of(d, xvar).sel(matrix=sel.matrix).values.ravel()
         y = sel.stat_of(d, yvar).sel(matrix=sel.matrix).values.ravel()
         step = int(d["step"].values)
@@ -266,7 +266,7 @@ UNIMODAL = 186 / 125  # Klaassen, Mokveld & van Es (2000): skew^2 - kurt <= 186/
 def _corner_groups(sel: Selection) -> list[tuple[str, dict[str, np.ndarray], object]]:
     """(label, values, colour) per group: the layers of one model, or one group per model."""
     groups = []
-    if len(sel.models) == 1:
+    if len(sel.cross()) == 1:
         key, d = next(iter(sel.models.items()))
         d = d.sel(matrix=sel.matrix).transpose("layer", "head", ...)
         colours = layer_colours(d.sizes["layer"])
@@ -488,7 +488,7 @@ def fig_core_fit(sel: Selection) -> Figure:
 def fig_depth(sel: Selection) -> Figure:
     """A statistic (``--stat``, default std) against layer / (n_layers - 1): one line per model
     (mean over heads), the heads' range as a band, the null's band dashed."""
-    nulls = {k: n for k in sel.models if (n := sel.null(k)) is not None}
+    nulls = {k: n for k in sel.cross() if (n := sel.null(k)) is not None}
     profiles = study.depth_profile(sel.models, sel.stat, estimator=sel.estimator, nulls=nulls)
     first = next(iter(sel.models.values()))
     matrices = [str(m) for m in first["matrix"].values][:3]
