@@ -370,19 +370,19 @@ def plot(
         sel = select(store_path, models[0] if models else None, step=step, layer=layer, head=head,
                      matrix=matrix, stat=stat, others=list(models) or None, estimator=estimator,
                      baseline=baseline)  # fmt: skip
-        skipped = []
+        skipped: dict[str, list[str]] = {}  # reason -> figures (one line per reason)
         for name in names:
             try:
                 fig = make_figure(name, sel)
             except InputError as exc:
                 if "all" not in figures:
                     raise
-                skipped.append(f"{name}: {exc}")
+                skipped.setdefault(str(exc), []).append(name)
                 continue
             for path in save(fig, out / file_stem(name, sel), dpi=dpi):
                 click.echo(str(path))
-        for line in skipped:
-            click.echo(f"skipped {line}", err=True)
+        for reason, skipped_names in skipped.items():
+            click.echo(f"skipped {', '.join(skipped_names)}: {reason}", err=True)
 
 
 @main.command()

@@ -12,11 +12,11 @@ from .. import headmaps
 from .common import (
     Selection,
     cmap,
-    discrete_colours,
     grid_shape,
     layer_colours,
     layer_legend,
     layer_separators,
+    legend_below,
     mappable,
     need_steps,
     need_vars,
@@ -131,10 +131,23 @@ def fig_head_dendrogram(sel: Selection) -> Figure:
         what = (f"√JS of the {sel.matrix} distributions" if kind == "js"
                 else "√(2(1 − cosine)) of W_QK (unit-norm Euclidean)")  # fmt: skip
         ax.set_ylabel("Ward linkage distance")
+        heights = tree[:, 2]
+        if heights.min() > 0.5 * heights.max():  # nearly equidistant heads: zoom on the merges
+            ax.set_ylim(heights.min() - 0.3 * (heights.max() - heights.min()), None)
+            ax.set_ylabel("Ward linkage distance (axis not from 0)")
         ax.set_title(f"from {what}")
     layer_legend(axes[0], colours, loc="upper right", ncols=2)
     fig.suptitle(f"{sel.key}, step {sel.step}: heads clustered (Ward), leaves coloured by layer")
     return fig
+
+
+def _cluster_colours(n: int) -> list:
+    """Distinct colours without grey (grey marks noise): tab10 then tab20 less their greys."""
+    if n <= 9:
+        return [cmap("tab10")(i) for i in range(10) if i != 7][:n]
+    if n <= 18:
+        return [cmap("tab20")(i) for i in range(20) if i not in (14, 15)][:n]
+    return [cmap("turbo")(i / (n - 1)) for i in range(n)]
 
 
 def fig_trajectory_map(sel: Selection) -> Figure:
@@ -167,13 +180,13 @@ def fig_trajectory_map(sel: Selection) -> Figure:
     segments = [(xy[i], xy[j]) for i in range(len(xy)) for j in nb[i]]
     ax2.add_collection(LineCollection(segments, colors="0.7", lw=0.5, zorder=1))
     clusters = sorted(set(points["cluster"]) - {-1})
-    ccolours = discrete_colours(max(len(clusters), 1))
+    ccolours = _cluster_colours(len(clusters))
     noise = points["cluster"].values == -1
     ax2.scatter(xy[noise, 0], xy[noise, 1], s=10, marker="x", color="0.5", label="noise", zorder=2)
     for c, colour in zip(clusters, ccolours, strict=False):
         m = points["cluster"].values == c
         ax2.scatter(xy[m, 0], xy[m, 1], s=14, color=colour, label=f"cluster {c} ({m.sum()})", zorder=2)
-    ax2.legend(fontsize="x-small", loc="best")
+    legend_below(ax2, ncols=4)
     ax2.set_title(f"{nb.shape[1]}-nearest-neighbour graph, HDBSCAN clusters", fontsize="medium")
     for ax in (ax0, ax1, ax2):
         ax.set_xlabel("UMAP 1")

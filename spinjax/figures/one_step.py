@@ -91,7 +91,9 @@ def fig_heatmap(sel: Selection) -> Figure:
     return fig
 
 
-RAW_BINS = 120
+def _raw_bins(entries: int) -> int:
+    """Linear bins of a heatmap row: ~1.5 sqrt(entries), 40 to 120 (a W_Q of 16 x 64 gets 48)."""
+    return int(np.clip(1.5 * np.sqrt(entries), 40, 120))
 
 
 def fig_heatmap_raw(sel: Selection) -> Figure:
@@ -106,21 +108,21 @@ def fig_heatmap_raw(sel: Selection) -> Figure:
         d = at.sel(matrix=m).transpose("layer", "head", ...)
         mean, std = d["mean"].values.ravel(), d["std"].values.ravel()
         lim = float(np.nanmax(np.abs(mean) + 4 * std))
-        edges = np.linspace(-lim, lim, RAW_BINS + 1)
+        edges = np.linspace(-lim, lim, _raw_bins(int(d["hist"].isel(layer=0, head=0).sum())) + 1)
         img = study.raw_density(d, edges).values.reshape(n_layers * n_heads, -1)
         im = ax.imshow(
             np.where(img > 0, img, np.nan), aspect="auto", interpolation="nearest", cmap="magma",
             norm=lognorm(img), extent=(-lim, lim, len(img) - 0.5, -0.5),
         )  # fmt: skip
-        ax.plot(mean - std, rows, "|", color="c", ms=4, label="mean ± std")
-        ax.plot(mean + std, rows, "|", color="c", ms=4)
+        ax.plot(mean - std, rows, "|", color="c", ms=5, mew=1.5)
+        ax.plot(mean + std, rows, "|", color="c", ms=5, mew=1.5)
         layer_separators(ax, n_layers, n_heads, "y")
         ax.set_xlabel(f"{m} entry (weight units)")
         ax.set_ylabel("head, grouped by layer")
         ax.set_title(m)
         fig.colorbar(im, ax=ax, label="density (log)")
-    axes[0].legend(fontsize="x-small", loc="lower left")
-    fig.suptitle(f"{sel.key}, step {sel.step}: raw values of every head, rows grouped by layer")
+    title = f"{sel.key}, step {sel.step}: raw values of every head, rows grouped by layer (cyan: mean ± std)"
+    fig.suptitle(title)
     return fig
 
 
@@ -172,7 +174,15 @@ def _std_grid(std: np.ndarray) -> np.ndarray:
     pos = std[np.isfinite(std) & (std > 0)]
     if not pos.size:
         return np.array([1.0])
-    return np.geomspace(pos.min() / 1.5, pos.max() * 1.5, 200)
+    return np.geomspace(pos.min() / 1.15, pos.max() * 1.15, 200)
+
+
+def _std_axis(ax, std: np.ndarray) -> None:
+    """Log std axis when the heads span more than 3x (else linear: no crowded minor labels)."""
+    pos = std[np.isfinite(std) & (std > 0)]
+    if pos.size and pos.max() / pos.min() > 3:
+        ax.set_xscale("log")
+    ax.set_xlabel("std σ")
 
 
 def _null_of(sel: Selection, key: str) -> xr.Dataset | None:
@@ -213,8 +223,7 @@ def fig_entropy_std(sel: Selection) -> Figure:
         hband(ax1, [np.nanquantile(resid, 0.025), np.nanmean(resid), np.nanquantile(resid, 0.975)],
               colour=colour, label=f"random heads of {key}'s geometry, 95%")  # fmt: skip
     for ax, var in ((ax0, "entropy"), (ax1, "entropy_residual")):
-        ax.set_xscale("log")
-        ax.set_xlabel("std σ")
+        _std_axis(ax, std)
         ax.set_ylabel(study.stat_label(var, sel.estimator))
     ax0.legend(fontsize="x-small")
     if len(ax1.get_legend_handles_labels()[0]) > len(sel.models):
@@ -249,10 +258,9 @@ def fig_fit_kl(sel: Selection) -> Figure:
     ax0.set_ylabel("σ_fit of the Gaussian core")
     ax1.set_ylabel("KL (nats)" + (" (Miller-Madow)" if sel.estimator == "mm" else " (plug-in)"))
     for ax in (ax0, ax1):
-        ax.set_xscale("log")
-        ax.set_xlabel("std σ")
+        _std_axis(ax, std)
         ax.legend(fontsize="x-small")
-    ax0.set_yscale("log")
+    ax0.set_yscale(ax0.get_xscale())  # the diagonal stays straight
     ax0.set_title("core fit width vs std")
     ax1.set_title("KL divergence vs std")
     fig.suptitle(f"{sel.matrix}, every head of every layer")
@@ -340,7 +348,8 @@ def fig_corner(sel: Selection) -> Figure:
     legend.set_axis_off()
     handles = [Line2D([], [], marker="o", ls="", color=c, label=lab) for lab, _, c in groups]
     if null_q:
-        handles.append(Line2D([], [], color=NULL_COLOUR, lw=6, alpha=0.4, label=NULL_LABEL))
+        label = NULL_LABEL if len(sel.models) == 1 else f"random heads of {key}'s geometry, 95%"
+        handles.append(Line2D([], [], color=NULL_COLOUR, lw=6, alpha=0.4, label=label))
     legend.legend(
         handles=handles, loc="center", fontsize="x-small", title="layer" if len(sel.models) == 1 else None
     )
