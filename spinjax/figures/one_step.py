@@ -521,6 +521,8 @@ def fig_depth(sel: Selection) -> Figure:
         values = np.concatenate([p["value"].values.ravel() for p in profiles.values()])
         if study.SCALE_POWER.get(sel.stat) and np.all(values[np.isfinite(values)] > 0):
             ax.set_yscale("log")
+        if sel.stat.endswith("_z"):  # a z-score: 0 is the null's mean
+            ax.axhline(0, color="k", lw=0.8)
         ax.set_xlabel("depth: layer / (n_layers − 1)")
         ax.set_title(m)
     axes[0].set_ylabel(study.stat_label(sel.stat, sel.estimator))
