@@ -320,15 +320,20 @@ def bench(shapes: str, memory_budget: str, repeat: int, as_json: bool, results: 
 @click.argument("store_path", metavar="STORE", required=False, type=click.Path(path_type=Path))
 @click.option(
     "--model", "models", multiple=True,
-    help="Model key in the store (default: its only model). Repeat to overlay several models "
-    "in the cross-model figures (entropy-std, fit-kl-std); the first is plotted elsewhere.",
+    help="Model key in the store (default: its only model). Repeat to choose the models of the "
+    "cross-model figures (default: every model of the store); the first is plotted elsewhere.",
 )  # fmt: skip
 @click.option("--figure", "figures", multiple=True, help="Figure name (repeatable) or 'all'; see --list.")
 @click.option("--step", type=int, default=None, help="Step of the one-step figures [default: last done].")
 @click.option("--layer", type=int, default=None, help="Layer of the per-layer figures [default: 0].")
 @click.option("--head", type=int, default=None, help="Head of the per-head figures [default: 0].")
 @click.option("--matrix", default="W_QK", show_default=True, help="W_Q, W_K or W_QK.")
-@click.option("--stat", default="std", show_default=True, help="Statistic of stat-steps and animation.")
+@click.option("--stat", default="std", show_default=True, help="Statistic of depth, stat-steps, animation.")
+@click.option(
+    "--estimator", type=click.Choice(["mm", "plugin"]), default="mm", show_default=True,
+    help="Entropies and KL divergences: Miller-Madow corrected (mm) or plug-in.",
+)  # fmt: skip
+@click.option("--baseline", metavar="DxDH", default=None, help="Null ensemble of the null figures (64x16).")
 @click.option(
     "--out", default="figures", show_default=True, type=click.Path(path_type=Path), help="Output folder."
 )
@@ -344,6 +349,8 @@ def plot(
     head: int | None,
     matrix: str,
     stat: str,
+    estimator: str,
+    baseline: str | None,
     out: Path,
     dpi: int,
     list_figures: bool,
@@ -351,21 +358,24 @@ def plot(
 ) -> None:
     """Draw figures of a model in STORE into --out: PNG and PDF (and GIF for the animation).
 
-    Files are named MODEL_FIGURE[_stepS][_layerL][_headH][_MATRIX][_STAT] after the options given.
+    Files are named MODEL_FIGURE[_stepS][_layerL][_headH][_MATRIX][_STAT][_plugin][_DxDH], with
+    the options given that the figure uses; cross-model figures drawn without --model are named
+    models_FIGURE, the null ensembles' baseline_FIGURE. Without --model on a store of several
+    models, the cross-model and null figures are drawn.
     """
-    from spinjax.analysis.plots import FIGURES
+    from spinjax.analysis.figures import FIGURES
 
     if list_figures:
         width = max(map(len, FIGURES))
-        for name, (_, description) in FIGURES.items():
-            click.echo(f"{name.ljust(width)}  {description}")
+        for name, spec in FIGURES.items():
+            click.echo(f"{name.ljust(width)}  {spec.description}")
         return
     if store_path is None:
         raise click.UsageError("missing argument STORE (or --list to name the figures)")
     if not figures:
         raise click.UsageError("give --figure NAME (repeatable, or 'all'); --list names them")
     with _errors(debug):
-        from spinjax.analysis.plots import make_figure, save, select
+        from spinjax.analysis.figures import file_stem, make_figure, save, select
 
         check_writable(out, "the figures")
         names = list(FIGURES) if "all" in figures else list(dict.fromkeys(figures))
@@ -373,23 +383,21 @@ def plot(
         if unknown:
             raise InputError(f"no figure {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
         sel = select(store_path, models[0] if models else None, step=step, layer=layer, head=head,
-                     matrix=matrix, stat=stat, others=list(models))  # fmt: skip
-        suffix = "".join(f"_{k}{v}" for k, v in (("step", step), ("layer", layer), ("head", head))
-                         if v is not None)  # fmt: skip
-        suffix += "".join(f"_{v}" for v, default in ((matrix, "W_QK"), (stat, "std")) if v != default)
-        skipped = []
+                     matrix=matrix, stat=stat, others=list(models) or None, estimator=estimator,
+                     baseline=baseline)  # fmt: skip
+        skipped: dict[str, list[str]] = {}  # reason -> figures (one line per reason)
         for name in names:
             try:
                 fig = make_figure(name, sel)
             except InputError as exc:
                 if "all" not in figures:
                     raise
-                skipped.append(f"{name}: {exc}")
+                skipped.setdefault(str(exc), []).append(name)
                 continue
-            for path in save(fig, out / f"{sel.key}_{name}{suffix}", dpi=dpi):
+            for path in save(fig, out / file_stem(name, sel), dpi=dpi):
                 click.echo(str(path))
-        for line in skipped:
-            click.echo(f"skipped {line}", err=True)
+        for reason, skipped_names in skipped.items():
+            click.echo(f"skipped {', '.join(skipped_names)}: {reason}", err=True)
 
 
 @main.command()
@@ -404,6 +412,10 @@ def plot(
 @click.option("--layer", type=int, default=None, help="Layer of the per-layer figures [default: 0].")
 @click.option("--head", type=int, default=None, help="Head of the per-head figures [default: 0].")
 @click.option("--matrix", default="W_QK", show_default=True, help="W_Q, W_K or W_QK.")
+@click.option(
+    "--estimator", type=click.Choice(["mm", "plugin"]), default="mm", show_default=True,
+    help="Entropies and KL divergences: Miller-Madow corrected (mm) or plug-in.",
+)  # fmt: skip
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def report(
     store_path: Path,
@@ -414,14 +426,17 @@ def report(
     layer: int | None,
     head: int | None,
     matrix: str,
+    estimator: str,
     debug: bool,
 ) -> None:
-    """One static HTML page (out/index.html) with every figure the store allows for MODEL."""
+    """One static HTML page (out/index.html) with every figure the store allows for MODEL:
+    the training-dynamics figures once it holds several steps (and `spinjax dynamics` ran),
+    the null's bands and figures once it holds null ensembles (`run --null`, `baseline`)."""
     with _errors(debug):
         from spinjax.analysis.report import build_report
 
         result = build_report(store_path, model, out, embed=embed, step=step, layer=layer,
-                              head=head, matrix=matrix)  # fmt: skip
+                              head=head, matrix=matrix, estimator=estimator)  # fmt: skip
     click.echo(f"{result.path}: {len(result.figures)} figures")
     for name, why in result.skipped.items():
         click.echo(f"skipped {name}: {why}", err=True)
@@ -441,7 +456,7 @@ def report(
 def view(store_path: Path, port: int, host: str, open_browser: bool, debug: bool) -> None:
     """Browse STORE in a local web page: every head of every finished step (read-only)."""
     with _errors(debug):
-        from spinjax.viewer.server import serve
+        from spinjax.analysis.view.server import serve
 
         serve(store_path, host, port, open_browser=open_browser, debug=debug, echo=click.echo)
 
@@ -489,7 +504,10 @@ def dynamics(
 
 @main.command()
 @click.option("--d", "d_model", required=True, type=click.IntRange(min=1), help="d_model of the heads.")
-@click.option("--d-head", "d_head", required=True, type=click.IntRange(min=1), help="d_head (<= d).")
+@click.option(
+    "--d-head", "d_head", required=True, metavar="DH[,DH...]",
+    help="d_head (<= d), or a comma list for a sweep: one group per value.",
+)  # fmt: skip
 @click.option("--sigma", default=1.0, show_default=True, type=float, help="Std of the factors' entries.")
 @click.option("--samples", default=1000, show_default=True, type=click.IntRange(min=2), help="Random heads.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
@@ -504,7 +522,7 @@ def dynamics(
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def baseline(
     d_model: int,
-    d_head: int,
+    d_head: str,
     sigma: float,
     samples: int,
     seed: int,
@@ -515,16 +533,29 @@ def baseline(
     debug: bool,
 ) -> None:
     """Monte Carlo null of random heads W_QK = W_Q^T W_K, factors i.i.d. N(0, sigma^2): every
-    statistic of every draw, into the store group baseline/<d>x<d_head>."""
+    statistic of every draw, into the store group baseline/<d>x<d_head> (one per d_head).
+
+    The source study's scaling (N(0, 1) factors, W_QK / sqrt(d)) is --sigma d**-0.25; any
+    --sigma describes every scale (the figures and `run --null` rescale)."""
     budget = _parse_size(memory_budget) if memory_budget else None
     with _errors(debug):
         from spinjax.run import run_baseline
 
-        result = run_baseline(d_model, d_head, store_path=store_path, sigma=sigma, samples=samples,
-                              seed=seed, recompute=recompute, memory_budget=budget)  # fmt: skip
-    if not quiet:
-        what = f"{result.samples} draws in {result.seconds:.1f} s" if result.computed else "already there"
-        click.echo(f"{result.key}: {what}; store {result.store}")
+        try:
+            d_heads = list(dict.fromkeys(int(v) for v in d_head.split(",") if v.strip()))
+        except ValueError:
+            raise InputError(f"--d-head must be an integer or a comma list of them, not {d_head!r}") from None
+        if not d_heads or min(d_heads) < 1:
+            raise InputError(f"--d-head values must be at least 1, got {d_head!r}")
+        for dh in d_heads:  # every value checked before anything is computed
+            if dh > d_model:
+                raise InputError(f"need 1 <= d_head <= d, got d={d_model}, d_head={dh}")
+        for dh in d_heads:
+            result = run_baseline(d_model, dh, store_path=store_path, sigma=sigma, samples=samples,
+                                  seed=seed, recompute=recompute, memory_budget=budget)  # fmt: skip
+            if not quiet:
+                what = f"{result.samples} draws in {result.seconds:.1f} s" if result.computed else ""
+                click.echo(f"{result.key}: {what or 'already there'}; store {result.store}")
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:

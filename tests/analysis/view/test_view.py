@@ -24,10 +24,10 @@ import zarr
 from click.testing import CliRunner
 
 import spinjax
+from spinjax.analysis.view import make_server
+from spinjax.analysis.view.data import HEAD_STATS, NULL_QUANTILES
 from spinjax.cli import main
 from spinjax.sources.tinypythia import STEPS
-from spinjax.viewer import make_server
-from spinjax.viewer.data import HEAD_STATS, NULL_QUANTILES
 
 TP, NEOX = "tiny-pythia", "gpt_neox"
 NEOX_DIR = Path(__file__).parents[1] / "fixtures" / "extraction" / "gpt_neox"
@@ -108,7 +108,7 @@ def null_store(neox_store, tmp_path_factory):
 
 def test_server_imports_no_jax(neox_store):
     code = (
-        "import sys; from spinjax.viewer.server import make_server;"
+        "import sys; from spinjax.analysis.view.server import make_server;"
         f"s = make_server({str(neox_store)!r}, port=0); s.store.meta(); s.server_close();"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'orbax')))"
     )

@@ -8,7 +8,7 @@ side). Routes, all ``GET``:
   network, the page works offline);
 - ``/api/meta`` (re-reads the store's committed state) and ``/api/layer``, ``/api/step``,
   ``/api/trajectory``, ``/api/head``, ``/api/pairs``, ``/api/null`` (see
-  :class:`~spinjax.viewer.data.StoreView`), JSON.
+  :class:`~spinjax.analysis.view.data.StoreView`), JSON.
 
 Anything else is 404; a parameter naming something the store lacks, or malformed, is 400 with
 a one-line JSON message; an unexpected failure is 500 without a traceback. Paths are matched
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from ..errors import InputError
+from ...errors import InputError
 from .data import BadRequest, StoreView
 
 STATIC = Path(__file__).parent / "static"

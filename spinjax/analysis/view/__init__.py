@@ -1,9 +1,9 @@
 """``spinjax view``: browse every head of every step of a store in a local web page.
 
-The server (:mod:`spinjax.viewer.server`, standard library only) serves one page
+The server (:mod:`spinjax.analysis.view.server`, standard library only) serves one page
 (``static/``: HTML, one readable JavaScript file, CSS; plots drawn by the plotly.js that ships
 in the ``plotly`` Python package) and JSON endpoints that read the store lazily and read-only
-(:mod:`spinjax.viewer.data`). Nothing here imports JAX.
+(:mod:`spinjax.analysis.view.data`). Nothing here imports JAX.
 """
 
 from .data import BadRequest, StoreView
