@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..reader import StoreReader, open_store
 from ...store.baseline import baseline_key
 from ...store.schema import BASE_DIMS, PAIR_VARIABLES, VARIABLES
+from ..reader import StoreReader, open_store
 
 HISTOGRAMS = {"zhist": "zbin_edges", "hist": "bin_edges"}
 HEAD_STATS = ("mean", "std", "skew", "kurt", "mu_fit", "sigma_fit", "kl_gauss", "tail_mass", "stable_rank")
