@@ -10,6 +10,7 @@ Each command imports the stage it calls when it runs, so that ``spinjax --help``
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import traceback
 from contextlib import contextmanager
@@ -190,29 +191,47 @@ def run(
     if not quiet:
         busy = result.io_wait_s + result.compute_s
         waited = f", {100 * result.io_wait_s / busy:.0f}% of it waiting for reads" if busy else ""
+        added = f"; {len(result.added)} variable(s) added to them" if result.added else ""
         click.echo(
             f"{result.key}: {len(result.computed)} step(s) computed in {busy:.1f} s{waited}; "
-            f"{len(result.skipped)} already done; store {result.store}"
+            f"{len(result.skipped)} already done{added}; store {result.store}"
             + (f"; process {index} of {count}" if count > 1 else "")
         )
 
 
+class _Echo(logging.Handler):
+    """Log records of spinjax (what it does before the steps, such as training the embedded
+    model) as lines on stderr, looked up at each line so that a progress bar shows them too."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
 @contextmanager
 def _progress(quiet: bool):
-    """A rich progress bar (steps, layers) on a terminal; nothing in pipes, CI or --quiet."""
+    """What a long command shows: spinjax's INFO lines, and on a terminal a rich progress bar
+    (steps, layers) from the moment the steps are planned; nothing with --quiet, no bar in
+    pipes or CI."""
     from spinjax.run import Progress
 
-    if quiet or not sys.stderr.isatty():
-        yield Progress()
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-    from rich.progress import Progress as Bar
+    logger, handler, propagate = logging.getLogger("spinjax"), _Echo(), logging.getLogger("spinjax").propagate
+    if not quiet:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # libraries (absl) may have set up the root logger: say it once
+    try:
+        if quiet or not sys.stderr.isatty():
+            yield Progress(on_info=lambda text: None) if quiet else Progress()
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as Bar
 
-    with Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-             TimeElapsedColumn(), transient=True) as bar:  # fmt: skip
+        bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=True)  # fmt: skip
         tasks = {}
 
         def on_plan(n_steps: int, n_layers: int) -> None:
+            bar.start()  # not before: the screen stays usable while models train or download
             tasks["steps"] = bar.add_task("steps", total=n_steps)
             tasks["layers"] = bar.add_task("layers", total=n_layers)
 
@@ -222,7 +241,13 @@ def _progress(quiet: bool):
         def on_step(step: int) -> None:
             bar.advance(tasks["steps"])
 
-        yield Progress(on_plan=on_plan, on_layer=on_layer, on_step=on_step)
+        try:
+            yield Progress(on_plan=on_plan, on_layer=on_layer, on_step=on_step)
+        finally:
+            bar.stop()
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 @main.command()
@@ -278,6 +303,9 @@ def show(store_path: Path, as_json: bool, debug: bool) -> None:
         click.echo(f"  matrices {', '.join(m['matrices'])}" + "".join(f"; {e}" for e in extras))
         click.echo(f"  {len(m['variables'])} variables, {m['bytes'] / 1e6:.2f} MB on disk: "
                    + ", ".join(m["variables"]))  # fmt: skip
+    for key, b in info["baselines"].items():
+        click.echo(f"\n[{key}] random-matrix null: d={b['d']} d_head={b['d_head']} sigma={b['sigma']} "
+                   f"samples={b['samples']} seed={b['seed']}, {b['bytes'] / 1e6:.2f} MB on disk")  # fmt: skip
 
 
 @main.command()

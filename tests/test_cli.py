@@ -181,6 +181,22 @@ def test_models_table_and_json():
     assert p["repo"] == "EleutherAI/pythia-12b"
     assert by_name["pythia-70m"]["d_model"] == 512 and by_name["pythia-70m"]["n_heads"] == 8
     assert by_name["llama-3.1-8b"]["n_kv_heads"] == 8
+    tiny = by_name["tiny-pythia"]  # the embedded model is an ordinary entry, with its steps
+    assert (tiny["d_model"], tiny["n_heads"], tiny["n_layers"], tiny["steps"]) == (64, 4, 4, 14)
+    assert rows["tiny-pythia"]["steps"] == "14"
+
+
+def test_null_added_to_finished_steps_says_what_it_added_and_show_lists_the_null(store_copy):
+    result = invoke("run", "--model", str(NEOX), "--store", str(store_copy), "--null", "--null-samples", "8")
+    assert result.exit_code == 0, result.output
+    assert "0 step(s) computed" in result.stdout and "1 already done" in result.stdout
+    assert "23 variable(s) added to them" in result.stdout  # 22 scalars and singular values, as z
+    assert "--null: computing the null baseline/96x16" in result.stderr
+    assert "warning" not in result.stderr  # information, not a problem
+    shown = invoke("show", str(store_copy))
+    assert "[baseline/96x16] random-matrix null: d=96 d_head=16 sigma=1.0 samples=8 seed=0" in shown.stdout
+    info = json.loads(invoke("show", str(store_copy), "--json").stdout)
+    assert list(info["baselines"]) == ["baseline/96x16"] and "kurt_z" in info["models"][KEY]["variables"]
 
 
 def test_steps_of_pythia():

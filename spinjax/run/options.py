@@ -113,6 +113,10 @@ def _warn(text: str) -> None:
     print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
+def _inform(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 @dataclass
 class Progress:
     """Callbacks a front end may set to follow a run (all optional)."""
@@ -121,6 +125,7 @@ class Progress:
     on_layer: Callable[[int, int], None] = lambda step, layer: None
     on_step: Callable[[int], None] = lambda step: None
     on_warning: Callable[[str], None] = _warn
+    on_info: Callable[[str], None] = _inform  # what the run does besides its steps (not a problem)
 
 
 @dataclass
@@ -132,3 +137,4 @@ class RunResult:
     io_wait_s: float = 0.0  # time the compute waited for reads (and downloads)
     compute_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)  # variables added to steps finished before

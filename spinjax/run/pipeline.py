@@ -77,7 +77,7 @@ def run(model: str, options: RunOptions | None = None, progress: Progress | None
     writer = StepWriter(source, options, pending, claims, progress)
     if not pending:
         if options.adds_features_to(existing) and index == 0:  # e.g. --null on finished steps
-            writer.add_features()
+            result.added = writer.add_features()
         break_stale_locks(options.store)  # e.g. of a predecessor killed in its last commit
         return result
     interrupted = False

@@ -91,22 +91,24 @@ class StepWriter:
             d = d_model + (self.options.variant == "bias")  # the bias form is (d + 1) x (d + 1)
             self.scorer = features.NullScorer(
                 self.options.store, d, d_head,
-                samples=self.options.null_samples, on_message=self.progress.on_warning,
+                samples=self.options.null_samples, on_message=self.progress.on_info,
             )  # fmt: skip
 
-    def add_features(self) -> None:
-        """Add this run's optional variables to a group whose steps are all finished."""
+    def add_features(self) -> list[str]:
+        """Add this run's optional variables to a group whose steps are all finished; returns
+        their names (the null's are filled in from the stored statistics)."""
         key = self.source.key
         with self._writing():
             shape = ModelGroup(open_store(self.options.store), key).shape
             self._prepare_null(shape["d_model"], shape["d_head"])
             with locked(self.options.store) as root:
-                self._add_features(ModelGroup(root, key))
+                created = self._add_features(ModelGroup(root, key))
                 consolidate(root, key)
+        return created
 
-    def _add_features(self, group: ModelGroup) -> None:
+    def _add_features(self, group: ModelGroup) -> list[str]:
         """Create the optional variables this run writes; score finished steps from the store
-        when the null is new to the group (under the lock)."""
+        when the null is new to the group (under the lock). Returns the names created."""
         pairs = self.options.pairs
         specs = features.variables(null=self.scorer is not None, pairs=pairs)
         shape = group.shape
@@ -127,6 +129,7 @@ class StepWriter:
                 f"store group {group.key!r}: finished steps lack {', '.join(missing)} (NaN); "
                 "rerun with --recompute to fill them"
             )
+        return created
 
     def finish(self, *, interrupted: bool) -> None:
         """Mark the run record finished (or interrupted) and consolidate, under the lock."""
