@@ -568,6 +568,7 @@ def baseline(
     budget = _parse_size(memory_budget) if memory_budget else None
     with _errors(debug):
         from spinjax.run import run_baseline
+        from spinjax.run.features import rescore_dependents
 
         try:
             d_heads = list(dict.fromkeys(int(v) for v in d_head.split(",") if v.strip()))
@@ -581,9 +582,12 @@ def baseline(
         for dh in d_heads:
             result = run_baseline(d_model, dh, store_path=store_path, sigma=sigma, samples=samples,
                                   seed=seed, recompute=recompute, memory_budget=budget)  # fmt: skip
+            rescored = rescore_dependents(store_path, d_model, dh) if result.computed else {}
             if not quiet:
                 what = f"{result.samples} draws in {result.seconds:.1f} s" if result.computed else ""
                 click.echo(f"{result.key}: {what or 'already there'}; store {result.store}")
+                for name, steps in rescored.items():
+                    click.echo(f"{name}: z-scores of {steps} finished step(s) scored against it again")
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:

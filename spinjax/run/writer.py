@@ -9,14 +9,12 @@ are written without it (each step is its own chunks).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 
 from ..errors import InputError
 from ..sources.base import Source
 from ..store import ModelGroup, consolidate, locked, open_store, writing
-from ..store.schema import NULL_VARIABLES, VARIABLES
+from ..store.schema import NULL_VARIABLES
 from . import features
 from .options import Progress, RunOptions, stored_features
 from .reader import Claims, StepRead
@@ -120,9 +118,7 @@ class StepWriter:
             stored["pairs"] = pairs
         group.group.attrs["features"] = stored
         if self.scorer is not None and set(created) & set(NULL_VARIABLES):
-            for index in np.flatnonzero(group.done):
-                values: Mapping = {name: group.group[name][index] for name in VARIABLES}
-                group.write_variables(int(index), self.scorer.scores(values))
+            self.scorer.rescore(group)
         missing = [n for n in created if n not in NULL_VARIABLES]
         if missing and group.done.any():
             self.progress.on_warning(
