@@ -21,13 +21,16 @@ import click
 from spinjax.errors import InputError, check_writable
 from spinjax.run import interrupt
 from spinjax.sources.layouts import VARIANTS
+from spinjax.store.check import find_damage
 from spinjax.store.schema import DEFAULT_STORE
 from spinjax.version import __version__
 
 
 @contextmanager
-def _errors(debug: bool):
-    """Turn bad input into exit 2 and anything else into exit 1, without a traceback."""
+def _errors(debug: bool, store: Path | None = None):
+    """Turn bad input into exit 2 and anything else into exit 1, without a traceback. A
+    failure of a command reading ``store`` that comes from damage in the store (an unreadable
+    chunk, broken metadata) is bad input too: the message names the damaged file and the repair."""
     try:
         yield
     except InputError as exc:
@@ -43,6 +46,10 @@ def _errors(debug: bool):
     except Exception as exc:  # noqa: BLE001 - the CLI boundary
         if debug:
             traceback.print_exc()
+        damage = find_damage(store) if store is not None else None
+        if damage:
+            click.echo(f"error: damaged store: {damage}", err=True)
+            sys.exit(2)
         click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug)", err=True)
         sys.exit(1)
 
@@ -180,7 +187,7 @@ def run(
         raise click.UsageError("--coordinator, --num-processes and --process-id go together")
     if process_id is not None and process_id >= num_processes:
         raise click.BadParameter(f"{process_id} is not below --num-processes {num_processes}")
-    with _errors(debug), _progress(quiet) as progress:
+    with _errors(debug, store_path), _progress(quiet) as progress:
         index, count = init_distributed(*explicit) if distributed or coordinator else (0, 1)
         options = RunOptions(
             steps=steps, store=store_path, memory_budget=budget, recompute=recompute,
@@ -286,7 +293,7 @@ def show(store_path: Path, as_json: bool, debug: bool) -> None:
     """Models in a store, steps done / requested, variables and sizes."""
     from spinjax.store import summary
 
-    with _errors(debug):
+    with _errors(debug, store_path):
         info = summary(store_path)
     if as_json:
         click.echo(json.dumps(info, indent=1, default=str))
@@ -402,7 +409,7 @@ def plot(
         raise click.UsageError("missing argument STORE (or --list to name the figures)")
     if not figures:
         raise click.UsageError("give --figure NAME (repeatable, or 'all'); --list names them")
-    with _errors(debug):
+    with _errors(debug, store_path):
         from spinjax.analysis.figures import file_stem, make_figure, save, select
 
         check_writable(out, "the figures")
@@ -460,7 +467,7 @@ def report(
     """One static HTML page (out/index.html) with every figure the store allows for MODEL:
     the training-dynamics figures once it holds several steps (and `spinjax dynamics` ran),
     the null's bands and figures once it holds null ensembles (`run --null`, `baseline`)."""
-    with _errors(debug):
+    with _errors(debug, store_path):
         from spinjax.analysis.report import build_report
 
         result = build_report(store_path, model, out, embed=embed, step=step, layer=layer,
@@ -520,7 +527,7 @@ def dynamics(
     consecutive ones, top-k singular-direction overlaps, level crossings and repulsions."""
     from spinjax.run import compute_dynamics
 
-    with _errors(debug), _progress(quiet) as progress:
+    with _errors(debug, store_path), _progress(quiet) as progress:
         res = compute_dynamics(model, store_path, top_k=top_k, gap_tol=gap_tol,
                                keep_downloads=keep_downloads, progress=progress, variant=variant)  # fmt: skip
     if not quiet:
@@ -566,7 +573,7 @@ def baseline(
     The source study's scaling (N(0, 1) factors, W_QK / sqrt(d)) is --sigma d**-0.25; any
     --sigma describes every scale (the figures and `run --null` rescale)."""
     budget = _parse_size(memory_budget) if memory_budget else None
-    with _errors(debug):
+    with _errors(debug, store_path):
         from spinjax.run import run_baseline
         from spinjax.run.features import rescore_dependents
 
