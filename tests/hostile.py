@@ -72,15 +72,39 @@ def _global(module: str, name: str) -> bytes:
     return b"c" + f"{module}\n{name}\n".encode()
 
 
-def tensor_pickle(storage: str, key: str, numel: int, shape: tuple[int, ...]) -> bytes:
-    """``torch._utils._rebuild_tensor_v2`` of a contiguous tensor on a ``torch.<storage>``."""
+def tensor_pickle(
+    storage: str, key: str, numel: int, shape: tuple[int, ...], dtype: str | None = None
+) -> bytes:
+    """``torch._utils._rebuild_tensor_v2`` of a contiguous tensor on a ``torch.<storage>``; with
+    ``dtype`` (``float8_e4m3fn``...), ``_rebuild_tensor_v3`` on an untyped storage of ``numel`` bytes."""
     strides = [1] * len(shape)
     for i in range(len(shape) - 2, -1, -1):
         strides[i] = strides[i + 1] * shape[i + 1]
-    pid = _tuple([_str("storage"), _global("torch", storage), _str(key), _str("cpu"), _int(numel)]) + b"Q"
+    stype = _global("torch", storage) if dtype is None else _global("torch.storage", "UntypedStorage")
+    pid = _tuple([_str("storage"), stype, _str(key), _str("cpu"), _int(numel)]) + b"Q"
     args = [pid, _int(0), _tuple([_int(s) for s in shape]), _tuple([_int(s) for s in strides]), b"\x89",
             _global("collections", "OrderedDict") + b")R"]  # fmt: skip
-    return _global("torch._utils", "_rebuild_tensor_v2") + _tuple(args) + b"R"
+    if dtype is None:
+        return _global("torch._utils", "_rebuild_tensor_v2") + _tuple(args) + b"R"
+    return _global("torch._utils", "_rebuild_tensor_v3") + _tuple([*args, _global("torch", dtype)]) + b"R"
+
+
+_STORAGES = {"float32": "FloatStorage", "float16": "HalfStorage", "float64": "DoubleStorage",
+             "bfloat16": "BFloat16Storage", "int64": "LongStorage", "uint8": "ByteStorage",
+             "bool": "BoolStorage", "complex64": "ComplexFloatStorage"}  # fmt: skip
+
+
+def torch_bin(path: Path, tensors: dict) -> Path:
+    """``torch.save`` of a state dict of numpy arrays, as torch lays it out (float8: v3)."""
+    entries, storages = {}, {}
+    for i, (name, array) in enumerate(tensors.items()):
+        key, dtype = str(i), str(array.dtype)
+        if dtype.startswith("float8"):
+            entries[name] = tensor_pickle("", key, array.nbytes, array.shape, dtype)
+        else:
+            entries[name] = tensor_pickle(_STORAGES[dtype], key, array.size, array.shape)
+        storages[key] = array.tobytes()
+    return torch_zip(path, state_dict_pickle(entries), storages)
 
 
 def state_dict_pickle(entries: dict[str, bytes]) -> bytes:

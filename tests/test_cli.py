@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hostile
 import numpy as np
 import pytest
 import zarr
@@ -243,7 +244,7 @@ def broken(tmp_path) -> dict[str, tuple[list[str], list[str]]]:
     inconsistent = tmp_path / "inconsistent"
     shutil.copytree(NEOX, inconsistent)
     config = json.loads((inconsistent / "config.json").read_text())
-    config["hidden_size"] = 128
+    config["hidden_size"] = 192  # divisible by its 6 heads: consistent, but not with the tensors
     (inconsistent / "config.json").write_text(json.dumps(config))
 
     corrupted = tmp_path / "corrupted"
@@ -378,3 +379,113 @@ def test_internal_failure_exits_1(monkeypatch, store_copy, snapshot):
     assert debug.exit_code == 1
     assert "Traceback" in debug.stderr and "kernel exploded" in debug.stderr
     assert snapshot(store_copy) == before
+
+
+# ---- hostile checkpoints (issue 20): exit 2 naming file/key/tensor, store byte-identical ----------
+
+GPT2 = NEOX.parent / "gpt2"
+QKV0 = "gpt_neox.layers.0.attention.query_key_value.weight"
+
+
+def _with_config(tmp_path: Path, base: Path, **changes) -> Path:
+    directory = tmp_path / "model"
+    shutil.copytree(base, directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **changes}))
+    return directory
+
+
+def _with_weights(tmp_path: Path, name: str, tensors: dict) -> Path:
+    directory = tmp_path / "model"
+    directory.mkdir()
+    shutil.copy(NEOX / "config.json", directory)
+    if name.endswith(".bin"):
+        hostile.torch_bin(directory / name, tensors)
+    else:
+        save_file(tensors, str(directory / name))
+    return directory
+
+
+def _indexed(tmp_path: Path, value) -> Path:
+    directory = tmp_path / "model"
+    shutil.copytree(NEOX, directory)
+    weight_map = {name: "model.safetensors" for name in load_file(str(NEOX / "model.safetensors"))}
+    weight_map[QKV0] = value
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return directory
+
+
+def _nested_config(tmp_path: Path) -> Path:
+    directory = tmp_path / "model"
+    shutil.copytree(NEOX, directory)
+    (directory / "config.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    return directory
+
+
+def _bin_archive(tmp_path: Path, data_pkl: bytes, extra=()) -> Path:
+    directory = tmp_path / "model"
+    directory.mkdir()
+    shutil.copy(NEOX / "config.json", directory)
+    hostile.torch_zip(directory / "pytorch_model.bin", data_pkl, {}, extra=list(extra))
+    return directory
+
+
+def _neox_tensors(**changes) -> dict:
+    return {**load_file(str(NEOX / "model.safetensors")), **changes}
+
+
+HOSTILE_CHECKPOINTS = {  # case -> (make the checkpoint directory in tmp_path, texts of the message)
+    "n_head true": (lambda t: _with_config(t, GPT2, n_head=True), ["config.json", "n_head", "True"]),
+    "n_embd 64.9": (lambda t: _with_config(t, GPT2, n_embd=64.9), ["config.json", "n_embd", "64.9"]),
+    "n_layer -1": (lambda t: _with_config(t, GPT2, n_layer=-1), ["config.json", "n_layer", "-1"]),
+    "n_embd Infinity": (lambda t: _with_config(t, GPT2, n_embd=float("inf")), ["config.json", "n_embd"]),
+    "model_type list": (
+        lambda t: _with_config(t, NEOX, model_type=["gpt_neox"]),
+        ["config.json", "model_type"],
+    ),
+    "kv heads without GQA": (
+        lambda t: _with_config(t, NEOX, num_key_value_heads=2),
+        ["config.json", "num_key_value_heads"],
+    ),
+    "config nested 100,000 deep": (_nested_config, ["config.json", "nested too deeply"]),
+    "int64 Q/K": (
+        lambda t: _with_weights(
+            t, "model.safetensors", _neox_tensors(**{QKV0: np.ones((288, 96), np.int64)})
+        ),
+        [QKV0, "int64"],
+    ),
+    "complex .bin": (
+        lambda t: _with_weights(
+            t, "pytorch_model.bin", _neox_tensors(**{QKV0: np.ones((288, 96), np.complex64)})
+        ),
+        [QKV0, "complex64"],
+    ),
+    "weight_map int": (lambda t: _indexed(t, 5), ["model.safetensors.index.json", QKV0, "5"]),
+    "weight_map null": (lambda t: _indexed(t, None), ["model.safetensors.index.json", QKV0, "None"]),
+    "weight_map list": (lambda t: _indexed(t, ["a"]), ["model.safetensors.index.json", QKV0, "['a']"]),
+    "weight_map outside": (lambda t: _indexed(t, "../x"), ["model.safetensors.index.json", "'../x'"]),
+    "two data.pkl": (
+        lambda t: _bin_archive(t, hostile.state_dict_pickle({}), [hostile.Member("b/data.pkl", b"")]),
+        ["pytorch_model.bin", "2 '<archive>/data.pkl' members"],
+    ),
+    "state dict 5,000 deep": (
+        lambda t: _bin_archive(t, hostile.nested_pickle(5000)),
+        ["pytorch_model.bin", "nests dicts"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_CHECKPOINTS))
+def test_hostile_checkpoint_exits_2_and_leaves_store_as_it_was(case, store_copy, snapshot, tmp_path):
+    make, texts = HOSTILE_CHECKPOINTS[case]
+    model = make(tmp_path)
+    before = snapshot(store_copy)
+    for store in (store_copy, tmp_path / "fresh.zarr"):
+        result = invoke("run", "--model", str(model), "--store", str(store))
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert "Traceback" not in result.output
+        for text in texts:
+            assert text in result.stderr, (text, result.stderr)
+    assert snapshot(store_copy) == before
+    assert not (tmp_path / "fresh.zarr").exists()
