@@ -489,3 +489,63 @@ def test_hostile_checkpoint_exits_2_and_leaves_store_as_it_was(case, store_copy,
             assert text in result.stderr, (text, result.stderr)
     assert snapshot(store_copy) == before
     assert not (tmp_path / "fresh.zarr").exists()
+
+
+# ---- --model values that are not checkpoints, and relative paths ------------------------------
+
+
+def _fifo(tmp_path: Path) -> str:
+    os.mkfifo(tmp_path / "fifo")
+    return str(tmp_path / "fifo")
+
+
+NOT_A_MODEL = {  # case -> (--model value from tmp_path, texts of the message)
+    "/dev/null": (lambda t: "/dev/null", ["/dev/null: a character device"]),
+    "a FIFO": (_fifo, ["fifo: a FIFO"]),
+    "~ of no such user": (lambda t: "~nonexistentuser/x", ["'~nonexistentuser/x'", "no such user"]),
+    "5,000 characters": (lambda t: "a" * 5000, ["'aaaa", "...'", "File name too long"]),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_A_MODEL))
+def test_model_that_is_not_a_checkpoint_exits_2(case, store_copy, snapshot, tmp_path):
+    make, texts = NOT_A_MODEL[case]
+    before = snapshot(store_copy)
+    result = invoke("run", "--model", make(tmp_path), "--store", str(store_copy))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert len(result.stderr) < 400
+    for text in texts:
+        assert text in result.stderr, (text, result.stderr)
+    assert snapshot(store_copy) == before
+
+
+def _orbax_trajectory(root: Path, steps: list[int]) -> None:
+    """The gpt_neox fixture's weights as an orbax CheckpointManager directory (linen kernels)."""
+    import orbax.checkpoint as ocp
+
+    tensors = load_file(str(NEOX / "model.safetensors"))
+    qkv = "gpt_neox.layers.{}.attention.query_key_value."
+    params = {"gpt_neox": {"layers": {str(i): {"attention": {"query_key_value": {
+        "kernel": tensors[qkv.format(i) + "weight"].astype(np.float32).T,
+        "bias": tensors[qkv.format(i) + "bias"].astype(np.float32),
+    }}} for i in range(2)}}}  # fmt: skip
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
+    with ocp.CheckpointManager(root.absolute(), options=options) as manager:
+        for step in steps:
+            manager.save(step, args=ocp.args.StandardSave(params))
+    shutil.copy(NEOX / "config.json", root / "config.json")
+
+
+def test_relative_orbax_path(tmp_path, monkeypatch, neox_store):
+    """orbax accepts absolute paths only: a relative --model is made absolute first, and the
+    store holds what the same weights give from safetensors."""
+    _orbax_trajectory(tmp_path / "models" / "traj", [0, 1])
+    monkeypatch.chdir(tmp_path)
+    result = invoke("run", "--model", "models/traj", "--steps", "1", "--store", "s.zarr")
+    assert result.exit_code == 0, result.output
+    got = zarr.open_group("s.zarr", mode="r")["traj"]
+    want = zarr.open_group(str(neox_store), mode="r")[KEY]
+    assert got.attrs["source"] == str(tmp_path / "models" / "traj")
+    for name in ("mean", "std", "singular_values", "entropy"):
+        np.testing.assert_array_equal(got[name][:], want[name][:], err_msg=name)
