@@ -503,7 +503,7 @@ NOT_A_MODEL = {  # case -> (--model value from tmp_path, texts of the message)
     "/dev/null": (lambda t: "/dev/null", ["/dev/null: a character device"]),
     "a FIFO": (_fifo, ["fifo: a FIFO"]),
     "~ of no such user": (lambda t: "~nonexistentuser/x", ["'~nonexistentuser/x'", "no such user"]),
-    "5,000 characters": (lambda t: "a" * 5000, ["'aaaa", "...'", "File name too long"]),
+    "5,000 characters": (lambda t: "a" * 5000, ["'aaaa", "aaa...: File name too long"]),
 }
 
 

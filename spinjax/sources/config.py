@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, shown
 
 # Far above any model (d_model ~ 30,000, 128 heads, 200 layers), low enough that the row slices
 # a layout builds per head stay small.
@@ -36,11 +36,6 @@ class Geometry:
         return asdict(self)
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def model_type(config: Mapping[str, Any], where: str) -> str:
     """``model_type``, a string; quantized checkpoints are refused (their stored tensors are
     integers or float8 values to be scaled by other tensors, not the weights)."""
@@ -48,7 +43,7 @@ def model_type(config: Mapping[str, Any], where: str) -> str:
     if value is None:
         raise InputError(f"{where}: config.json has no model_type")
     if not isinstance(value, str):
-        raise InputError(f"{where}: config.json: model_type should be a string, got {_short(value)}")
+        raise InputError(f"{where}: config.json: model_type should be a string, got {shown(value)}")
     quantization = config.get("quantization_config")
     if quantization is not None:
         method = quantization.get("quant_method") if isinstance(quantization, dict) else None
@@ -65,7 +60,7 @@ def _integer(config: Mapping[str, Any], key: str, where: str, bound: int) -> int
     if value is None:
         return None
     if type(value) is not int:  # bool is an int subclass; 64.0 and "64" are not integers either
-        raise InputError(f"{where}: config.json: {key} should be an integer, got {_short(value)}")
+        raise InputError(f"{where}: config.json: {key} should be an integer, got {shown(value)}")
     if not 1 <= value <= bound:
         raise InputError(f"{where}: config.json: {key} should be between 1 and {bound}, got {value}")
     return value

@@ -12,7 +12,7 @@ import errno
 import stat
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, shown
 from .base import Source, SourceKind
 from .hf import HFDirectoryKind
 from .hub import HubKind
@@ -29,11 +29,6 @@ KINDS: tuple[SourceKind, ...] = (
 )
 
 
-def _shown(model: str, limit: int = 200) -> str:
-    """``model`` quoted for a message, cut when long (an argument can be any size)."""
-    return repr(model if len(model) <= limit else model[: limit - 3] + "...")
-
-
 _SPECIAL = {stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device", stat.S_ISFIFO: "a FIFO",
             stat.S_ISSOCK: "a socket"}  # fmt: skip
 
@@ -42,17 +37,17 @@ def _local_form(model: str) -> str:
     """``model`` with ``~`` expanded; refused when it names something on disk that is neither a
     directory nor a regular file (reading a FIFO blocks, a device never ends) or cannot be a
     path at all. Any other value (a name, a hub id, a missing path) is left to the kinds."""
-    shown = _shown(model)
+    quoted = shown(model, 200)
     if model.startswith("~"):
         try:
             model = str(Path(model).expanduser())
         except RuntimeError:  # ~user of no such user
-            raise InputError(f"--model {shown}: no such user's home directory") from None
+            raise InputError(f"--model {quoted}: no such user's home directory") from None
     try:
         mode = Path(model).stat().st_mode
     except OSError as exc:
         if exc.errno in (errno.ENAMETOOLONG, errno.EINVAL):
-            raise InputError(f"--model {shown}: {exc.strerror}") from None
+            raise InputError(f"--model {quoted}: {exc.strerror}") from None
         return model  # missing (or unreadable: the kinds say so)
     for test, what in _SPECIAL.items():
         if test(mode):
@@ -62,21 +57,21 @@ def _local_form(model: str) -> str:
 
 def resolve(model: str) -> Source:
     """The source a ``--model`` value names: the first kind of :data:`KINDS` that claims it."""
-    shown = _shown(model)
+    quoted = shown(model, 200)
     model = _local_form(model)
     try:
         for kind in KINDS:
             if kind.can_open(model):
                 return kind.open(model)
     except OSError as exc:  # e.g. a directory without read permission
-        raise InputError(f"--model {shown}: {exc.strerror or exc}") from exc
+        raise InputError(f"--model {quoted}: {exc.strerror or exc}") from exc
     path = Path(model)
     if path.is_file():
         raise InputError(f"{path}: a file; --model takes a checkpoint directory or a Flax .msgpack file")
     if path.is_dir():
         raise InputError(f"{path}: no config.json, Flax msgpack or orbax checkpoint steps found")
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise InputError(f"--model {shown}: no such directory")
+        raise InputError(f"--model {quoted}: no such directory")
     close = difflib.get_close_matches(model, list(KNOWN), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see `spinjax models`"
-    raise InputError(f"--model {shown}: no such directory and not a known model name{hint}")
+    raise InputError(f"--model {quoted}: no such directory and not a known model name{hint}")
