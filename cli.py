@@ -10,14 +10,17 @@ Each command imports the stage it calls when it runs, so that ``spinjax --help``
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 import traceback
 from contextlib import contextmanager
+from decimal import Decimal
 from pathlib import Path
 
 import click
 
-from spinjax.errors import InputError
+from spinjax.errors import InputError, shown
 from spinjax.sources.layouts import VARIANTS
 from spinjax.store.schema import DEFAULT_STORE
 from spinjax.version import __version__
@@ -46,13 +49,41 @@ def _errors(debug: bool):
         sys.exit(1)
 
 
-def _parse_size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
-    try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a size like 2GB or 512MiB") from None
+class Size(click.ParamType):
+    """A positive number of bytes below 1 EiB: ``2GB``, ``512MiB``, ``1.5g``, ``1e9`` (units
+    are binary). Read as a decimal, so ``infGB`` or ``1e400g`` are refused, not overflowed."""
+
+    name = "size"
+    UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    PATTERN = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d{1,4})?)\s*([kmgt]?)(?:i?b)?\s*", re.I)
+    LIMIT = 1 << 60
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        match = self.PATTERN.fullmatch(value)
+        if not match:
+            self.fail(f"{shown(value)} is not a size like 2GB or 512MiB", param, ctx)
+        size = Decimal(match[1]) * self.UNITS[match[2].lower()]
+        if not 1 <= size < self.LIMIT:
+            self.fail(f"{shown(value)}: a size must be at least 1 byte and below 1 EiB", param, ctx)
+        return int(size)
+
+
+def _folder(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
+    """An output folder: one that exists, or that can be made there (nothing is made yet)."""
+    path = value.absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise click.BadParameter(f"{existing} is a file, not a folder", ctx, param)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"{existing}: no permission to write there", ctx, param)
+    return value
+
+
+# Below 20 dpi the smallest legend font is under a pixel and FreeType fails; above 600, print
+# quality, images run to gigabytes (plots.save also caps the pixels of each image).
+DPI_RANGE = (20, 600)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -74,6 +105,7 @@ def main() -> None:
 )
 @click.option(
     "--memory-budget",
+    type=Size(),
     default=None,
     help="Peak bytes for W_QK blocks, e.g. 2GB [default: 1/4 of free memory].",
 )
@@ -92,6 +124,11 @@ def main() -> None:
 @click.option("--coordinator", metavar="HOST:PORT", help="Address of process 0 (implies --distributed).")
 @click.option("--num-processes", type=click.IntRange(min=1), help="Number of processes (with --coordinator).")
 @click.option("--process-id", type=click.IntRange(min=0), help="This process, 0..N-1 (with --coordinator).")
+@click.option(
+    "--join-timeout", type=int, metavar="SECONDS",
+    help="With --distributed: how long to wait for every process to join before giving up (exit 2) "
+    "[default: 300, as JAX].",
+)  # fmt: skip
 @click.option(
     "--null",
     is_flag=True,
@@ -127,7 +164,7 @@ def run(
     model: str,
     steps: str,
     store_path: Path,
-    memory_budget: str | None,
+    memory_budget: int | None,
     recompute: bool,
     keep_downloads: bool,
     quiet: bool,
@@ -136,6 +173,7 @@ def run(
     coordinator: str | None,
     num_processes: int | None,
     process_id: int | None,
+    join_timeout: int | None,
     null: bool,
     null_samples: int,
     pairs: str,
@@ -145,17 +183,18 @@ def run(
     """Compute every head's statistics for the requested steps of MODEL."""
     from spinjax.run import Interrupted, RunOptions, init_distributed
     from spinjax.run import run as run_pipeline
+    from spinjax.run.distributed import DEFAULT_JOIN_TIMEOUT_S
 
-    budget = _parse_size(memory_budget) if memory_budget else None
     explicit = (coordinator, num_processes, process_id)
     if any(x is not None for x in explicit) and None in explicit:
         raise click.UsageError("--coordinator, --num-processes and --process-id go together")
     if process_id is not None and process_id >= num_processes:
         raise click.BadParameter(f"{process_id} is not below --num-processes {num_processes}")
     with _errors(debug), _progress(quiet) as progress:
-        index, count = init_distributed(*explicit) if distributed or coordinator else (0, 1)
+        timeout = DEFAULT_JOIN_TIMEOUT_S if join_timeout is None else join_timeout
+        index, count = init_distributed(*explicit, timeout) if distributed or coordinator else (0, 1)
         options = RunOptions(
-            steps=steps, store=store_path, memory_budget=budget, recompute=recompute,
+            steps=steps, store=store_path, memory_budget=memory_budget, recompute=recompute,
             keep_downloads=keep_downloads, null=null, null_samples=null_samples, pairs=pairs,
             variant=variant, ov=ov, process_index=index, process_count=count,
         )  # fmt: skip
@@ -259,7 +298,7 @@ def show(store_path: Path, as_json: bool, debug: bool) -> None:
 
 @main.command()
 @click.option("--shapes", default="160m,1.4b", show_default=True, help="Comma list of 160m, 1.4b, 12b.")
-@click.option("--memory-budget", default="1GB", show_default=True, help="Bytes for W_QK blocks.")
+@click.option("--memory-budget", type=Size(), default="1GB", show_default=True, help="Bytes for W_QK blocks.")
 @click.option("--repeat", default=2, show_default=True, help="Timed repetitions (best kept).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option(
@@ -267,7 +306,7 @@ def show(store_path: Path, as_json: bool, debug: bool) -> None:
     help="Also append the table, dated and naming the machine and device, to this markdown file "
     "(e.g. benchmarks/RESULTS.md).",
 )  # fmt: skip
-def bench(shapes: str, memory_budget: str, repeat: int, as_json: bool, results: Path | None) -> None:
+def bench(shapes: str, memory_budget: int, repeat: int, as_json: bool, results: Path | None) -> None:
     """Kernel throughput (heads/s, GB/s, FLOP/s) on this machine's device, and its ratio to
     the floor (matmul + one pass over W_QK + reading Q/K) measured in the same run."""
     from spinjax.run.bench import SHAPES, markdown, measure_shape, results_section
@@ -280,7 +319,7 @@ def bench(shapes: str, memory_budget: str, repeat: int, as_json: bool, results: 
         raise click.BadParameter(f"{results}: not a file", param_hint="--results")
     measured = []
     for name in names:
-        measured.append(measure_shape(name, budget_bytes=_parse_size(memory_budget), repeat=repeat))
+        measured.append(measure_shape(name, budget_bytes=memory_budget, repeat=repeat))
         if not as_json:
             click.echo(f"measured {name}", err=True)
     if as_json:
@@ -307,9 +346,13 @@ def bench(shapes: str, memory_budget: str, repeat: int, as_json: bool, results: 
 @click.option("--matrix", default="W_QK", show_default=True, help="W_Q, W_K or W_QK.")
 @click.option("--stat", default="std", show_default=True, help="Statistic of stat-steps and animation.")
 @click.option(
-    "--out", default="figures", show_default=True, type=click.Path(path_type=Path), help="Output folder."
-)
-@click.option("--dpi", default=150, show_default=True, help="Resolution of the PNG (and GIF).")
+    "--out", default="figures", show_default=True, type=click.Path(path_type=Path), callback=_folder,
+    help="Output folder.",
+)  # fmt: skip
+@click.option(
+    "--dpi", default=150, show_default=True, type=click.IntRange(*DPI_RANGE),
+    help=f"Resolution of the PNG (and GIF), {DPI_RANGE[0]} to {DPI_RANGE[1]}.",
+)  # fmt: skip
 @click.option("--list", "list_figures", is_flag=True, help="Name every figure with one line each.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def plot(
@@ -372,7 +415,7 @@ def plot(
 @click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
 @click.option("--model", default=None, help="Model key in the store (default: its only model).")
 @click.option(
-    "--out", default="report", show_default=True, type=click.Path(path_type=Path),
+    "--out", default="report", show_default=True, type=click.Path(path_type=Path), callback=_folder,
     help="Folder for index.html and its figures.",
 )  # fmt: skip
 @click.option("--embed", is_flag=True, help="Embed the figures in index.html (one file, data URIs).")
@@ -454,7 +497,10 @@ def dynamics(
     "--store", "store_path", default=DEFAULT_STORE, show_default=True, type=click.Path(path_type=Path)
 )
 @click.option(
-    "--memory-budget", default=None, help="Peak bytes for W_QK blocks [default: 1/4 of free memory]."
+    "--memory-budget",
+    type=Size(),
+    default=None,
+    help="Peak bytes for W_QK blocks [default: 1/4 of free memory].",
 )
 @click.option("--recompute", is_flag=True, help="Replace an ensemble of other sigma/samples/seed.")
 @click.option("--quiet", is_flag=True, help="No summary line.")
@@ -466,19 +512,18 @@ def baseline(
     samples: int,
     seed: int,
     store_path: Path,
-    memory_budget: str | None,
+    memory_budget: int | None,
     recompute: bool,
     quiet: bool,
     debug: bool,
 ) -> None:
     """Monte Carlo null of random heads W_QK = W_Q^T W_K, factors i.i.d. N(0, sigma^2): every
     statistic of every draw, into the store group baseline/<d>x<d_head>."""
-    budget = _parse_size(memory_budget) if memory_budget else None
     with _errors(debug):
         from spinjax.run import run_baseline
 
         result = run_baseline(d_model, d_head, store_path=store_path, sigma=sigma, samples=samples,
-                              seed=seed, recompute=recompute, memory_budget=budget)  # fmt: skip
+                              seed=seed, recompute=recompute, memory_budget=memory_budget)  # fmt: skip
     if not quiet:
         what = f"{result.samples} draws in {result.seconds:.1f} s" if result.computed else "already there"
         click.echo(f"{result.key}: {what}; store {result.store}")

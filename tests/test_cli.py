@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -549,3 +550,104 @@ def test_relative_orbax_path(tmp_path, monkeypatch, neox_store):
     assert got.attrs["source"] == str(tmp_path / "models" / "traj")
     for name in ("mean", "std", "singular_values", "entropy"):
         np.testing.assert_array_equal(got[name][:], want[name][:], err_msg=name)
+
+
+# ---- arguments: exit 2 naming the argument, before anything is read or written -----------------
+
+
+@pytest.mark.parametrize("size", ["-1", "-5GB", "0", "0.4", "infGB", "1e400g", "nan", "2EB", "1 << 30", ""])
+@pytest.mark.parametrize("command", ["run", "baseline"])
+def test_bad_memory_budget_exits_2(command, size, tmp_path):
+    store = tmp_path / "s.zarr"
+    args = ["--model", str(NEOX)] if command == "run" else ["--d", "8", "--d-head", "2", "--samples", "4"]
+    result = invoke(command, *args, "--store", str(store), "--memory-budget", size)
+    assert result.exit_code == 2, result.output
+    assert "--memory-budget" in result.stderr and repr(size) in result.stderr
+    assert "Traceback" not in result.output
+    assert not store.exists()
+
+
+def test_sizes():
+    from spinjax.cli import Size
+
+    convert = Size().convert
+    assert convert("2GB", None, None) == 2 << 30 and convert("512MiB", None, None) == 512 << 20
+    assert convert("1.5g", None, None) == 3 << 29 and convert("1e9", None, None) == 10**9
+    assert convert(" 7 ", None, None) == 7 and convert("64kb", None, None) == 65536
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:notaport", "127.0.0.1", ":1234", "host:0", "host:70000",
+                                     "::1:1234", "[::1]", "-host:1234", "a b:1234"])  # fmt: skip
+def test_bad_coordinator_exits_2_before_jax_sees_it(address, tmp_path, monkeypatch):
+    import jax
+
+    def never(*args, **kwargs):
+        raise AssertionError("handed to JAX")
+
+    monkeypatch.setattr(jax.distributed, "initialize", never)
+    store = tmp_path / "s.zarr"
+    args = ["--coordinator", address, "--num-processes", "2", "--process-id", "0"]
+    result = invoke("run", "--model", str(NEOX), "--store", str(store), *args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: --coordinator {address!r}: expected HOST:PORT")
+    assert not store.exists()
+
+
+def test_coordinator_address_forms():
+    from spinjax.run.distributed import check_coordinator
+
+    assert check_coordinator("node-001.cluster:1234") == ("node-001.cluster", 1234)
+    assert check_coordinator("10.0.0.1:65535") == ("10.0.0.1", 65535)
+    assert check_coordinator("[fe80::1]:8476") == ("fe80::1", 8476)
+
+
+@pytest.mark.parametrize("process", ["0", "1"])
+def test_coordinator_timeout_names_the_coordinator(process, tmp_path):
+    """Process 0 waits for a process 1 that never comes, process 1 for a coordinator that never
+    answers: both give up after --join-timeout with exit 2 (JAX itself would abort, SIGABRT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    args = ["--coordinator", address, "--num-processes", "2", "--process-id", process, "--join-timeout", "1"]
+    done = _subprocess("run", "--model", str(NEOX), "--store", "s.zarr", *args, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert (
+        f"error: --coordinator {address}: not every process joined within 1 s (process {process} of 2)"
+        in (done.stderr)
+    )
+    assert "Traceback" not in done.stderr and not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("dpi", ["0", "-5", "19", "601", "20000"])
+def test_plot_dpi_out_of_range_exits_2(dpi, neox_store, tmp_path):
+    result = invoke("plot", str(neox_store), "--figure", "heads", "--dpi", dpi, "--out", str(tmp_path / "f"))
+    assert result.exit_code == 2, result.output
+    assert "--dpi" in result.stderr and dpi in result.stderr
+    assert not (tmp_path / "f").exists()
+
+
+@pytest.mark.parametrize("command", ["plot", "report"])
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_out_that_cannot_be_a_folder_exits_2(command, where, neox_store, tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("keep")
+    out = file if where == "a file" else file / "figures"
+    figure = ["--figure", "heads"] if command == "plot" else []
+    result = invoke(command, str(neox_store), *figure, "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert "--out" in result.stderr and f"{file} is a file, not a folder" in result.stderr
+    assert file.read_text() == "keep"
+
+
+def test_too_many_pixels_refused_before_drawing(tmp_path):
+    from matplotlib.figure import Figure
+
+    from spinjax.analysis.plots import MAX_PIXELS, save
+    from spinjax.errors import InputError
+
+    fig = Figure(figsize=(12.8, 84))  # the histogram grid of a 128-head layer
+    with pytest.raises(InputError, match=r"--dpi 600: hist would be 7680 x 50400 pixels"):
+        save(fig, tmp_path / "hist", dpi=600)
+    assert list(tmp_path.iterdir()) == []
+    assert 12.8 * 84 * 150**2 < MAX_PIXELS  # the default dpi draws it
