@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 from safetensors import safe_open
 
-from ..errors import InputError
+from ..errors import InputError, shown
 from .base import Source
 from .torchbin import TorchBinFile
 
@@ -211,8 +210,8 @@ class HFCheckpoint:
                 parts = Path(file).parts if isinstance(file, str) else ()
                 if not parts or Path(file).is_absolute() or ".." in parts:
                     raise InputError(
-                        f"{path}: weight_map[{tensor[:120]!r}] should name a weight file beside it, "
-                        f"got {reprlib.repr(file)}"
+                        f"{path}: weight_map[{shown(tensor)}] should name a weight file beside it, "
+                        f"got {shown(file)}"
                     )
             return weight_map
         directory = self._fetch("config.json").parent  # unindexed shards in a local directory

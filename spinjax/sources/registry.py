@@ -64,7 +64,7 @@ def resolve(model: str) -> Source:
             if kind.can_open(model):
                 return kind.open(model)
     except OSError as exc:  # e.g. a directory without read permission
-        raise InputError(f"--model {quoted}: {exc.strerror or exc}") from exc
+        raise InputError(f"--model {quoted}: {exc}") from exc
     path = Path(model)
     if path.is_file():
         raise InputError(f"{path}: a file; --model takes a checkpoint directory or a Flax .msgpack file")
