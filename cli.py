@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import traceback
 from contextlib import contextmanager
+from decimal import Decimal
 from pathlib import Path
 
 import click
 
-from spinjax.errors import InputError, check_writable
+from spinjax.errors import InputError, check_writable, shown
 from spinjax.run import interrupt
 from spinjax.sources.layouts import VARIANTS
 from spinjax.store.check import find_damage
@@ -54,13 +56,39 @@ def _errors(debug: bool, store: Path | None = None):
         sys.exit(1)
 
 
-def _parse_size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
+class Size(click.ParamType):
+    """A positive number of bytes below 1 EiB: ``2GB``, ``512MiB``, ``1.5g``, ``1e9`` (units
+    are binary). Read as a decimal, so ``infGB`` or ``1e400g`` are refused, not overflowed."""
+
+    name = "size"
+    UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    PATTERN = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d{1,4})?)\s*([kmgt]?)(?:i?b)?\s*", re.I)
+    LIMIT = 1 << 60
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        match = self.PATTERN.fullmatch(value)
+        if not match:
+            self.fail(f"{shown(value)} is not a size like 2GB or 512MiB", param, ctx)
+        size = Decimal(match[1]) * self.UNITS[match[2].lower()]
+        if not 1 <= size < self.LIMIT:
+            self.fail(f"{shown(value)}: a size must be at least 1 byte and below 1 EiB", param, ctx)
+        return int(size)
+
+
+def _folder(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
+    """An output folder: one that exists, or that can be made there (nothing is made yet)."""
     try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a size like 2GB or 512MiB") from None
+        check_writable(value)
+    except InputError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+    return value
+
+
+# Below 20 dpi the smallest legend font is under a pixel and FreeType fails; above 600, print
+# quality, images run to gigabytes (plots.save also caps the pixels of each image).
+DPI_RANGE = (20, 600)
 
 
 class _Commands(click.Group):
@@ -109,6 +137,7 @@ def main() -> None:
 )
 @click.option(
     "--memory-budget",
+    type=Size(),
     default=None,
     help="Peak bytes for W_QK blocks, e.g. 2GB [default: 1/4 of free memory].",
 )
@@ -127,6 +156,11 @@ def main() -> None:
 @click.option("--coordinator", metavar="HOST:PORT", help="Address of process 0 (implies --distributed).")
 @click.option("--num-processes", type=click.IntRange(min=1), help="Number of processes (with --coordinator).")
 @click.option("--process-id", type=click.IntRange(min=0), help="This process, 0..N-1 (with --coordinator).")
+@click.option(
+    "--join-timeout", type=int, metavar="SECONDS",
+    help="With --distributed: how long to wait for every process to join before giving up (exit 2) "
+    "[default: 300, as JAX].",
+)  # fmt: skip
 @click.option(
     "--null",
     is_flag=True,
@@ -162,7 +196,7 @@ def run(
     model: str,
     steps: str,
     store_path: Path,
-    memory_budget: str | None,
+    memory_budget: int | None,
     recompute: bool,
     keep_downloads: bool,
     quiet: bool,
@@ -171,6 +205,7 @@ def run(
     coordinator: str | None,
     num_processes: int | None,
     process_id: int | None,
+    join_timeout: int | None,
     null: bool,
     null_samples: int,
     pairs: str,
@@ -180,17 +215,18 @@ def run(
     """Compute every head's statistics for the requested steps of MODEL."""
     from spinjax.run import RunOptions, init_distributed
     from spinjax.run import run as run_pipeline
+    from spinjax.run.distributed import DEFAULT_JOIN_TIMEOUT_S
 
-    budget = _parse_size(memory_budget) if memory_budget else None
     explicit = (coordinator, num_processes, process_id)
     if any(x is not None for x in explicit) and None in explicit:
         raise click.UsageError("--coordinator, --num-processes and --process-id go together")
     if process_id is not None and process_id >= num_processes:
         raise click.BadParameter(f"{process_id} is not below --num-processes {num_processes}")
     with _errors(debug, store_path), _progress(quiet) as progress:
-        index, count = init_distributed(*explicit) if distributed or coordinator else (0, 1)
+        timeout = DEFAULT_JOIN_TIMEOUT_S if join_timeout is None else join_timeout
+        index, count = init_distributed(*explicit, timeout) if distributed or coordinator else (0, 1)
         options = RunOptions(
-            steps=steps, store=store_path, memory_budget=budget, recompute=recompute,
+            steps=steps, store=store_path, memory_budget=memory_budget, recompute=recompute,
             keep_downloads=keep_downloads, null=null, null_samples=null_samples, pairs=pairs,
             variant=variant, ov=ov, process_index=index, process_count=count,
         )  # fmt: skip
@@ -317,7 +353,7 @@ def show(store_path: Path, as_json: bool, debug: bool) -> None:
 
 @main.command()
 @click.option("--shapes", default="160m,1.4b", show_default=True, help="Comma list of 160m, 1.4b, 12b.")
-@click.option("--memory-budget", default="1GB", show_default=True, help="Bytes for W_QK blocks.")
+@click.option("--memory-budget", type=Size(), default="1GB", show_default=True, help="Bytes for W_QK blocks.")
 @click.option("--repeat", default=2, show_default=True, help="Timed repetitions (best kept).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option(
@@ -325,7 +361,7 @@ def show(store_path: Path, as_json: bool, debug: bool) -> None:
     help="Also append the table, dated and naming the machine and device, to this markdown file "
     "(e.g. benchmarks/RESULTS.md).",
 )  # fmt: skip
-def bench(shapes: str, memory_budget: str, repeat: int, as_json: bool, results: Path | None) -> None:
+def bench(shapes: str, memory_budget: int, repeat: int, as_json: bool, results: Path | None) -> None:
     """Kernel throughput (heads/s, GB/s, FLOP/s) on this machine's device, and its ratio to
     the floor (matmul + one pass over W_QK + reading Q/K) measured in the same run."""
     from spinjax.run.bench import SHAPES, markdown, measure_shape, results_section
@@ -338,7 +374,7 @@ def bench(shapes: str, memory_budget: str, repeat: int, as_json: bool, results: 
         raise click.BadParameter(f"{results}: not a file", param_hint="--results")
     measured = []
     for name in names:
-        measured.append(measure_shape(name, budget_bytes=_parse_size(memory_budget), repeat=repeat))
+        measured.append(measure_shape(name, budget_bytes=memory_budget, repeat=repeat))
         if not as_json:
             click.echo(f"measured {name}", err=True)
     if as_json:
@@ -370,9 +406,13 @@ def bench(shapes: str, memory_budget: str, repeat: int, as_json: bool, results: 
 )  # fmt: skip
 @click.option("--baseline", metavar="DxDH", default=None, help="Null ensemble of the null figures (64x16).")
 @click.option(
-    "--out", default="figures", show_default=True, type=click.Path(path_type=Path), help="Output folder."
-)
-@click.option("--dpi", default=150, show_default=True, help="Resolution of the PNG (and GIF).")
+    "--out", default="figures", show_default=True, type=click.Path(path_type=Path), callback=_folder,
+    help="Output folder.",
+)  # fmt: skip
+@click.option(
+    "--dpi", default=150, show_default=True, type=click.IntRange(*DPI_RANGE),
+    help=f"Resolution of the PNG (and GIF), {DPI_RANGE[0]} to {DPI_RANGE[1]}.",
+)  # fmt: skip
 @click.option("--list", "list_figures", is_flag=True, help="Name every figure with one line each.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def plot(
@@ -412,7 +452,6 @@ def plot(
     with _errors(debug, store_path):
         from spinjax.analysis.figures import file_stem, make_figure, save, select
 
-        check_writable(out, "the figures")
         names = list(FIGURES) if "all" in figures else list(dict.fromkeys(figures))
         unknown = [n for n in names if n not in FIGURES]
         if unknown:
@@ -439,7 +478,7 @@ def plot(
 @click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
 @click.option("--model", default=None, help="Model key in the store (default: its only model).")
 @click.option(
-    "--out", default="report", show_default=True, type=click.Path(path_type=Path),
+    "--out", default="report", show_default=True, type=click.Path(path_type=Path), callback=_folder,
     help="Folder for index.html and its figures.",
 )  # fmt: skip
 @click.option("--embed", is_flag=True, help="Embed the figures in index.html (one file, data URIs).")
@@ -550,7 +589,10 @@ def dynamics(
     "--store", "store_path", default=DEFAULT_STORE, show_default=True, type=click.Path(path_type=Path)
 )
 @click.option(
-    "--memory-budget", default=None, help="Peak bytes for W_QK blocks [default: 1/4 of free memory]."
+    "--memory-budget",
+    type=Size(),
+    default=None,
+    help="Peak bytes for W_QK blocks [default: 1/4 of free memory].",
 )
 @click.option("--recompute", is_flag=True, help="Replace an ensemble of other sigma/samples/seed.")
 @click.option("--quiet", is_flag=True, help="No summary line.")
@@ -562,7 +604,7 @@ def baseline(
     samples: int,
     seed: int,
     store_path: Path,
-    memory_budget: str | None,
+    memory_budget: int | None,
     recompute: bool,
     quiet: bool,
     debug: bool,
@@ -572,7 +614,6 @@ def baseline(
 
     The source study's scaling (N(0, 1) factors, W_QK / sqrt(d)) is --sigma d**-0.25; any
     --sigma describes every scale (the figures and `run --null` rescale)."""
-    budget = _parse_size(memory_budget) if memory_budget else None
     with _errors(debug, store_path):
         from spinjax.run import run_baseline
         from spinjax.run.features import rescore_dependents
@@ -588,7 +629,7 @@ def baseline(
                 raise InputError(f"need 1 <= d_head <= d, got d={d_model}, d_head={dh}")
         for dh in d_heads:
             result = run_baseline(d_model, dh, store_path=store_path, sigma=sigma, samples=samples,
-                                  seed=seed, recompute=recompute, memory_budget=budget)  # fmt: skip
+                                  seed=seed, recompute=recompute, memory_budget=memory_budget)  # fmt: skip
             rescored = rescore_dependents(store_path, d_model, dh) if result.computed else {}
             if not quiet:
                 what = f"{result.samples} draws in {result.seconds:.1f} s" if result.computed else ""

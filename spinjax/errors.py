@@ -36,15 +36,26 @@ def writing_to(path: str | Path, what: str = "", then: Callable[[], str] | None 
 
 
 def check_writable(path: str | Path, what: str = "") -> None:
-    """Refuse, before any work, a destination that cannot be written: one below a file, or
-    whose nearest existing folder is not writable (a read-only file system)."""
+    """Refuse, before any work, a folder destination that cannot be written: a file, one below
+    a file, or one whose nearest existing folder is not writable (a read-only file system)."""
     path = Path(path).expanduser()
     existing = next(p for p in (path, *path.parents) if p.exists())
     target = f" {what}" if what else ""
-    if existing != path and not existing.is_dir():
+    if not existing.is_dir():
         raise WriteError(f"{path}: cannot write{target} ({existing} is a file, not a folder)")
-    if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK):
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise WriteError(f"{path}: cannot write{target} ({existing}: not writable)")
+
+
+def shown(value: object, limit: int = 120) -> str:
+    """``repr(value)`` cut to ``limit`` characters: how a message quotes user input, which can be
+    of any size (a 10,000-step ``--steps``, a config value).
+
+    >>> shown("a" * 200, 10)
+    "'aaaaaa..."
+    """
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def nearest(target: int, values: Iterable[int], k: int = 3) -> list[int]:

@@ -22,7 +22,7 @@ from ..kernels.heads import block_entries_cap, block_rows_for_budget, layer_stat
 from ..kernels.null import gaussian_factors
 from ..store import writing
 from ..store.baseline import baseline_key, ensemble_attrs, holds_same, stored_attrs, write_baseline
-from .options import default_memory_budget
+from .options import check_memory_budget, default_memory_budget
 from .threads import one_blas_thread_under_lapack
 
 
@@ -98,6 +98,7 @@ def run_baseline(
 ) -> BaselineResult:
     """What ``spinjax baseline`` does: compute the ensemble unless the store holds it, write it."""
     check_args(d_model, d_head, sigma, samples, seed)
+    check_memory_budget(memory_budget)
     key = baseline_key(d_model, d_head)
     store = Path(store_path)
     t0 = time.perf_counter()

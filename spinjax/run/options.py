@@ -55,8 +55,7 @@ class RunOptions:
             raise InputError(f"--variant {self.variant!r}: expected one of {', '.join(VARIANTS)}")
         if self.null_samples < 2:
             raise InputError(f"--null-samples must be at least 2, got {self.null_samples}")
-        if self.memory_budget is not None and self.memory_budget <= 0:
-            raise InputError(f"--memory-budget must be positive, got {self.memory_budget} bytes")
+        check_memory_budget(self.memory_budget)
         if not 0 <= self.process_index < self.process_count:
             raise InputError(f"process {self.process_index} is not one of 0..{self.process_count - 1}")
 
@@ -94,6 +93,13 @@ class RunOptions:
 def stored_features(group: ModelGroup) -> Mapping:
     """The group attribute ``features``: what optional variables the group's steps carry."""
     return group.group.attrs.get("features", {})
+
+
+def check_memory_budget(budget: int | None) -> None:
+    """A memory budget (of a run or a baseline) is None, for :func:`default_memory_budget`, or a
+    positive number of bytes."""
+    if budget is not None and budget <= 0:
+        raise InputError(f"--memory-budget must be positive, got {budget} bytes")
 
 
 def default_memory_budget() -> int:

@@ -150,7 +150,7 @@ class OrbaxModel:
     """
 
     def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory)
+        self.directory = Path(directory).expanduser().absolute()  # orbax takes absolute paths only
         if not self.directory.is_dir():
             raise InputError(f"{self.directory}: not an orbax checkpoint directory")
         self.config = read_json(self.directory / "config.json")
@@ -217,7 +217,7 @@ class FlaxMsgpackModel:
     FILENAME = "flax_model.msgpack"
 
     def __init__(self, path: str | os.PathLike):
-        path = Path(path)
+        path = Path(path).expanduser().absolute()
         self.file = path / self.FILENAME if path.is_dir() else path
         if not self.file.is_file():
             raise InputError(f"{path}: no Flax msgpack file ({self.FILENAME}) found")

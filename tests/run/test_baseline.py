@@ -233,3 +233,13 @@ def test_a_baseline_group_beside_a_model_is_not_taken_for_a_model(tmp_path, neox
 
     assert list(json.loads(shown.output)["models"]) == ["gpt_neox"]
     assert spinjax.open_store(store).models == ["gpt_neox"]
+
+
+@pytest.mark.parametrize("budget", [0, -1])
+def test_non_positive_memory_budget_refused_before_writing(budget, tmp_path):
+    from spinjax.errors import InputError
+    from spinjax.run.baseline import run_baseline
+
+    with pytest.raises(InputError, match=rf"--memory-budget must be positive, got {budget} bytes"):
+        run_baseline(8, 2, store_path=tmp_path / "s.zarr", samples=4, memory_budget=budget)
+    assert not (tmp_path / "s.zarr").exists()

@@ -248,14 +248,26 @@ def file_stem(name: str, sel: Selection) -> str:
     return "_".join(parts)
 
 
+# The most pixels one image may have (512 MB as RGBA): figures grow with the number of heads
+# (the histogram grid of a 128-head layer is 84 inches tall), so --dpi alone does not bound them.
+MAX_PIXELS = 1 << 27
+
+
 def save(
     fig: Figure, stem: str | Path, *, formats: tuple[str, ...] = ("png", "pdf"), dpi: int = 100
 ) -> list[Path]:
     """Write ``stem.png``, ``stem.pdf`` (and ``stem.gif`` for an animated figure); return paths.
 
-    A destination that cannot be written is a :class:`~spinjax.errors.WriteError` naming it.
+    An image of more than :data:`MAX_PIXELS`, or a destination that cannot be written, is an
+    :class:`~spinjax.errors.InputError` naming it.
     """
     stem = Path(stem)
+    width, height = fig.get_size_inches() * dpi
+    if width * height > MAX_PIXELS:
+        raise InputError(
+            f"--dpi {dpi}: {stem.name} would be {width:.0f} x {height:.0f} pixels, more than "
+            f"{MAX_PIXELS}; lower --dpi"
+        )
     paths = []
     with writing_to(stem.parent, "the figure"):
         stem.parent.mkdir(parents=True, exist_ok=True)
