@@ -22,6 +22,7 @@ import pytest
 import xarray as xr
 import zarr
 from click.testing import CliRunner
+from conftest import NEOX as NEOX_DIR
 
 import spinjax
 from spinjax.analysis.view import make_server
@@ -30,7 +31,6 @@ from spinjax.cli import main
 from spinjax.sources.tinypythia import STEPS
 
 TP, NEOX = "tiny-pythia", "gpt_neox"
-NEOX_DIR = Path(__file__).parents[1] / "fixtures" / "extraction" / "gpt_neox"
 
 
 @contextmanager
