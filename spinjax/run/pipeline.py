@@ -56,6 +56,7 @@ def run(model: str, options: RunOptions | None = None, progress: Progress | None
     """
     options = options or RunOptions()
     progress = progress or Progress()
+    check_can_hold(options.store)  # a file or a foreign folder is not a store
     check_writable(options.store, "the store")  # before any compute
     one_blas_thread_under_lapack()
     source = variant_source(model, options.variant)
