@@ -25,6 +25,7 @@ import json
 import socket
 import sys
 import threading
+import traceback
 import webbrowser
 from collections.abc import Callable
 from http import HTTPStatus
@@ -130,8 +131,6 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # noqa: BLE001 - one line, never a traceback to the client
             print(f"spinjax view: {self.path[:200]}: {type(exc).__name__}: {exc}", file=sys.stderr)
             if self.server.debug:
-                import traceback
-
                 traceback.print_exc()
             self._json({"error": "internal error"}, HTTPStatus.INTERNAL_SERVER_ERROR)
 
