@@ -11,8 +11,8 @@ import pytest
 # trajectories or compiles and draws a null ensemble: every test that needs one is in the slow
 # tier (`pytest -m "not slow"` skips it). Tests slow on their own carry @pytest.mark.slow.
 SLOW_FIXTURES = {
-    "tiny_pythia", "tiny_pythia_ready", "trajectory_store", "study_store", "derived_store", "known_nulls",
-    "null_and_heads",
+    "tiny_pythia", "tiny_pythia_ready", "trajectory_store", "study_store", "study_ds", "study_null",
+    "derived_store", "known_nulls", "null_and_heads",
 }
 
 
@@ -136,3 +136,19 @@ def study_store(tmp_path_factory, tiny_pythia_ready) -> Path:
     for d_head in (4, 16, 32):
         run_baseline(64, d_head, store_path=path, samples=STUDY_NULL_SAMPLES)
     return path
+
+
+@pytest.fixture(scope="session")
+def study_ds(study_store):
+    """tiny-pythia's dataset in the study store (finished steps)."""
+    import spinjax
+
+    return spinjax.open_store(study_store)["tiny-pythia"]
+
+
+@pytest.fixture(scope="session")
+def study_null(study_store):
+    """The study store's null ensemble of tiny-pythia's geometry (baseline/64x16)."""
+    from spinjax.analysis import study
+
+    return study.open_baselines(study_store)["64x16"]

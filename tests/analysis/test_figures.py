@@ -12,7 +12,6 @@ from click.testing import CliRunner
 from conftest import STUDY_STEPS
 from matplotlib.colors import CenteredNorm
 
-import spinjax
 from spinjax.analysis import figures, rmt, study
 from spinjax.cli import main
 from spinjax.errors import InputError
@@ -20,16 +19,6 @@ from spinjax.errors import InputError
 TP = "tiny-pythia"
 LAYER, HEAD = 2, 1
 LAST = STUDY_STEPS[-1]
-
-
-@pytest.fixture(scope="module")
-def ds(study_store):
-    return spinjax.open_store(study_store)[TP]
-
-
-@pytest.fixture(scope="module")
-def null(study_store):
-    return study.open_baselines(study_store)["64x16"]
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +37,15 @@ def _band(ds, null, name, **where):
 # ---- the null on the one-step figures ----------------------------------------------------
 
 
-def test_heads_draw_the_null_band_at_each_heads_scale(sel, ds, null):
+def test_heads_draw_the_null_band_at_each_heads_scale(sel, study_ds, study_null):
     fig = figures.make_figure("heads", sel)
     for ax, name in zip(_axes(fig), ("std", "entropy"), strict=True):
         segments = ax.collections[0].get_segments()  # one bar per head, layer-major
-        band = _band(ds, null, name, step=LAST, matrix="W_QK").transpose("layer", "head", "band").values
+        band = (
+            _band(study_ds, study_null, name, step=LAST, matrix="W_QK")
+            .transpose("layer", "head", "band")
+            .values
+        )
         band = band.reshape(16, 3)
         np.testing.assert_allclose([s[0][1] for s in segments], band[:, 0], rtol=1e-6)
         np.testing.assert_allclose([s[1][1] for s in segments], band[:, 2], rtol=1e-6)
@@ -61,12 +54,12 @@ def test_heads_draw_the_null_band_at_each_heads_scale(sel, ds, null):
     assert "random heads (null), 95% band at each head's scale" in labels
 
 
-def test_entropy_std_draws_the_random_wqk_curve(sel, null):
+def test_entropy_std_draws_the_random_wqk_curve(sel, study_null):
     fig = figures.make_figure("entropy-std", sel)
     ax0, ax1 = _axes(fig)
     data, gauss, curve = ax0.get_lines()[:3]
     s = gauss.get_xdata()
-    g = null.sel(matrix="W_QK")
+    g = study_null.sel(matrix="W_QK")
     offset = g["entropy_mm"].values.astype(np.float64) - np.log(g["std"].values.astype(np.float64))
     np.testing.assert_allclose(curve.get_ydata(), np.log(s) + offset.mean(), rtol=1e-6)
     assert "random heads of tiny-pythia's geometry, 95%" in [
@@ -81,34 +74,36 @@ def test_entropy_std_draws_the_random_wqk_curve(sel, null):
     assert mean_line.get_ydata()[0] == pytest.approx(resid.mean(), rel=1e-5)
 
 
-def test_fit_kl_draws_the_null_kl(sel, null):
+def test_fit_kl_draws_the_null_kl(sel, study_null):
     fig = figures.make_figure("fit-kl-std", sel)
     ax1 = _axes(fig)[1]
     mean_line = [ln for ln in ax1.get_lines() if ln.get_linestyle() == "--"][0]
-    kl = null["kl_gauss_mm"].sel(matrix="W_QK").values.astype(np.float64)
+    kl = study_null["kl_gauss_mm"].sel(matrix="W_QK").values.astype(np.float64)
     assert mean_line.get_ydata()[0] == pytest.approx(kl.mean(), rel=1e-5)
     plugin = figures.make_figure("fit-kl-std", figures.select(sel.store, TP, estimator="plugin"))
     line = [ln for ln in _axes(plugin)[1].get_lines() if ln.get_linestyle() == "--"][0]
-    assert line.get_ydata()[0] == pytest.approx(null["kl_gauss"].sel(matrix="W_QK").values.mean(), rel=1e-5)
+    assert line.get_ydata()[0] == pytest.approx(
+        study_null["kl_gauss"].sel(matrix="W_QK").values.mean(), rel=1e-5
+    )
 
 
-def test_corner_shades_the_null_skew_and_kurt(sel, null):
+def test_corner_shades_the_null_skew_and_kurt(sel, study_null):
     fig = figures.make_figure("corner", sel)
     panel = _axes(fig)[8]  # kurt (row 3) vs skew (column 2)
     spans = [p.get_extents() for p in panel.patches]
     assert len(spans) == 2  # the skew band (vertical) and the kurt band (horizontal)
-    kurt = null["kurt"].sel(matrix="W_QK").values.astype(np.float64)
+    kurt = study_null["kurt"].sel(matrix="W_QK").values.astype(np.float64)
     ys = sorted(panel.transData.inverted().transform(spans[1])[:, 1])
     np.testing.assert_allclose(ys, np.quantile(kurt, [0.025, 0.975]), rtol=1e-4)
     overview = _axes(fig)[10]
-    cloud = [c for c in overview.collections if c.get_offsets().shape[0] == null.sizes["sample"]][0]
+    cloud = [c for c in overview.collections if c.get_offsets().shape[0] == study_null.sizes["sample"]][0]
     np.testing.assert_allclose(cloud.get_offsets()[:, 1], kurt, rtol=1e-6)
 
 
-def test_spectrum_draws_the_null_at_the_layers_scale(sel, ds, null):
+def test_spectrum_draws_the_null_at_the_layers_scale(sel, study_ds, study_null):
     fig = figures.make_figure("spectrum", sel)
     ax0, ax1, ax2 = _axes(fig)
-    band = _band(ds, null, "singular_values", step=LAST, layer=LAYER, matrix="W_QK").mean("head")
+    band = _band(study_ds, study_null, "singular_values", step=LAST, layer=LAYER, matrix="W_QK").mean("head")
     mean = [ln for ln in ax0.get_lines() if ln.get_linestyle() == "--"][0]
     np.testing.assert_allclose(mean.get_ydata(), band.sel(band="mean").values, rtol=1e-6)
     assert [t.get_text() for t in ax1.get_yticklabels()][-1] == "null (mean)"
@@ -117,51 +112,57 @@ def test_spectrum_draws_the_null_at_the_layers_scale(sel, ds, null):
     assert len(ax2.patches) == 2  # the layer's pooled density and the null's
 
 
-def test_depth_draws_the_null(sel, ds, null):
+def test_depth_draws_the_null(sel, study_ds, study_null):
     fig = figures.make_figure("depth", sel)
     ax = _axes(fig)[2]  # W_QK
     dotted = [ln for ln in ax.get_lines() if ln.get_linestyle() == ":"]
-    band = study.null_band(ds.sel(step=LAST), null, "std").mean("head").sel(matrix="W_QK")
+    band = study.null_band(study_ds.sel(step=LAST), study_null, "std").mean("head").sel(matrix="W_QK")
     np.testing.assert_allclose(dotted[0].get_ydata(), band.sel(band="lower").values, rtol=1e-6)
     np.testing.assert_allclose(dotted[1].get_ydata(), band.sel(band="upper").values, rtol=1e-6)
 
 
-def test_core_fit_and_trajectories_draw_the_null(sel, ds, null):
+def test_core_fit_and_trajectories_draw_the_null(sel, study_ds, study_null):
     fig = figures.make_figure("core-fit", sel)
     ax1 = _axes(fig)[1]
-    kl = _band(ds, null, "kl_gauss", step=LAST, matrix="W_QK").mean("head").transpose("layer", "band")
+    kl = (
+        _band(study_ds, study_null, "kl_gauss", step=LAST, matrix="W_QK")
+        .mean("head")
+        .transpose("layer", "band")
+    )
     mean = [ln for ln in ax1.get_lines() if ln.get_linestyle() == "--"][0]
     np.testing.assert_allclose(mean.get_ydata(), kl.sel(band="mean").values, rtol=1e-6)
     fig = figures.make_figure("std-kl-steps", sel)
     ax0 = _axes(fig)[0]
-    std = _band(ds, null, "std", layer=LAYER, matrix="W_QK").mean("head").transpose("step", "band")
+    std = (
+        _band(study_ds, study_null, "std", layer=LAYER, matrix="W_QK").mean("head").transpose("step", "band")
+    )
     mean = [ln for ln in ax0.get_lines() if ln.get_linestyle() == "--"][0]
     np.testing.assert_array_equal(mean.get_xdata(), STUDY_STEPS)
     np.testing.assert_allclose(mean.get_ydata(), std.sel(band="mean").values, rtol=1e-6)
 
 
-def test_z_scores_use_a_diverging_map_centred_on_zero(study_store, ds):
+def test_z_scores_use_a_diverging_map_centred_on_zero(study_store, study_ds):
     sel = figures.select(study_store, TP, stat="kurt_z")
     for name in ("stat-steps", "animation"):
         image = _axes(figures.make_figure(name, sel))[0].get_images()[0]
         assert image.get_cmap().name == "RdBu_r" and isinstance(image.norm, CenteredNorm)
         assert image.norm.vcenter == 0
     img = np.asarray(_axes(figures.make_figure("stat-steps", sel))[0].get_images()[0].get_array())
-    kurt_z = ds["kurt_z"].sel(matrix="W_QK").transpose("layer", "head", "step").values
+    kurt_z = study_ds["kurt_z"].sel(matrix="W_QK").transpose("layer", "head", "step").values
     np.testing.assert_array_equal(img, kurt_z.reshape(16, -1))
 
 
 # ---- dynamics ----------------------------------------------------------------------------
 
 
-def test_mode_overlap(sel, ds, study_store):
+def test_mode_overlap(sel, study_ds, study_store):
     fig = figures.make_figure("mode-overlap", sel)
     axes = [ax for ax in _axes(fig) if ax.axison]
     assert len(axes) == 2 * (len(STUDY_STEPS) - 1)
     titles = [ax.get_title() for ax in axes]
     assert "16 → 128, left" in titles and "512 → 1280, right" in titles
     ax = axes[titles.index("128 → 512, right")]
-    o = ds["overlap_right"].sel(step=512, layer=LAYER, head=HEAD).values
+    o = study_ds["overlap_right"].sel(step=512, layer=LAYER, head=HEAD).values
     np.testing.assert_allclose(np.asarray(ax.get_images()[0].get_array()), np.abs(o))
     one = figures.make_figure(
         "mode-overlap", figures.select(study_store, TP, step=512, layer=LAYER, head=HEAD)
@@ -171,29 +172,34 @@ def test_mode_overlap(sel, ds, study_store):
         figures.make_figure("mode-overlap", figures.select(study_store, TP, step=0))
 
 
-def test_mode_events(sel, ds):
+def test_mode_events(sel, study_ds):
     fig = figures.make_figure("mode-events", sel)
     ax0, ax1 = _axes(fig)
-    k = ds.sizes["mode"]
-    s = ds["singular_values"].sel(layer=LAYER, head=HEAD, matrix="W_QK").values[:, :k].astype(np.float64)
+    k = study_ds.sizes["mode"]
+    s = (
+        study_ds["singular_values"]
+        .sel(layer=LAYER, head=HEAD, matrix="W_QK")
+        .values[:, :k]
+        .astype(np.float64)
+    )
     for j in (0, k - 1):
         np.testing.assert_allclose(ax0.get_lines()[j].get_ydata(), s[:, j])
-    events = ds["mode_event"].sel(layer=LAYER, head=HEAD).values
+    events = study_ds["mode_event"].sel(layer=LAYER, head=HEAD).values
     for collection, code in zip(ax0.collections, (1, 2), strict=True):
         i, j = np.nonzero(events[:, : k - 1] == code)
         np.testing.assert_allclose(collection.get_offsets()[:, 0], np.asarray(STUDY_STEPS)[i])
         np.testing.assert_allclose(collection.get_offsets()[:, 1], np.sqrt(s[i, j] * s[i, j + 1]), rtol=1e-6)
-    every = ds["mode_event"].values
+    every = study_ds["mode_event"].values
     heights = [p.get_height() for p in ax1.patches]
     n = len(STUDY_STEPS)
     np.testing.assert_array_equal(heights[:n], (every == 1).sum(axis=(1, 2, 3)))
     np.testing.assert_array_equal(heights[n:], (every == 2).sum(axis=(1, 2, 3)))
 
 
-def test_divergence_steps(sel, ds):
+def test_divergence_steps(sel, study_ds):
     fig = figures.make_figure("divergence-steps", sel)
     for ax, var in zip(_axes(fig), ("kl_first", "js_first", "change_js"), strict=True):
-        v = ds[var].sel(matrix="W_QK").transpose("step", "layer", "head").values.astype(np.float64)
+        v = study_ds[var].sel(matrix="W_QK").transpose("step", "layer", "head").values.astype(np.float64)
         line = ax.get_lines()[LAYER]
         np.testing.assert_array_equal(line.get_xdata(), STUDY_STEPS)
         want = v[:, LAYER].mean(axis=1)
@@ -202,7 +208,7 @@ def test_divergence_steps(sel, ds):
     assert _axes(fig)[0].get_ylabel() == "KL(P_step ‖ P_first) (nats)"
 
 
-def test_dynamics_figures_use_step_only_where_they_show_it(study_store, ds):
+def test_dynamics_figures_use_step_only_where_they_show_it(study_store, study_ds):
     plain = figures.select(study_store, TP, layer=LAYER, head=HEAD)
     at512 = figures.select(study_store, TP, step=512, layer=LAYER, head=HEAD)
     assert figures.file_stem("std-kl-steps", at512) == "tiny-pythia_std-kl-steps_layer2"
@@ -221,22 +227,24 @@ def test_dynamics_figures_use_step_only_where_they_show_it(study_store, ds):
 # ---- heads as points ---------------------------------------------------------------------
 
 
-def test_head_pairs(sel, ds):
+def test_head_pairs(sel, study_ds):
     fig = figures.make_figure("head-pairs", sel)
     axes = [ax for ax in _axes(fig) if ax.axison]
     titles = [ax.get_title() for ax in axes]
     cos = np.asarray(axes[titles.index("L2: cosine")].get_images()[0].get_array().filled(np.nan))
-    want = ds["qk_cosine"].sel(step=LAST, layer=LAYER).values.astype(np.float64)
+    want = study_ds["qk_cosine"].sel(step=LAST, layer=LAYER).values.astype(np.float64)
     np.fill_diagonal(want, np.nan)
     np.testing.assert_allclose(cos, want, rtol=1e-6)
     js = np.asarray(axes[titles.index("L2: JS")].get_images()[0].get_array().filled(np.nan))
     assert np.isnan(np.diag(js)).all()
-    np.testing.assert_allclose(js[0, 1:], ds["js_head"].sel(step=LAST, layer=LAYER).values[0, 1:], rtol=1e-6)
+    np.testing.assert_allclose(
+        js[0, 1:], study_ds["js_head"].sel(step=LAST, layer=LAYER).values[0, 1:], rtol=1e-6
+    )
     image = axes[0].get_images()[0]
     assert image.get_cmap().name == "RdBu_r" and image.norm.vcenter == 0
 
 
-def test_head_dendrogram(sel, ds):
+def test_head_dendrogram(sel, study_ds):
     fig = figures.make_figure("head-dendrogram", sel)
     ax = _axes(fig)[0]
     leaves = [t.get_text() for t in ax.get_xticklabels()]
@@ -247,12 +255,12 @@ def test_head_dendrogram(sel, ds):
 
 
 @pytest.mark.slow
-def test_trajectory_map_figure(sel, ds):
+def test_trajectory_map_figure(sel, study_ds):
     from spinjax.analysis import headmaps
 
     fig = figures.make_figure("trajectory-map", sel)
     ax0, ax1, ax2 = _axes(fig)
-    points = headmaps.trajectory_map(ds)
+    points = headmaps.trajectory_map(study_ds)
     path = ax0.get_lines()[LAYER * 4 + HEAD]  # one path per head, layer-major
     mine = points[(points["layer"] == LAYER) & (points["head"] == HEAD)].sort_values("step")
     np.testing.assert_allclose(path.get_xdata(), mine["x"].values)
@@ -267,7 +275,7 @@ def test_trajectory_map_figure(sel, ds):
 # ---- the null figures --------------------------------------------------------------------
 
 
-def test_null_matrix_curves_are_the_formulas(sel, null):
+def test_null_matrix_curves_are_the_formulas(sel, study_null):
     fig = figures.make_figure("null-matrix", sel)
     ax0, ax1, ax2 = _axes(fig)
     d, dh = 64, 16
@@ -284,7 +292,7 @@ def test_null_matrix_curves_are_the_formulas(sel, null):
     mp = lines["full-rank: Marchenko-Pastur (ratio 1) quantiles"]
     np.testing.assert_allclose(mp.get_ydata(), math.sqrt(dh) * rmt.singular_value_quantiles(d))
     nonzero = lines[f"W_QK: {dh} non-zero (null mean, 95%)"]
-    s = null["singular_values"].sel(matrix="W_QK").values.astype(np.float64) / math.sqrt(d)
+    s = study_null["singular_values"].sel(matrix="W_QK").values.astype(np.float64) / math.sqrt(d)
     np.testing.assert_allclose(nonzero.get_ydata(), s.mean(axis=0), rtol=1e-6)
     assert len(lines[f"W_QK: {d - dh} singular values exactly 0 (drawn at the floor)"].get_xdata()) == d - dh
     lines = {ln.get_label(): ln for ln in ax2.get_lines()}

@@ -11,21 +11,10 @@ import pytest
 from conftest import STUDY_NULL_SAMPLES, STUDY_STEPS
 from scipy import integrate
 
-import spinjax
 from spinjax.analysis import headmaps, rmt, study
 from spinjax.errors import InputError
 
 TP = "tiny-pythia"
-
-
-@pytest.fixture(scope="module")
-def ds(study_store):
-    return spinjax.open_store(study_store)[TP]
-
-
-@pytest.fixture(scope="module")
-def null(study_store):
-    return study.open_baselines(study_store)["64x16"]
 
 
 # ---- analytic laws -----------------------------------------------------------------------
@@ -117,8 +106,8 @@ def test_negentropy_and_null_curves():
 # ---- estimators, null bands --------------------------------------------------------------
 
 
-def test_statistic_estimators(ds):
-    at = ds.isel(step=-1)
+def test_statistic_estimators(study_ds):
+    at = study_ds.isel(step=-1)
     mm = study.statistic(at, "entropy")
     assert mm.name == "entropy_mm" and mm.attrs["label"] == "entropy S (nats) (Miller-Madow)"
     np.testing.assert_array_equal(mm.values, at["entropy_mm"].values)
@@ -151,26 +140,28 @@ def test_scale_rules_match_the_kernels():
     assert set(study.SCALE_LOG) == set(kn.SCALE_LOG)
 
 
-def test_matched_scale_matches_the_kernels(ds, null):
+def test_matched_scale_matches_the_kernels(study_ds, study_null):
     from spinjax.kernels import matched_scale
 
-    ours = study.matched_scale(ds, null).transpose("step", "layer", "head", "matrix").values
+    ours = study.matched_scale(study_ds, study_null).transpose("step", "layer", "head", "matrix").values
     theirs = np.asarray(
         matched_scale(
-            ds["frobenius_norm"].transpose("step", "layer", "head", "matrix").values, d_model=64, d_head=16
+            study_ds["frobenius_norm"].transpose("step", "layer", "head", "matrix").values,
+            d_model=64,
+            d_head=16,
         )
     )
     np.testing.assert_allclose(ours, theirs, rtol=1e-6)
 
 
-def test_null_band_is_the_baseline_quantiles_at_each_heads_scale(ds, null):
+def test_null_band_is_the_baseline_quantiles_at_each_heads_scale(study_ds, study_null):
     """kurt (scale-free): the group's quantiles as they are; std: times each matrix's matched
     scale; entropy: shifted by its log; singular values: per index."""
     from spinjax.kernels import matched_scale
 
-    assert null.sizes["sample"] == STUDY_NULL_SAMPLES
+    assert study_null.sizes["sample"] == STUDY_NULL_SAMPLES
     scale = np.asarray(
-        matched_scale(ds["frobenius_norm"].values, d_model=64, d_head=16)
+        matched_scale(study_ds["frobenius_norm"].values, d_model=64, d_head=16)
     )  # (step, layer, head, 3)
     pick = {"step": STUDY_STEPS[-1], "layer": 2, "head": 1}
     s = scale[-1, 2, 1]
@@ -179,25 +170,25 @@ def test_null_band_is_the_baseline_quantiles_at_each_heads_scale(ds, null):
         ("std", "std", lambda q, m: q * s[m]),
         ("entropy", "entropy_mm", lambda q, m: q + np.log(s[m])),
     ):
-        band = study.null_band(ds, null, name).sel(**pick)
+        band = study.null_band(study_ds, study_null, name).sel(**pick)
         assert band.dims == ("matrix", "band")
         for m in range(3):
-            x = null[stored].values[:, m].astype(np.float64)
+            x = study_null[stored].values[:, m].astype(np.float64)
             want = transform(np.array([np.quantile(x, 0.025), x.mean(), np.quantile(x, 0.975)]), m)
             np.testing.assert_allclose(band.values[m], want, rtol=1e-6, err_msg=name)
-    sv = study.null_band(ds, null, "singular_values").sel(**pick, matrix="W_QK")
-    x = null["singular_values"].sel(matrix="W_QK").values.astype(np.float64)
+    sv = study.null_band(study_ds, study_null, "singular_values").sel(**pick, matrix="W_QK")
+    x = study_null["singular_values"].sel(matrix="W_QK").values.astype(np.float64)
     np.testing.assert_allclose(sv.sel(band="upper").values, np.quantile(x, 0.975, axis=0) * s[2], rtol=1e-6)
-    # the band is what `run --null` scores against: a head's std_z is its distance from the mean
-    band = study.null_band(ds, null, "std").sel(**pick, matrix="W_QK")
-    z = (float(ds["std"].sel(**pick, matrix="W_QK")) - float(band.sel(band="mean"))) / (
-        null["std"].sel(matrix="W_QK").values.std(ddof=1) * s[2]
+    # the band is what `run --study_null` scores against: a head's std_z is its distance from the mean
+    band = study.null_band(study_ds, study_null, "std").sel(**pick, matrix="W_QK")
+    z = (float(study_ds["std"].sel(**pick, matrix="W_QK")) - float(band.sel(band="mean"))) / (
+        study_null["std"].sel(matrix="W_QK").values.std(ddof=1) * s[2]
     )
-    assert z == pytest.approx(float(ds["std_z"].sel(**pick, matrix="W_QK")), rel=1e-4, abs=1e-4)
+    assert z == pytest.approx(float(study_ds["std_z"].sel(**pick, matrix="W_QK")), rel=1e-4, abs=1e-4)
 
 
-def test_model_baseline_and_sweep(study_store, ds):
-    key, null = study.model_baseline(study_store, ds)
+def test_model_baseline_and_sweep(study_store, study_ds):
+    key, null = study.model_baseline(study_store, study_ds)
     assert key == "64x16" and int(null.attrs["samples"]) == STUDY_NULL_SAMPLES
     assert list(study.open_baselines(study_store)) == ["64x4", "64x16", "64x32"]
     sweep = study.baseline_sweep(study_store)
@@ -217,15 +208,15 @@ def test_model_baseline_and_sweep(study_store, ds):
         study.baseline_sweep(study_store, 100)
 
 
-def test_depth_profile(ds, null):
-    at = ds.isel(step=-1)
-    prof = study.depth_profile({TP: at}, "kurt", nulls={TP: null})[TP]
+def test_depth_profile(study_ds, study_null):
+    at = study_ds.isel(step=-1)
+    prof = study.depth_profile({TP: at}, "kurt", nulls={TP: study_null})[TP]
     np.testing.assert_allclose(prof["layer_fraction"].values, [0, 1 / 3, 2 / 3, 1])
     kurt = at["kurt"].sel(matrix="W_QK").values.astype(np.float64)
     np.testing.assert_allclose(
         prof["value"].sel(matrix="W_QK").values, np.stack([kurt.min(1), kurt.mean(1), kurt.max(1)], axis=1)
     )
-    band = study.null_band(at, null, "kurt").mean("head").sel(matrix="W_QK")
+    band = study.null_band(at, study_null, "kurt").mean("head").sel(matrix="W_QK")
     np.testing.assert_allclose(prof["null"].sel(matrix="W_QK").values, band.values)
 
 
@@ -239,8 +230,8 @@ def test_rebin_conserves_and_splits_by_width():
     np.testing.assert_allclose(study.rebin(counts, edges, np.array([-1.0, 4.0])), [[6.0]])  # tails dropped
 
 
-def test_raw_density_integrates_to_the_share_inside(ds):
-    d = ds.isel(step=-1).sel(matrix="W_QK", layer=0)
+def test_raw_density_integrates_to_the_share_inside(study_ds):
+    d = study_ds.isel(step=-1).sel(matrix="W_QK", layer=0)
     edges = np.linspace(-1, 1, 201)
     dens = study.raw_density(d, edges)
     assert dens.dims == ("head", "value")
@@ -257,61 +248,63 @@ def test_pick_steps():
 # ---- heads as points ---------------------------------------------------------------------
 
 
-def test_js_matrix_matches_the_kernel(ds):
+def test_js_matrix_matches_the_kernel(study_ds):
     from spinjax.kernels import pairwise_js
 
-    hist = ds["hist"].isel(step=-1).sel(matrix="W_QK").values.reshape(16, -1)
+    hist = study_ds["hist"].isel(step=-1).sel(matrix="W_QK").values.reshape(16, -1)
     np.testing.assert_allclose(headmaps.js_matrix(hist), pairwise_js(hist), atol=2e-6)
 
 
-def test_head_distances(ds):
+def test_head_distances(study_ds):
     step = STUDY_STEPS[-1]
-    cos = headmaps.head_distances(ds, step, kind="cosine")
-    np.testing.assert_array_equal(cos.values, ds["qk_cosine"].sel(step=step).values)
-    js = headmaps.head_distances(ds, step, kind="js", scope="model")
+    cos = headmaps.head_distances(study_ds, step, kind="cosine")
+    np.testing.assert_array_equal(cos.values, study_ds["qk_cosine"].sel(step=step).values)
+    js = headmaps.head_distances(study_ds, step, kind="js", scope="model")
     assert js.dims == ("unit", "unit2") and js.shape == (16, 16)
-    np.testing.assert_allclose(js.values[4:8, 4:8], ds["js_head"].sel(step=step, layer=1).values, atol=2e-6)
+    np.testing.assert_allclose(
+        js.values[4:8, 4:8], study_ds["js_head"].sel(step=step, layer=1).values, atol=2e-6
+    )
     assert list(js["layer"].values[:5]) == [0, 0, 0, 0, 1] and list(js["head"].values[:5]) == [0, 1, 2, 3, 0]
     with pytest.raises(InputError, match="--pairs model"):
-        headmaps.head_distances(ds, step, kind="cosine", scope="model")
+        headmaps.head_distances(study_ds, step, kind="cosine", scope="model")
 
 
-def test_ward_tree(ds):
+def test_ward_tree(study_ds):
     from scipy.cluster.hierarchy import linkage
     from scipy.spatial.distance import squareform
 
-    tree, labels = headmaps.ward_tree(ds, STUDY_STEPS[-1], kind="js")
+    tree, labels = headmaps.ward_tree(study_ds, STUDY_STEPS[-1], kind="js")
     assert tree.shape == (15, 4) and labels[:5] == ["L0H0", "L0H1", "L0H2", "L0H3", "L1H0"]
-    js = headmaps.head_distances(ds, STUDY_STEPS[-1], kind="js", scope="model").values
+    js = headmaps.head_distances(study_ds, STUDY_STEPS[-1], kind="js", scope="model").values
     np.fill_diagonal(js, 0)
     np.testing.assert_allclose(tree, linkage(squareform(np.sqrt(js), checks=False), "ward"), rtol=1e-9)
 
 
-def test_trajectory_features(ds):
-    f = headmaps.trajectory_features(ds)
+def test_trajectory_features(study_ds):
+    f = headmaps.trajectory_features(study_ds)
     assert len(f) == 16 * len(STUDY_STEPS) and f.index.names == ["layer", "head", "step"]
     assert "W_QK:kl_gauss" in f.columns and "W_Q:std" in f.columns
     np.testing.assert_allclose(f.mean().values, 0, atol=1e-9)
     np.testing.assert_allclose(f.std().values, 1, rtol=1e-9)
     row = f.loc[(1, 2, 512)]
-    col = np.log(ds["std"].sel(matrix="W_QK").values.astype(np.float64)).ravel()
-    one = math.log(float(ds["std"].sel(step=512, layer=1, head=2, matrix="W_QK")))
+    col = np.log(study_ds["std"].sel(matrix="W_QK").values.astype(np.float64)).ravel()
+    one = math.log(float(study_ds["std"].sel(step=512, layer=1, head=2, matrix="W_QK")))
     assert row["W_QK:std"] == pytest.approx((one - col.mean()) / col.std(ddof=1))
 
 
 @pytest.mark.slow
-def test_trajectory_map(ds):
+def test_trajectory_map(study_ds):
     """UMAP (numba compiles it on first use: slow) with a fixed random_state, kNN and HDBSCAN."""
-    a = headmaps.trajectory_map(ds)
+    a = headmaps.trajectory_map(study_ds)
     assert list(a.columns) == ["layer", "head", "step", "x", "y", "cluster"] and len(a) == 16 * len(
         STUDY_STEPS
     )
     assert np.isfinite(a[["x", "y"]].values).all() and a["cluster"].min() >= -1
     nb = a.attrs["neighbours"]
     assert nb.shape == (len(a), 5) and not np.any(nb == np.arange(len(a))[:, None])
-    feats = headmaps.trajectory_features(ds).values
+    feats = headmaps.trajectory_features(study_ds).values
     dist = np.linalg.norm(feats[:, None] - feats[None], axis=-1)
     np.fill_diagonal(dist, np.inf)
     np.testing.assert_array_equal(np.sort(nb, 1), np.sort(np.argsort(dist, 1)[:, :5], 1))
-    b = headmaps.trajectory_map(ds)
+    b = headmaps.trajectory_map(study_ds)
     np.testing.assert_array_equal(a[["x", "y"]].values, b[["x", "y"]].values)  # reproducible
