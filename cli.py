@@ -10,22 +10,29 @@ Each command imports the stage it calls when it runs, so that ``spinjax --help``
 from __future__ import annotations
 
 import json
+import logging
+import re
 import sys
 import traceback
 from contextlib import contextmanager
+from decimal import Decimal
 from pathlib import Path
 
 import click
 
-from spinjax.errors import InputError
+from spinjax.errors import InputError, check_writable, shown
+from spinjax.run import interrupt
 from spinjax.sources.layouts import VARIANTS
+from spinjax.store.check import find_damage
 from spinjax.store.schema import DEFAULT_STORE
 from spinjax.version import __version__
 
 
 @contextmanager
-def _errors(debug: bool):
-    """Turn bad input into exit 2 and anything else into exit 1, without a traceback."""
+def _errors(debug: bool, store: Path | None = None):
+    """Turn bad input into exit 2 and anything else into exit 1, without a traceback. A
+    failure of a command reading ``store`` that comes from damage in the store (an unreadable
+    chunk, broken metadata) is bad input too: the message names the damaged file and the repair."""
     try:
         yield
     except InputError as exc:
@@ -36,26 +43,82 @@ def _errors(debug: bool):
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         sys.exit(0)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:  # Interrupted says where the run stopped
+        _interrupted(str(exc))
     except Exception as exc:  # noqa: BLE001 - the CLI boundary
         if debug:
             traceback.print_exc()
+        damage = find_damage(store) if store is not None else None
+        if damage:
+            click.echo(f"error: damaged store: {damage}", err=True)
+            sys.exit(2)
         click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug)", err=True)
         sys.exit(1)
 
 
-def _parse_size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
+class Size(click.ParamType):
+    """A positive number of bytes below 1 EiB: ``2GB``, ``512MiB``, ``1.5g``, ``1e9`` (units
+    are binary). Read as a decimal, so ``infGB`` or ``1e400g`` are refused, not overflowed."""
+
+    name = "size"
+    UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    PATTERN = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d{1,4})?)\s*([kmgt]?)(?:i?b)?\s*", re.I)
+    LIMIT = 1 << 60
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        match = self.PATTERN.fullmatch(value)
+        if not match:
+            self.fail(f"{shown(value)} is not a size like 2GB or 512MiB", param, ctx)
+        size = Decimal(match[1]) * self.UNITS[match[2].lower()]
+        if not 1 <= size < self.LIMIT:
+            self.fail(f"{shown(value)}: a size must be at least 1 byte and below 1 EiB", param, ctx)
+        return int(size)
+
+
+def _folder(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
+    """An output folder: one that exists, or that can be made there (nothing is made yet)."""
     try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a size like 2GB or 512MiB") from None
+        check_writable(value)
+    except InputError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+    return value
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Below 20 dpi the smallest legend font is under a pixel and FreeType fails; above 600, print
+# quality, images run to gigabytes (plots.save also caps the pixels of each image).
+DPI_RANGE = (20, 600)
+
+
+class _Commands(click.Group):
+    """The command group; Ctrl-C is handled from its first instant and exits 130 wherever it
+    lands (click alone says "Aborted!" and exits 1, and one swallowed by a callback was lost)."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        with interrupt.remembered():
+            try:
+                code = super().main(*args, standalone_mode=False, **kwargs)  # ctx.exit(n) returns n
+            except click.exceptions.Abort:
+                _interrupted()
+            except click.exceptions.Exit as exc:
+                sys.exit(exc.exit_code)
+            except click.ClickException as exc:
+                exc.show()
+                sys.exit(exc.exit_code)
+            if interrupt.requested():  # a Ctrl-C whose KeyboardInterrupt was swallowed somewhere
+                _interrupted()
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _interrupted(detail: str = "") -> None:
+    click.echo(f"interrupted{': ' + detail if detail else ''}", err=True)
+    sys.exit(130)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="spinjax")
 def main() -> None:
     """Statistics and spectra of every attention head's W_QK, into a Zarr store."""
@@ -74,6 +137,7 @@ def main() -> None:
 )
 @click.option(
     "--memory-budget",
+    type=Size(),
     default=None,
     help="Peak bytes for W_QK blocks, e.g. 2GB [default: 1/4 of free memory].",
 )
@@ -92,6 +156,11 @@ def main() -> None:
 @click.option("--coordinator", metavar="HOST:PORT", help="Address of process 0 (implies --distributed).")
 @click.option("--num-processes", type=click.IntRange(min=1), help="Number of processes (with --coordinator).")
 @click.option("--process-id", type=click.IntRange(min=0), help="This process, 0..N-1 (with --coordinator).")
+@click.option(
+    "--join-timeout", type=int, metavar="SECONDS",
+    help="With --distributed: how long to wait for every process to join before giving up (exit 2) "
+    "[default: 300, as JAX].",
+)  # fmt: skip
 @click.option(
     "--null",
     is_flag=True,
@@ -127,7 +196,7 @@ def run(
     model: str,
     steps: str,
     store_path: Path,
-    memory_budget: str | None,
+    memory_budget: int | None,
     recompute: bool,
     keep_downloads: bool,
     quiet: bool,
@@ -136,6 +205,7 @@ def run(
     coordinator: str | None,
     num_processes: int | None,
     process_id: int | None,
+    join_timeout: int | None,
     null: bool,
     null_samples: int,
     pairs: str,
@@ -143,53 +213,68 @@ def run(
     ov: bool,
 ) -> None:
     """Compute every head's statistics for the requested steps of MODEL."""
-    from spinjax.run import Interrupted, RunOptions, init_distributed
+    from spinjax.run import RunOptions, init_distributed
     from spinjax.run import run as run_pipeline
+    from spinjax.run.distributed import DEFAULT_JOIN_TIMEOUT_S
 
-    budget = _parse_size(memory_budget) if memory_budget else None
     explicit = (coordinator, num_processes, process_id)
     if any(x is not None for x in explicit) and None in explicit:
         raise click.UsageError("--coordinator, --num-processes and --process-id go together")
     if process_id is not None and process_id >= num_processes:
         raise click.BadParameter(f"{process_id} is not below --num-processes {num_processes}")
-    with _errors(debug), _progress(quiet) as progress:
-        index, count = init_distributed(*explicit) if distributed or coordinator else (0, 1)
+    with _errors(debug, store_path), _progress(quiet) as progress:
+        timeout = DEFAULT_JOIN_TIMEOUT_S if join_timeout is None else join_timeout
+        index, count = init_distributed(*explicit, timeout) if distributed or coordinator else (0, 1)
         options = RunOptions(
-            steps=steps, store=store_path, memory_budget=budget, recompute=recompute,
+            steps=steps, store=store_path, memory_budget=memory_budget, recompute=recompute,
             keep_downloads=keep_downloads, null=null, null_samples=null_samples, pairs=pairs,
             variant=variant, ov=ov, process_index=index, process_count=count,
         )  # fmt: skip
-        try:
-            result = run_pipeline(model, options, progress)
-        except Interrupted as exc:  # Ctrl-C: finished steps are kept, the run is marked interrupted
-            click.echo(f"interrupted: {exc}", err=True)
-            sys.exit(130)
+        result = run_pipeline(model, options, progress)  # Ctrl-C: Interrupted, exit 130
     if not quiet:
         busy = result.io_wait_s + result.compute_s
         waited = f", {100 * result.io_wait_s / busy:.0f}% of it waiting for reads" if busy else ""
+        added = f"; {len(result.added)} variable(s) added to them" if result.added else ""
         click.echo(
             f"{result.key}: {len(result.computed)} step(s) computed in {busy:.1f} s{waited}; "
-            f"{len(result.skipped)} already done; store {result.store}"
+            f"{len(result.skipped)} already done{added}; store {result.store}"
             + (f"; process {index} of {count}" if count > 1 else "")
         )
 
 
+class _Echo(logging.Handler):
+    """Log records of spinjax (what it does before the steps, such as training the embedded
+    model) as lines on stderr, looked up at each line so that a progress bar shows them too."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
 @contextmanager
 def _progress(quiet: bool):
-    """A rich progress bar (steps, layers) on a terminal; nothing in pipes, CI or --quiet."""
+    """What a long command shows: spinjax's INFO lines, and on a terminal a rich progress bar
+    (steps, layers) from the moment the steps are planned; nothing with --quiet, no bar in
+    pipes or CI."""
     from spinjax.run import Progress
 
-    if quiet or not sys.stderr.isatty():
-        yield Progress()
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-    from rich.progress import Progress as Bar
+    logger, handler, propagate = logging.getLogger("spinjax"), _Echo(), logging.getLogger("spinjax").propagate
+    if not quiet:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # libraries (absl) may have set up the root logger: say it once
+    try:
+        if quiet or not sys.stderr.isatty():
+            yield Progress(on_info=lambda text: None) if quiet else Progress()
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as Bar
 
-    with Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-             TimeElapsedColumn(), transient=True) as bar:  # fmt: skip
+        bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=True)  # fmt: skip
         tasks = {}
 
         def on_plan(n_steps: int, n_layers: int) -> None:
+            bar.start()  # not before: the screen stays usable while models train or download
             tasks["steps"] = bar.add_task("steps", total=n_steps)
             tasks["layers"] = bar.add_task("layers", total=n_layers)
 
@@ -199,7 +284,13 @@ def _progress(quiet: bool):
         def on_step(step: int) -> None:
             bar.advance(tasks["steps"])
 
-        yield Progress(on_plan=on_plan, on_layer=on_layer, on_step=on_step)
+        try:
+            yield Progress(on_plan=on_plan, on_layer=on_layer, on_step=on_step)
+        finally:
+            bar.stop()
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 @main.command()
@@ -276,14 +367,16 @@ def inventory(name: str, as_json: bool, debug: bool) -> None:
 @click.option(
     "--top", default=10, show_default=True, type=click.IntRange(min=1), help="Dimensions and peaks named."
 )
-@click.option("--dpi", default=150, show_default=True, help="Resolution of the PNG.")
+@click.option(
+    "--dpi", default=150, show_default=True, type=click.IntRange(*DPI_RANGE), help="Resolution of the PNG."
+)  # fmt: skip
 @click.option("--debug", is_flag=True)
 def embeddings(name: str, out: Path, as_json: bool, top: int, dpi: int, debug: bool) -> None:
     """NAME's learned absolute position embeddings (GPT-2, BERT): the matrix, the variance of each
     dimension over positions, the cosine of adjacent positions and the power spectrum over
     positions, as figures in --out (PNG and PDF) and numbers. Rotary models are refused."""
     from spinjax.analysis.embeddings import position_figures, position_summary
-    from spinjax.analysis.plots import save
+    from spinjax.analysis.figures import save
     from spinjax.sources.inventory import position_tensor
 
     with _errors(debug):
@@ -318,7 +411,7 @@ def show(store_path: Path, as_json: bool, debug: bool) -> None:
     """Models in a store, steps done / requested, variables and sizes."""
     from spinjax.store import summary
 
-    with _errors(debug):
+    with _errors(debug, store_path):
         info = summary(store_path)
     if as_json:
         click.echo(json.dumps(info, indent=1, default=str))
@@ -335,11 +428,14 @@ def show(store_path: Path, as_json: bool, debug: bool) -> None:
         click.echo(f"  matrices {', '.join(m['matrices'])}" + "".join(f"; {e}" for e in extras))
         click.echo(f"  {len(m['variables'])} variables, {m['bytes'] / 1e6:.2f} MB on disk: "
                    + ", ".join(m["variables"]))  # fmt: skip
+    for key, b in info["baselines"].items():
+        click.echo(f"\n[{key}] random-matrix null: d={b['d']} d_head={b['d_head']} sigma={b['sigma']} "
+                   f"samples={b['samples']} seed={b['seed']}, {b['bytes'] / 1e6:.2f} MB on disk")  # fmt: skip
 
 
 @main.command()
 @click.option("--shapes", default="160m,1.4b", show_default=True, help="Comma list of 160m, 1.4b, 12b.")
-@click.option("--memory-budget", default="1GB", show_default=True, help="Bytes for W_QK blocks.")
+@click.option("--memory-budget", type=Size(), default="1GB", show_default=True, help="Bytes for W_QK blocks.")
 @click.option("--repeat", default=2, show_default=True, help="Timed repetitions (best kept).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option(
@@ -347,7 +443,7 @@ def show(store_path: Path, as_json: bool, debug: bool) -> None:
     help="Also append the table, dated and naming the machine and device, to this markdown file "
     "(e.g. benchmarks/RESULTS.md).",
 )  # fmt: skip
-def bench(shapes: str, memory_budget: str, repeat: int, as_json: bool, results: Path | None) -> None:
+def bench(shapes: str, memory_budget: int, repeat: int, as_json: bool, results: Path | None) -> None:
     """Kernel throughput (heads/s, GB/s, FLOP/s) on this machine's device, and its ratio to
     the floor (matmul + one pass over W_QK + reading Q/K) measured in the same run."""
     from spinjax.run.bench import SHAPES, markdown, measure_shape, results_section
@@ -360,7 +456,7 @@ def bench(shapes: str, memory_budget: str, repeat: int, as_json: bool, results: 
         raise click.BadParameter(f"{results}: not a file", param_hint="--results")
     measured = []
     for name in names:
-        measured.append(measure_shape(name, budget_bytes=_parse_size(memory_budget), repeat=repeat))
+        measured.append(measure_shape(name, budget_bytes=memory_budget, repeat=repeat))
         if not as_json:
             click.echo(f"measured {name}", err=True)
     if as_json:
@@ -377,19 +473,28 @@ def bench(shapes: str, memory_budget: str, repeat: int, as_json: bool, results: 
 @click.argument("store_path", metavar="STORE", required=False, type=click.Path(path_type=Path))
 @click.option(
     "--model", "models", multiple=True,
-    help="Model key in the store (default: its only model). Repeat to overlay several models "
-    "in the cross-model figures (entropy-std, fit-kl-std); the first is plotted elsewhere.",
+    help="Model key in the store (default: its only model). Repeat to choose the models of the "
+    "cross-model figures (default: every model of the store); the first is plotted elsewhere.",
 )  # fmt: skip
 @click.option("--figure", "figures", multiple=True, help="Figure name (repeatable) or 'all'; see --list.")
 @click.option("--step", type=int, default=None, help="Step of the one-step figures [default: last done].")
 @click.option("--layer", type=int, default=None, help="Layer of the per-layer figures [default: 0].")
 @click.option("--head", type=int, default=None, help="Head of the per-head figures [default: 0].")
 @click.option("--matrix", default="W_QK", show_default=True, help="W_Q, W_K or W_QK.")
-@click.option("--stat", default="std", show_default=True, help="Statistic of stat-steps and animation.")
+@click.option("--stat", default="std", show_default=True, help="Statistic of depth, stat-steps, animation.")
 @click.option(
-    "--out", default="figures", show_default=True, type=click.Path(path_type=Path), help="Output folder."
-)
-@click.option("--dpi", default=150, show_default=True, help="Resolution of the PNG (and GIF).")
+    "--estimator", type=click.Choice(["mm", "plugin"]), default="mm", show_default=True,
+    help="Entropies and KL divergences: Miller-Madow corrected (mm) or plug-in.",
+)  # fmt: skip
+@click.option("--baseline", metavar="DxDH", default=None, help="Null ensemble of the null figures (64x16).")
+@click.option(
+    "--out", default="figures", show_default=True, type=click.Path(path_type=Path), callback=_folder,
+    help="Output folder.",
+)  # fmt: skip
+@click.option(
+    "--dpi", default=150, show_default=True, type=click.IntRange(*DPI_RANGE),
+    help=f"Resolution of the PNG (and GIF), {DPI_RANGE[0]} to {DPI_RANGE[1]}.",
+)  # fmt: skip
 @click.option("--list", "list_figures", is_flag=True, help="Name every figure with one line each.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def plot(
@@ -401,6 +506,8 @@ def plot(
     head: int | None,
     matrix: str,
     stat: str,
+    estimator: str,
+    baseline: str | None,
     out: Path,
     dpi: int,
     list_figures: bool,
@@ -408,51 +515,52 @@ def plot(
 ) -> None:
     """Draw figures of a model in STORE into --out: PNG and PDF (and GIF for the animation).
 
-    Files are named MODEL_FIGURE[_stepS][_layerL][_headH][_MATRIX][_STAT] after the options given.
+    Files are named MODEL_FIGURE[_stepS][_layerL][_headH][_MATRIX][_STAT][_plugin][_DxDH], with
+    the options given that the figure uses; cross-model figures drawn without --model are named
+    models_FIGURE, the null ensembles' baseline_FIGURE. Without --model on a store of several
+    models, the cross-model and null figures are drawn.
     """
-    from spinjax.analysis.plots import FIGURES
+    from spinjax.analysis.figures import FIGURES
 
     if list_figures:
         width = max(map(len, FIGURES))
-        for name, (_, description) in FIGURES.items():
-            click.echo(f"{name.ljust(width)}  {description}")
+        for name, spec in FIGURES.items():
+            click.echo(f"{name.ljust(width)}  {spec.description}")
         return
     if store_path is None:
         raise click.UsageError("missing argument STORE (or --list to name the figures)")
     if not figures:
         raise click.UsageError("give --figure NAME (repeatable, or 'all'); --list names them")
-    with _errors(debug):
-        from spinjax.analysis.plots import make_figure, save, select
+    with _errors(debug, store_path):
+        from spinjax.analysis.figures import file_stem, make_figure, save, select
 
         names = list(FIGURES) if "all" in figures else list(dict.fromkeys(figures))
         unknown = [n for n in names if n not in FIGURES]
         if unknown:
             raise InputError(f"no figure {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
         sel = select(store_path, models[0] if models else None, step=step, layer=layer, head=head,
-                     matrix=matrix, stat=stat, others=list(models))  # fmt: skip
-        suffix = "".join(f"_{k}{v}" for k, v in (("step", step), ("layer", layer), ("head", head))
-                         if v is not None)  # fmt: skip
-        suffix += "".join(f"_{v}" for v, default in ((matrix, "W_QK"), (stat, "std")) if v != default)
-        skipped = []
+                     matrix=matrix, stat=stat, others=list(models) or None, estimator=estimator,
+                     baseline=baseline)  # fmt: skip
+        skipped: dict[str, list[str]] = {}  # reason -> figures (one line per reason)
         for name in names:
             try:
                 fig = make_figure(name, sel)
             except InputError as exc:
                 if "all" not in figures:
                     raise
-                skipped.append(f"{name}: {exc}")
+                skipped.setdefault(str(exc), []).append(name)
                 continue
-            for path in save(fig, out / f"{sel.key}_{name}{suffix}", dpi=dpi):
+            for path in save(fig, out / file_stem(name, sel), dpi=dpi):
                 click.echo(str(path))
-        for line in skipped:
-            click.echo(f"skipped {line}", err=True)
+        for reason, skipped_names in skipped.items():
+            click.echo(f"skipped {', '.join(skipped_names)}: {reason}", err=True)
 
 
 @main.command()
 @click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
 @click.option("--model", default=None, help="Model key in the store (default: its only model).")
 @click.option(
-    "--out", default="report", show_default=True, type=click.Path(path_type=Path),
+    "--out", default="report", show_default=True, type=click.Path(path_type=Path), callback=_folder,
     help="Folder for index.html and its figures.",
 )  # fmt: skip
 @click.option("--embed", is_flag=True, help="Embed the figures in index.html (one file, data URIs).")
@@ -460,6 +568,10 @@ def plot(
 @click.option("--layer", type=int, default=None, help="Layer of the per-layer figures [default: 0].")
 @click.option("--head", type=int, default=None, help="Head of the per-head figures [default: 0].")
 @click.option("--matrix", default="W_QK", show_default=True, help="W_Q, W_K or W_QK.")
+@click.option(
+    "--estimator", type=click.Choice(["mm", "plugin"]), default="mm", show_default=True,
+    help="Entropies and KL divergences: Miller-Madow corrected (mm) or plug-in.",
+)  # fmt: skip
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def report(
     store_path: Path,
@@ -470,17 +582,39 @@ def report(
     layer: int | None,
     head: int | None,
     matrix: str,
+    estimator: str,
     debug: bool,
 ) -> None:
-    """One static HTML page (out/index.html) with every figure the store allows for MODEL."""
-    with _errors(debug):
+    """One static HTML page (out/index.html) with every figure the store allows for MODEL:
+    the training-dynamics figures once it holds several steps (and `spinjax dynamics` ran),
+    the null's bands and figures once it holds null ensembles (`run --null`, `baseline`)."""
+    with _errors(debug, store_path):
         from spinjax.analysis.report import build_report
 
         result = build_report(store_path, model, out, embed=embed, step=step, layer=layer,
-                              head=head, matrix=matrix)  # fmt: skip
+                              head=head, matrix=matrix, estimator=estimator)  # fmt: skip
     click.echo(f"{result.path}: {len(result.figures)} figures")
     for name, why in result.skipped.items():
         click.echo(f"skipped {name}: {why}", err=True)
+
+
+@main.command()
+@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.option(
+    "--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port; 0: any free one."
+)
+@click.option(
+    "--host", default="127.0.0.1", show_default=True,
+    help="Address to listen on; beyond loopback, anyone who reaches the port can read the store.",
+)  # fmt: skip
+@click.option("--open", "open_browser", is_flag=True, help="Open the page in the default browser.")
+@click.option("--debug", is_flag=True, help="Log requests and show tracebacks.")
+def view(store_path: Path, port: int, host: str, open_browser: bool, debug: bool) -> None:
+    """Browse STORE in a local web page: every head of every finished step (read-only)."""
+    with _errors(debug):
+        from spinjax.analysis.view.server import serve
+
+        serve(store_path, host, port, open_browser=open_browser, debug=debug, echo=click.echo)
 
 
 @main.command()
@@ -514,7 +648,7 @@ def dynamics(
     consecutive ones, top-k singular-direction overlaps, level crossings and repulsions."""
     from spinjax.run import compute_dynamics
 
-    with _errors(debug), _progress(quiet) as progress:
+    with _errors(debug, store_path), _progress(quiet) as progress:
         res = compute_dynamics(model, store_path, top_k=top_k, gap_tol=gap_tol,
                                keep_downloads=keep_downloads, progress=progress, variant=variant)  # fmt: skip
     if not quiet:
@@ -526,7 +660,10 @@ def dynamics(
 
 @main.command()
 @click.option("--d", "d_model", required=True, type=click.IntRange(min=1), help="d_model of the heads.")
-@click.option("--d-head", "d_head", required=True, type=click.IntRange(min=1), help="d_head (<= d).")
+@click.option(
+    "--d-head", "d_head", required=True, metavar="DH[,DH...]",
+    help="d_head (<= d), or a comma list for a sweep: one group per value.",
+)  # fmt: skip
 @click.option("--sigma", default=1.0, show_default=True, type=float, help="Std of the factors' entries.")
 @click.option("--samples", default=1000, show_default=True, type=click.IntRange(min=2), help="Random heads.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
@@ -534,34 +671,53 @@ def dynamics(
     "--store", "store_path", default=DEFAULT_STORE, show_default=True, type=click.Path(path_type=Path)
 )
 @click.option(
-    "--memory-budget", default=None, help="Peak bytes for W_QK blocks [default: 1/4 of free memory]."
+    "--memory-budget",
+    type=Size(),
+    default=None,
+    help="Peak bytes for W_QK blocks [default: 1/4 of free memory].",
 )
 @click.option("--recompute", is_flag=True, help="Replace an ensemble of other sigma/samples/seed.")
 @click.option("--quiet", is_flag=True, help="No summary line.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def baseline(
     d_model: int,
-    d_head: int,
+    d_head: str,
     sigma: float,
     samples: int,
     seed: int,
     store_path: Path,
-    memory_budget: str | None,
+    memory_budget: int | None,
     recompute: bool,
     quiet: bool,
     debug: bool,
 ) -> None:
     """Monte Carlo null of random heads W_QK = W_Q^T W_K, factors i.i.d. N(0, sigma^2): every
-    statistic of every draw, into the store group baseline/<d>x<d_head>."""
-    budget = _parse_size(memory_budget) if memory_budget else None
-    with _errors(debug):
-        from spinjax.run import run_baseline
+    statistic of every draw, into the store group baseline/<d>x<d_head> (one per d_head).
 
-        result = run_baseline(d_model, d_head, store_path=store_path, sigma=sigma, samples=samples,
-                              seed=seed, recompute=recompute, memory_budget=budget)  # fmt: skip
-    if not quiet:
-        what = f"{result.samples} draws in {result.seconds:.1f} s" if result.computed else "already there"
-        click.echo(f"{result.key}: {what}; store {result.store}")
+    The source study's scaling (N(0, 1) factors, W_QK / sqrt(d)) is --sigma d**-0.25; any
+    --sigma describes every scale (the figures and `run --null` rescale)."""
+    with _errors(debug, store_path):
+        from spinjax.run import run_baseline
+        from spinjax.run.features import rescore_dependents
+
+        try:
+            d_heads = list(dict.fromkeys(int(v) for v in d_head.split(",") if v.strip()))
+        except ValueError:
+            raise InputError(f"--d-head must be an integer or a comma list of them, not {d_head!r}") from None
+        if not d_heads or min(d_heads) < 1:
+            raise InputError(f"--d-head values must be at least 1, got {d_head!r}")
+        for dh in d_heads:  # every value checked before anything is computed
+            if dh > d_model:
+                raise InputError(f"need 1 <= d_head <= d, got d={d_model}, d_head={dh}")
+        for dh in d_heads:
+            result = run_baseline(d_model, dh, store_path=store_path, sigma=sigma, samples=samples,
+                                  seed=seed, recompute=recompute, memory_budget=memory_budget)  # fmt: skip
+            rescored = rescore_dependents(store_path, d_model, dh) if result.computed else {}
+            if not quiet:
+                what = f"{result.samples} draws in {result.seconds:.1f} s" if result.computed else ""
+                click.echo(f"{result.key}: {what or 'already there'}; store {result.store}")
+                for name, steps in rescored.items():
+                    click.echo(f"{name}: z-scores of {steps} finished step(s) scored against it again")
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:

@@ -8,14 +8,16 @@ The package is a pipeline whose folders are its stages, data flowing one way:
 - ``spinjax.run``: a run (sources -> kernels -> store) and its post-passes;
 - ``spinjax.analysis``: the reading side (datasets, figures, report), free of JAX.
 
-``import spinjax`` is light: the reading API below loads on first use, so the command line
-starts without xarray, zarr or JAX.
+``import spinjax`` is light: ``__version__`` and the reading API load on first use, so the
+command line starts (and handles Ctrl-C) before xarray, zarr or JAX are imported.
 """
 
 from ._lazy import lazy_api
-from .version import __version__
 
-__getattr__, __dir__, _reading = lazy_api(
-    __name__, {"analysis": ("StoreReader", "align_layers", "density", "open_store", "tidy")}
+__getattr__, __dir__, __all__ = lazy_api(
+    __name__,
+    {
+        "analysis": ("StoreReader", "align_layers", "density", "open_store", "tidy"),
+        "version": ("__version__",),
+    },
 )
-__all__ = ["__version__", *_reading]

@@ -7,9 +7,13 @@ from pathlib import Path
 
 import pytest
 
-# Session fixtures whose first use trains the embedded model (~1 min on 2 cores) or runs whole
-# trajectories: every test that needs one is in the slow tier (`pytest -m "not slow"` skips it).
-SLOW_FIXTURES = {"tiny_pythia", "trajectory_store"}
+# Fixtures whose first use trains the embedded model (~1 min on 2 cores), runs whole
+# trajectories or compiles and draws a null ensemble: every test that needs one is in the slow
+# tier (`pytest -m "not slow"` skips it). Tests slow on their own carry @pytest.mark.slow.
+SLOW_FIXTURES = {
+    "tiny_pythia", "tiny_pythia_ready", "trajectory_store", "study_store", "study_ds", "study_null",
+    "derived_store", "known_nulls", "null_and_heads",
+}
 
 
 def pytest_collection_modifyitems(items):
@@ -22,12 +26,14 @@ FIXTURES = FIXTURES_ROOT / "extraction"
 NEOX = FIXTURES / "gpt_neox"  # 2 layers, 6 heads, d_model 96, stored float16
 
 
-def tree_bytes(path: Path) -> dict[str, bytes]:
-    """Every file under ``path`` (relative name -> content); a missing path is {}."""
+def tree_bytes(path: Path) -> dict[str, bytes | None]:
+    """Every file under ``path`` (relative name -> content) and every folder (-> None), empty
+    ones included: "the store exactly as it was" is its whole tree. A missing path is {}."""
     path = Path(path)
     if not path.exists():
         return {}
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    entries = sorted(path.rglob("*"))
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None for p in entries}
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +79,22 @@ def tiny_pythia(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def trajectory_store(tmp_path_factory, tiny_pythia) -> Path:
+def tiny_pythia_ready(request) -> Path:
+    """A cache holding tiny-pythia, for tests that only read it: the user's ``SPINJAX_CACHE``
+    when it already holds a generated copy (read, never written), else the session's
+    :func:`tiny_pythia` (trained once, ``SPINJAX_CACHE`` pointed at it)."""
+    import os
+
+    from spinjax.sources import tinypythia
+
+    env = os.environ.get("SPINJAX_CACHE")
+    if env and (Path(env) / f"{tinypythia.NAME}-v{tinypythia.VERSION}" / "config.json").is_file():
+        return Path(env)
+    return request.getfixturevalue("tiny_pythia")[0]
+
+
+@pytest.fixture(scope="session")
+def trajectory_store(tmp_path_factory, tiny_pythia_ready) -> Path:
     """A store with two models (do not modify): ``tiny-pythia``, its whole embedded trajectory
     (14 steps), and ``gpt_neox``, the one-checkpoint fixture (step -1)."""
     from spinjax.run.options import RunOptions
@@ -94,3 +115,40 @@ def chromium() -> str:
         if exe:
             return exe
     pytest.skip("no Chromium on PATH: install Debian's chromium (apt-get install chromium) for page tests")
+
+
+STUDY_STEPS = (0, 16, 128, 512, 1280)
+STUDY_NULL_SAMPLES = 200
+
+
+@pytest.fixture(scope="session")
+def study_store(tmp_path_factory, tiny_pythia_ready) -> Path:
+    """Everything the figures can show (do not modify): tiny-pythia at ``STUDY_STEPS`` run with
+    ``--null`` (``baseline/64x16``, ``STUDY_NULL_SAMPLES`` draws) and ``--pairs layer``, then
+    ``spinjax dynamics``, and a null sweep ``--d 64 --d-head 4,16,32`` (same draws)."""
+    from spinjax.run import RunOptions, compute_dynamics, run, run_baseline
+
+    path = tmp_path_factory.mktemp("study") / "store.zarr"
+    steps = ",".join(map(str, STUDY_STEPS))
+    done = run("tiny-pythia", RunOptions(steps=steps, store=path, null=True, null_samples=STUDY_NULL_SAMPLES))
+    assert done.computed == list(STUDY_STEPS)
+    compute_dynamics("tiny-pythia", path)
+    for d_head in (4, 16, 32):
+        run_baseline(64, d_head, store_path=path, samples=STUDY_NULL_SAMPLES)
+    return path
+
+
+@pytest.fixture(scope="session")
+def study_ds(study_store):
+    """tiny-pythia's dataset in the study store (finished steps)."""
+    import spinjax
+
+    return spinjax.open_store(study_store)["tiny-pythia"]
+
+
+@pytest.fixture(scope="session")
+def study_null(study_store):
+    """The study store's null ensemble of tiny-pythia's geometry (baseline/64x16)."""
+    from spinjax.analysis import study
+
+    return study.open_baselines(study_store)["64x16"]

@@ -6,10 +6,12 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import hostile
 import numpy as np
 import pytest
 import zarr
@@ -54,6 +56,7 @@ def invoke(*args: str):
 # ---- the installed script, in a pipe ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_console_script_run_then_show(tmp_path):
     store = tmp_path / "cli.zarr"
     done = _subprocess("run", "--model", str(NEOX), "--store", str(store), cwd=tmp_path)
@@ -180,6 +183,22 @@ def test_models_table_and_json():
     assert p["repo"] == "EleutherAI/pythia-12b"
     assert by_name["pythia-70m"]["d_model"] == 512 and by_name["pythia-70m"]["n_heads"] == 8
     assert by_name["llama-3.1-8b"]["n_kv_heads"] == 8
+    tiny = by_name["tiny-pythia"]  # the embedded model is an ordinary entry, with its steps
+    assert (tiny["d_model"], tiny["n_heads"], tiny["n_layers"], tiny["steps"]) == (64, 4, 4, 14)
+    assert rows["tiny-pythia"]["steps"] == "14"
+
+
+def test_null_added_to_finished_steps_says_what_it_added_and_show_lists_the_null(store_copy):
+    result = invoke("run", "--model", str(NEOX), "--store", str(store_copy), "--null", "--null-samples", "8")
+    assert result.exit_code == 0, result.output
+    assert "0 step(s) computed" in result.stdout and "1 already done" in result.stdout
+    assert "23 variable(s) added to them" in result.stdout  # 22 scalars and singular values, as z
+    assert "--null: computing the null baseline/96x16" in result.stderr
+    assert "warning" not in result.stderr  # information, not a problem
+    shown = invoke("show", str(store_copy))
+    assert "[baseline/96x16] random-matrix null: d=96 d_head=16 sigma=1.0 samples=8 seed=0" in shown.stdout
+    info = json.loads(invoke("show", str(store_copy), "--json").stdout)
+    assert list(info["baselines"]) == ["baseline/96x16"] and "kurt_z" in info["models"][KEY]["variables"]
 
 
 def test_steps_of_pythia():
@@ -242,7 +261,7 @@ def broken(tmp_path) -> dict[str, tuple[list[str], list[str]]]:
     inconsistent = tmp_path / "inconsistent"
     shutil.copytree(NEOX, inconsistent)
     config = json.loads((inconsistent / "config.json").read_text())
-    config["hidden_size"] = 128
+    config["hidden_size"] = 192  # divisible by its 6 heads: consistent, but not with the tensors
     (inconsistent / "config.json").write_text(json.dumps(config))
 
     corrupted = tmp_path / "corrupted"
@@ -256,7 +275,13 @@ def broken(tmp_path) -> dict[str, tuple[list[str], list[str]]]:
     shutil.copy(NEOX / "config.json", malicious / "config.json")
     shutil.copy(TORCHBIN / "malicious_os_system.bin", malicious / "pytorch_model.bin")
 
+    named = {}  # model directories whose names collide with the store's own
+    for name in (".spinjax", "zarr.json", "baseline", "__zarr"):
+        named[name] = tmp_path / "names" / name
+        shutil.copytree(NEOX, named[name])
+
     return {
+        **{f"reserved name {n}": (["--model", str(path)], [repr(n), "rename"]) for n, path in named.items()},
         "config missing": (["--model", str(no_config)], [str(no_config), "config.json"]),
         "config inconsistent": (
             ["--model", str(inconsistent)],
@@ -278,6 +303,10 @@ def broken(tmp_path) -> dict[str, tuple[list[str], list[str]]]:
 
 
 CASES = [
+    "reserved name .spinjax",
+    "reserved name zarr.json",
+    "reserved name baseline",
+    "reserved name __zarr",
     "config missing",
     "config inconsistent",
     "corrupted safetensors",
@@ -377,3 +406,295 @@ def test_internal_failure_exits_1(monkeypatch, store_copy, snapshot):
     assert debug.exit_code == 1
     assert "Traceback" in debug.stderr and "kernel exploded" in debug.stderr
     assert snapshot(store_copy) == before
+
+
+# ---- destinations that cannot be written -------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["plot", "report", "baseline", "run"])
+def test_a_destination_that_cannot_be_written_exits_2_naming_it(command, neox_store, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    where = blocker / "out"  # below a regular file: no user, root included, can write there
+    args = {
+        "plot": ["plot", str(neox_store), "--figure", "hist", "--out", str(where)],
+        "report": ["report", str(neox_store), "--out", str(where)],
+        "baseline": ["baseline", "--d", "16", "--d-head", "4", "--samples", "4", "--store", str(where)],
+        "run": ["run", "--model", str(NEOX), "--store", str(where)],
+    }[command]
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert str(where) in result.stderr and "cannot write" in result.stderr
+    assert "Traceback" not in result.output and "finished steps are kept" not in result.stderr
+    assert blocker.read_text() == "not a folder"
+
+
+# ---- hostile checkpoints (issue 20): exit 2 naming file/key/tensor, store byte-identical ----------
+
+GPT2 = NEOX.parent / "gpt2"
+QKV0 = "gpt_neox.layers.0.attention.query_key_value.weight"
+
+
+def _with_config(tmp_path: Path, base: Path, **changes) -> Path:
+    directory = tmp_path / "model"
+    shutil.copytree(base, directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **changes}))
+    return directory
+
+
+def _with_weights(tmp_path: Path, name: str, tensors: dict) -> Path:
+    directory = tmp_path / "model"
+    directory.mkdir()
+    shutil.copy(NEOX / "config.json", directory)
+    if name.endswith(".bin"):
+        hostile.torch_bin(directory / name, tensors)
+    else:
+        save_file(tensors, str(directory / name))
+    return directory
+
+
+def _indexed(tmp_path: Path, value) -> Path:
+    directory = tmp_path / "model"
+    shutil.copytree(NEOX, directory)
+    weight_map = {name: "model.safetensors" for name in load_file(str(NEOX / "model.safetensors"))}
+    weight_map[QKV0] = value
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return directory
+
+
+def _nested_config(tmp_path: Path) -> Path:
+    directory = tmp_path / "model"
+    shutil.copytree(NEOX, directory)
+    (directory / "config.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    return directory
+
+
+def _bin_archive(tmp_path: Path, data_pkl: bytes, extra=()) -> Path:
+    directory = tmp_path / "model"
+    directory.mkdir()
+    shutil.copy(NEOX / "config.json", directory)
+    hostile.torch_zip(directory / "pytorch_model.bin", data_pkl, {}, extra=list(extra))
+    return directory
+
+
+def _neox_tensors(**changes) -> dict:
+    return {**load_file(str(NEOX / "model.safetensors")), **changes}
+
+
+HOSTILE_CHECKPOINTS = {  # case -> (make the checkpoint directory in tmp_path, texts of the message)
+    "n_head true": (lambda t: _with_config(t, GPT2, n_head=True), ["config.json", "n_head", "True"]),
+    "n_embd 64.9": (lambda t: _with_config(t, GPT2, n_embd=64.9), ["config.json", "n_embd", "64.9"]),
+    "n_layer -1": (lambda t: _with_config(t, GPT2, n_layer=-1), ["config.json", "n_layer", "-1"]),
+    "n_embd Infinity": (lambda t: _with_config(t, GPT2, n_embd=float("inf")), ["config.json", "n_embd"]),
+    "model_type list": (
+        lambda t: _with_config(t, NEOX, model_type=["gpt_neox"]),
+        ["config.json", "model_type"],
+    ),
+    "kv heads without GQA": (
+        lambda t: _with_config(t, NEOX, num_key_value_heads=2),
+        ["config.json", "num_key_value_heads"],
+    ),
+    "config nested 100,000 deep": (_nested_config, ["config.json", "nested too deeply"]),
+    "int64 Q/K": (
+        lambda t: _with_weights(
+            t, "model.safetensors", _neox_tensors(**{QKV0: np.ones((288, 96), np.int64)})
+        ),
+        [QKV0, "int64"],
+    ),
+    "complex .bin": (
+        lambda t: _with_weights(
+            t, "pytorch_model.bin", _neox_tensors(**{QKV0: np.ones((288, 96), np.complex64)})
+        ),
+        [QKV0, "complex64"],
+    ),
+    "weight_map int": (lambda t: _indexed(t, 5), ["model.safetensors.index.json", QKV0, "5"]),
+    "weight_map null": (lambda t: _indexed(t, None), ["model.safetensors.index.json", QKV0, "None"]),
+    "weight_map list": (lambda t: _indexed(t, ["a"]), ["model.safetensors.index.json", QKV0, "['a']"]),
+    "weight_map outside": (lambda t: _indexed(t, "../x"), ["model.safetensors.index.json", "'../x'"]),
+    "two data.pkl": (
+        lambda t: _bin_archive(t, hostile.state_dict_pickle({}), [hostile.Member("b/data.pkl", b"")]),
+        ["pytorch_model.bin", "2 '<archive>/data.pkl' members"],
+    ),
+    "state dict 5,000 deep": (
+        lambda t: _bin_archive(t, hostile.nested_pickle(5000)),
+        ["pytorch_model.bin", "nests dicts"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_CHECKPOINTS))
+def test_hostile_checkpoint_exits_2_and_leaves_store_as_it_was(case, store_copy, snapshot, tmp_path):
+    make, texts = HOSTILE_CHECKPOINTS[case]
+    model = make(tmp_path)
+    before = snapshot(store_copy)
+    for store in (store_copy, tmp_path / "fresh.zarr"):
+        result = invoke("run", "--model", str(model), "--store", str(store))
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert "Traceback" not in result.output
+        for text in texts:
+            assert text in result.stderr, (text, result.stderr)
+    assert snapshot(store_copy) == before
+    assert not (tmp_path / "fresh.zarr").exists()
+
+
+# ---- --model values that are not checkpoints, and relative paths ------------------------------
+
+
+def _fifo(tmp_path: Path) -> str:
+    os.mkfifo(tmp_path / "fifo")
+    return str(tmp_path / "fifo")
+
+
+NOT_A_MODEL = {  # case -> (--model value from tmp_path, texts of the message)
+    "/dev/null": (lambda t: "/dev/null", ["/dev/null: a character device"]),
+    "a FIFO": (_fifo, ["fifo: a FIFO"]),
+    "~ of no such user": (lambda t: "~nonexistentuser/x", ["'~nonexistentuser/x'", "no such user"]),
+    "5,000 characters": (lambda t: "a" * 5000, ["'aaaa", "aaa...: File name too long"]),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_A_MODEL))
+def test_model_that_is_not_a_checkpoint_exits_2(case, store_copy, snapshot, tmp_path):
+    make, texts = NOT_A_MODEL[case]
+    before = snapshot(store_copy)
+    result = invoke("run", "--model", make(tmp_path), "--store", str(store_copy))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert len(result.stderr) < 400
+    for text in texts:
+        assert text in result.stderr, (text, result.stderr)
+    assert snapshot(store_copy) == before
+
+
+def _orbax_trajectory(root: Path, steps: list[int]) -> None:
+    """The gpt_neox fixture's weights as an orbax CheckpointManager directory (linen kernels)."""
+    import orbax.checkpoint as ocp
+
+    tensors = load_file(str(NEOX / "model.safetensors"))
+    qkv = "gpt_neox.layers.{}.attention.query_key_value."
+    params = {"gpt_neox": {"layers": {str(i): {"attention": {"query_key_value": {
+        "kernel": tensors[qkv.format(i) + "weight"].astype(np.float32).T,
+        "bias": tensors[qkv.format(i) + "bias"].astype(np.float32),
+    }}} for i in range(2)}}}  # fmt: skip
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
+    with ocp.CheckpointManager(root.absolute(), options=options) as manager:
+        for step in steps:
+            manager.save(step, args=ocp.args.StandardSave(params))
+    shutil.copy(NEOX / "config.json", root / "config.json")
+
+
+def test_relative_orbax_path(tmp_path, monkeypatch, neox_store):
+    """orbax accepts absolute paths only: a relative --model is made absolute first, and the
+    store holds what the same weights give from safetensors."""
+    _orbax_trajectory(tmp_path / "models" / "traj", [0, 1])
+    monkeypatch.chdir(tmp_path)
+    result = invoke("run", "--model", "models/traj", "--steps", "1", "--store", "s.zarr")
+    assert result.exit_code == 0, result.output
+    got = zarr.open_group("s.zarr", mode="r")["traj"]
+    want = zarr.open_group(str(neox_store), mode="r")[KEY]
+    assert got.attrs["source"] == str(tmp_path / "models" / "traj")
+    for name in ("mean", "std", "singular_values", "entropy"):
+        np.testing.assert_array_equal(got[name][:], want[name][:], err_msg=name)
+
+
+# ---- arguments: exit 2 naming the argument, before anything is read or written -----------------
+
+
+@pytest.mark.parametrize("size", ["-1", "-5GB", "0", "0.4", "infGB", "1e400g", "nan", "2EB", "1 << 30", ""])
+@pytest.mark.parametrize("command", ["run", "baseline"])
+def test_bad_memory_budget_exits_2(command, size, tmp_path):
+    store = tmp_path / "s.zarr"
+    args = ["--model", str(NEOX)] if command == "run" else ["--d", "8", "--d-head", "2", "--samples", "4"]
+    result = invoke(command, *args, "--store", str(store), "--memory-budget", size)
+    assert result.exit_code == 2, result.output
+    assert "--memory-budget" in result.stderr and repr(size) in result.stderr
+    assert "Traceback" not in result.output
+    assert not store.exists()
+
+
+def test_sizes():
+    from spinjax.cli import Size
+
+    convert = Size().convert
+    assert convert("2GB", None, None) == 2 << 30 and convert("512MiB", None, None) == 512 << 20
+    assert convert("1.5g", None, None) == 3 << 29 and convert("1e9", None, None) == 10**9
+    assert convert(" 7 ", None, None) == 7 and convert("64kb", None, None) == 65536
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:notaport", "127.0.0.1", ":1234", "host:0", "host:70000",
+                                     "::1:1234", "[::1]", "-host:1234", "a b:1234"])  # fmt: skip
+def test_bad_coordinator_exits_2_before_jax_sees_it(address, tmp_path, monkeypatch):
+    import jax
+
+    def never(*args, **kwargs):
+        raise AssertionError("handed to JAX")
+
+    monkeypatch.setattr(jax.distributed, "initialize", never)
+    store = tmp_path / "s.zarr"
+    args = ["--coordinator", address, "--num-processes", "2", "--process-id", "0"]
+    result = invoke("run", "--model", str(NEOX), "--store", str(store), *args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: --coordinator {address!r}: expected HOST:PORT")
+    assert not store.exists()
+
+
+def test_coordinator_address_forms():
+    from spinjax.run.distributed import check_coordinator
+
+    assert check_coordinator("node-001.cluster:1234") == ("node-001.cluster", 1234)
+    assert check_coordinator("10.0.0.1:65535") == ("10.0.0.1", 65535)
+    assert check_coordinator("[fe80::1]:8476") == ("fe80::1", 8476)
+
+
+@pytest.mark.parametrize("process", ["0", "1"])
+def test_coordinator_timeout_names_the_coordinator(process, tmp_path):
+    """Process 0 waits for a process 1 that never comes, process 1 for a coordinator that never
+    answers: both give up after --join-timeout with exit 2 (JAX itself would abort, SIGABRT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    args = ["--coordinator", address, "--num-processes", "2", "--process-id", process, "--join-timeout", "1"]
+    done = _subprocess("run", "--model", str(NEOX), "--store", "s.zarr", *args, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert (
+        f"error: --coordinator {address}: not every process joined within 1 s (process {process} of 2)"
+        in (done.stderr)
+    )
+    assert "Traceback" not in done.stderr and not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("dpi", ["0", "-5", "19", "601", "20000"])
+def test_plot_dpi_out_of_range_exits_2(dpi, neox_store, tmp_path):
+    result = invoke("plot", str(neox_store), "--figure", "heads", "--dpi", dpi, "--out", str(tmp_path / "f"))
+    assert result.exit_code == 2, result.output
+    assert "--dpi" in result.stderr and dpi in result.stderr
+    assert not (tmp_path / "f").exists()
+
+
+@pytest.mark.parametrize("command", ["plot", "report"])
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_out_that_cannot_be_a_folder_exits_2(command, where, neox_store, tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("keep")
+    out = file if where == "a file" else file / "figures"
+    figure = ["--figure", "heads"] if command == "plot" else []
+    result = invoke(command, str(neox_store), *figure, "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert "--out" in result.stderr and f"{file} is a file, not a folder" in result.stderr
+    assert file.read_text() == "keep"
+
+
+def test_too_many_pixels_refused_before_drawing(tmp_path):
+    from matplotlib.figure import Figure
+
+    from spinjax.analysis.figures import MAX_PIXELS, save
+    from spinjax.errors import InputError
+
+    fig = Figure(figsize=(12.8, 84))  # the histogram grid of a 128-head layer
+    with pytest.raises(InputError, match=r"--dpi 600: hist would be 7680 x 50400 pixels"):
+        save(fig, tmp_path / "hist", dpi=600)
+    assert list(tmp_path.iterdir()) == []
+    assert 12.8 * 84 * 150**2 < MAX_PIXELS  # the default dpi draws it

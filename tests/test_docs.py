@@ -130,6 +130,7 @@ def test_documented_names_check_is_not_vacuous():
     assert "not_a_spinjax_name" not in documented
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", KERNEL_MODULES)
 def test_kernel_doctests(module):
     """The Examples of the kernels' docstrings (``pytest --doctest-modules kernels`` runs them too)."""

@@ -8,7 +8,7 @@ and figures (``spinjax embeddings``), from the matrix P (positions x d_model).
   summed over dimensions and normalised to 1 (periodicity: a peak at k cycles over the n
   positions is a period of n / k positions).
 
-JAX-free; figures without pyplot, like :mod:`spinjax.analysis.plots`.
+JAX-free; figures without pyplot, like :mod:`spinjax.analysis.figures`.
 """
 
 from __future__ import annotations

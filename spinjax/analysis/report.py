@@ -2,11 +2,14 @@
 
 The page is static (no server, no external resources): figures are PNG (the animation GIF)
 files beside ``index.html``, or embedded as data URIs with ``embed=True`` (one file to mail).
-Figures that the store cannot support (training dynamics with one finished step) are listed
-with the reason instead. A small script marks ``<body data-loaded="true">`` once every image
-has loaded (``"false"`` if one is broken), which the tests read from headless Chromium.
+Every figure of :data:`spinjax.analysis.figures.FIGURES` that the store supports is on the page: the
+training-dynamics ones once the model has several finished steps (the mode and divergence
+figures once ``spinjax dynamics`` ran), the null's bands and figures once the store holds a
+null ensemble (``run --null``, ``spinjax baseline``); the others are listed with the reason.
+A small script marks ``<body data-loaded="true">`` once every image has loaded (``"false"``
+if one is broken), which the tests read from headless Chromium.
 
->>> from spinjax.analysis.report import build_report
+>>> from spinjax.report import build_report
 >>> build_report("store/spinjax.zarr", "tiny-pythia", "report").path   # doctest: +SKIP
 PosixPath('report/index.html')
 """
@@ -22,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from ..errors import InputError
+from ..errors import InputError, check_writable, writing_to
 from ..version import __version__
-from .plots import FIGURES, Selection, save, select
+from . import study
+from .figures import FIGURES, Selection, save, select
 from .reader import open_store
 
 _STYLE = """
@@ -68,29 +73,34 @@ def build_report(
 ) -> Report:
     """Write ``out/index.html`` (and the figure files) for ``model``; return what was made.
 
-    ``figures`` restricts the figures (default: all of :data:`spinjax.plots.FIGURES`);
-    ``choices`` (step, layer, head, matrix, stat) as :func:`spinjax.plots.select`. The
-    cross-model figures show every model of the store.
+    ``figures`` restricts the figures (default: all of :data:`spinjax.analysis.figures.FIGURES`);
+    ``choices`` (step, layer, head, matrix, stat, estimator) as
+    :func:`spinjax.analysis.figures.select`.
+    The cross-model figures show every model of the store.
     """
+    out = Path(out)
+    check_writable(out, "the report")
     reader = open_store(store)
     sel = select(reader, model, **choices)
+    sel.model()  # a report is about one model: InputError naming them when there are several
     names = list(figures) if figures is not None else list(FIGURES)
     unknown = [n for n in names if n not in FIGURES]
     if unknown:
         raise InputError(f"no figure(s) {unknown}; choose from {', '.join(FIGURES)}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing_to(out, "the report"):
+        out.mkdir(parents=True, exist_ok=True)
     report = Report(out / "index.html")
     for name in names:
         try:
-            fig = FIGURES[name][0](sel)
+            fig = FIGURES[name].func(sel)
         except InputError as exc:
             report.skipped[name] = str(exc)
             continue
         paths = save(fig, out / name, formats=("png",), dpi=dpi)
         report.figures[name] = paths[-1]  # the GIF of an animation, else the PNG
     page = _page(reader, sel, report, embed=embed)
-    report.path.write_text(page, encoding="utf-8")
+    with writing_to(out, "the report"):
+        report.path.write_text(page, encoding="utf-8")
     if embed:
         for path in report.figures.values():
             for sibling in (path, path.with_suffix(".png")):
@@ -125,6 +135,8 @@ def _page(reader, sel: Selection, report: Report, *, embed: bool) -> str:
         _row("finished steps", ", ".join(map(str, comp.steps_done))),
         *([_row("pending steps", ", ".join(map(str, comp.steps_pending)))] if comp.steps_pending else []),
         _row("figures at", f"step {sel.step}, layer {sel.layer}, head {sel.head}, {sel.matrix}"),
+        _row("entropy and KL", "Miller-Madow corrected" if sel.estimator == "mm" else "plug-in"),
+        _row("null ensembles", ", ".join(f"baseline/{k}" for k in _baselines(reader)) or "none"),
         _row("models in the store", ", ".join(reader.models)),
         _row("written", f"{_dt.datetime.now().isoformat(timespec='seconds')} by spinjax {__version__}"),
         "</table>",
@@ -133,7 +145,7 @@ def _page(reader, sel: Selection, report: Report, *, embed: bool) -> str:
         _summary_table(sel),
     ]  # fmt: skip
     for name, path in report.figures.items():
-        desc = FIGURES[name][1]
+        desc = FIGURES[name].description
         parts += [
             f'<section id="{e(name)}"><h2>{e(name)}</h2><p class="desc">{e(desc)}</p>',
             f'<figure><img src="{_src(path, embed)}" alt="{e(name)}: {e(desc)}"></figure></section>',
@@ -146,15 +158,26 @@ def _page(reader, sel: Selection, report: Report, *, embed: bool) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _baselines(reader) -> list[str]:
+    return list(study.open_baselines(reader.path))
+
+
 def _row(key: str, value: str) -> str:
     return f"<tr><th>{html.escape(key)}</th><td>{html.escape(value)}</td></tr>"
 
 
 _SUMMARY = ("std", "kurt", "entropy_residual", "kl_gauss", "sigma_fit", "stable_rank", "spectral_norm")
+_SUMMARY_Z = ("kurt_z", "kl_gauss_mm_z", "stable_rank_z")  # from `run --null`
 
 
 def _summary_table(sel: Selection) -> str:
-    d = sel.at.sel(matrix=sel.matrix)[list(_SUMMARY)].mean("head")
-    table = d.to_dataframe()[list(_SUMMARY)].reset_index()
+    """Per layer, the mean over heads of a few statistics (entropy and KL with the selection's
+    estimator) and, where the store has them, of their z-scores against the null."""
+    at = sel.at.sel(matrix=sel.matrix)
+    columns = {}
+    for name in _SUMMARY + tuple(z for z in _SUMMARY_Z if z in at):
+        v = study.statistic(at, name, sel.estimator)
+        columns[v.name] = v.mean("head").values
+    table = pd.DataFrame({"layer": at["layer"].values, **columns})
     fmt = lambda v: f"{v:.4g}" if np.isfinite(v) else "nan"  # noqa: E731
     return table.to_html(index=False, float_format=fmt, border=0)

@@ -17,11 +17,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, check_writable
 from ..kernels.heads import block_entries_cap, block_rows_for_budget, layer_statistics
 from ..kernels.null import gaussian_factors
+from ..store import writing
 from ..store.baseline import baseline_key, ensemble_attrs, holds_same, stored_attrs, write_baseline
-from .options import default_memory_budget
+from .options import check_memory_budget, default_memory_budget
 from .threads import one_blas_thread_under_lapack
 
 
@@ -97,16 +98,19 @@ def run_baseline(
 ) -> BaselineResult:
     """What ``spinjax baseline`` does: compute the ensemble unless the store holds it, write it."""
     check_args(d_model, d_head, sigma, samples, seed)
+    check_memory_budget(memory_budget)
     key = baseline_key(d_model, d_head)
     store = Path(store_path)
     t0 = time.perf_counter()
     want = ensemble_attrs(d_model, d_head, sigma, samples, seed)
+    check_writable(store, "the store")  # before minutes of compute
     if holds_same(stored_attrs(store, d_model, d_head), want, key, recompute):
         return BaselineResult(key, store, samples, False, 0.0)
     stats = compute_baseline(
         d_model, d_head, sigma=sigma, samples=samples, seed=seed,
         memory_budget=memory_budget, on_batch=on_batch,
     )  # fmt: skip
-    written = write_baseline(store, stats, d_model=d_model, d_head=d_head, sigma=sigma, seed=seed,
-                             recompute=recompute)  # fmt: skip
+    with writing(store):
+        written = write_baseline(store, stats, d_model=d_model, d_head=d_head, sigma=sigma, seed=seed,
+                                 recompute=recompute)  # fmt: skip
     return BaselineResult(key, store, samples, written, time.perf_counter() - t0)

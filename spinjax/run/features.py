@@ -22,6 +22,7 @@ import numpy as np
 from ..kernels.geometry import cross_inner, pair_summaries, pairwise_js, squared_norms
 from ..kernels.heads import expand_kv
 from ..kernels.null import matched_scale, null_zscores
+from ..store import ModelGroup, consolidate, locked, model_keys, open_store, writing
 from ..store.baseline import baseline_key, read_baseline, stored_attrs
 from ..store.schema import MODEL_PAIR_VARIABLES, NULL_VARIABLES, PAIR_VARIABLES, VariableSpec
 from .baseline import run_baseline
@@ -139,3 +140,37 @@ class NullScorer:
                                   sigma=self.sigma)  # fmt: skip
             parts.append(null_zscores(triple, self.null, scale=scale, names=tuple(self.null)))
         return {name: np.concatenate([np.asarray(p[name]) for p in parts], axis=2) for name in parts[0]}
+
+    def rescore(self, group: ModelGroup) -> int:
+        """Score every finished step of ``group`` from its stored statistics (no weights are
+        read) and record this null in its ``features``; under the store's lock. Returns the
+        number of steps scored."""
+        finished = np.flatnonzero(group.done)
+        for index in finished:
+            stored = {name: group.group[name][index] for name in self.null}
+            group.write_variables(int(index), self.scores(stored))
+        group.group.attrs["features"] = {**group.group.attrs.get("features", {}), "null": self.attrs()}
+        return len(finished)
+
+
+def rescore_dependents(store_path: Path, d_model: int, d_head: int) -> dict[str, int]:
+    """Score again, against the null ``baseline/<d_model>x<d_head>`` now in the store, every
+    model group whose ``--null`` z-scores came from that null (after ``spinjax baseline
+    --recompute`` replaced it): {group: steps scored}. Nothing is left scored against an
+    ensemble the store no longer holds."""
+    key, root = baseline_key(d_model, d_head), open_store(store_path)
+    dependents = [k for k in model_keys(root) if _null_of(root, k) == key]
+    if not dependents:
+        return {}
+    scorer = NullScorer(store_path, d_model, d_head, samples=0)
+    scored = {}
+    with writing(Path(store_path)), locked(store_path) as root:
+        for name in dependents:
+            scored[name] = scorer.rescore(ModelGroup(root, name))
+            consolidate(root, name)
+    return scored
+
+
+def _null_of(root, key: str) -> str | None:
+    """The null a model group's z-scores were scored against, if any."""
+    return root[key].attrs.get("features", {}).get("null", {}).get("baseline")

@@ -55,8 +55,7 @@ class RunOptions:
             raise InputError(f"--variant {self.variant!r}: expected one of {', '.join(VARIANTS)}")
         if self.null_samples < 2:
             raise InputError(f"--null-samples must be at least 2, got {self.null_samples}")
-        if self.memory_budget is not None and self.memory_budget <= 0:
-            raise InputError(f"--memory-budget must be positive, got {self.memory_budget} bytes")
+        check_memory_budget(self.memory_budget)
         if not 0 <= self.process_index < self.process_count:
             raise InputError(f"process {self.process_index} is not one of 0..{self.process_count - 1}")
 
@@ -96,6 +95,13 @@ def stored_features(group: ModelGroup) -> Mapping:
     return group.group.attrs.get("features", {})
 
 
+def check_memory_budget(budget: int | None) -> None:
+    """A memory budget (of a run or a baseline) is None, for :func:`default_memory_budget`, or a
+    positive number of bytes."""
+    if budget is not None and budget <= 0:
+        raise InputError(f"--memory-budget must be positive, got {budget} bytes")
+
+
 def default_memory_budget() -> int:
     """A quarter of the memory available now (at least 256 MiB): of the host's, and of the
     accelerator's where the W_QK blocks live on one (its free bytes, as JAX reports them)."""
@@ -113,6 +119,10 @@ def _warn(text: str) -> None:
     print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
+def _inform(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 @dataclass
 class Progress:
     """Callbacks a front end may set to follow a run (all optional)."""
@@ -121,6 +131,7 @@ class Progress:
     on_layer: Callable[[int, int], None] = lambda step, layer: None
     on_step: Callable[[int], None] = lambda step: None
     on_warning: Callable[[str], None] = _warn
+    on_info: Callable[[str], None] = _inform  # what the run does besides its steps (not a problem)
 
 
 @dataclass
@@ -132,3 +143,4 @@ class RunResult:
     io_wait_s: float = 0.0  # time the compute waited for reads (and downloads)
     compute_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)  # variables added to steps finished before

@@ -12,20 +12,18 @@ run as interrupted and raises :class:`Interrupted`; a second Ctrl-C stops at onc
 
 from __future__ import annotations
 
-import signal
-import sys
-import threading
 import time
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import check_writable
 from ..kernels.heads import block_entries_cap, block_rows_for_budget, layer_statistics
 from ..sources.steps import select_steps
-from ..store import RESERVED_GROUPS, ModelGroup, check_can_hold, open_store
+from ..store import ModelGroup, break_stale_locks, check_can_hold, open_store
 from ..store.schema import EIGEN_STATS, OV_MATRICES
 from . import features
 from .distributed import barrier
+from .interrupt import StopAfterStep, requested
 from .options import Progress, RunOptions, RunResult, default_memory_budget
 from .reader import Claims, LayerFactors, Reader, StepRead, StepSkipped, variant_source
 from .threads import one_blas_thread_under_lapack
@@ -58,10 +56,10 @@ def run(model: str, options: RunOptions | None = None, progress: Progress | None
     """
     options = options or RunOptions()
     progress = progress or Progress()
+    check_can_hold(options.store)  # a file or a foreign folder is not a store
+    check_writable(options.store, "the store")  # before any compute
     one_blas_thread_under_lapack()
     source = variant_source(model, options.variant)
-    if source.key in RESERVED_GROUPS:
-        raise InputError(f"--model {model!r}: its store key {source.key!r} is reserved; rename the directory")
     chosen = select_steps(options.steps, [s for s, _ in source.offered])
     existing = _existing_group(options, source.key)
     finished = set()
@@ -80,7 +78,8 @@ def run(model: str, options: RunOptions | None = None, progress: Progress | None
     writer = StepWriter(source, options, pending, claims, progress)
     if not pending:
         if options.adds_features_to(existing) and index == 0:  # e.g. --null on finished steps
-            writer.add_features()
+            result.added = writer.add_features()
+        break_stale_locks(options.store)  # e.g. of a predecessor killed in its last commit
         return result
     interrupted = False
     if todo:
@@ -89,6 +88,8 @@ def run(model: str, options: RunOptions | None = None, progress: Progress | None
     if count > 1:
         barrier("spinjax-run-end")  # every process has written its steps
     writer.finish(interrupted=interrupted)
+    if (options.store / "zarr.json").exists():
+        break_stale_locks(options.store)
     if interrupted:
         left = len(todo) - len(result.computed) - (len(result.skipped) - already)
         raise Interrupted(
@@ -104,6 +105,8 @@ _END = object()
 
 def _compute(reader: Reader, writer: StepWriter, result: RunResult, progress: Progress) -> bool:
     """Read, compute and write the reader's steps; True if stopped early by Ctrl-C."""
+    if requested():  # pressed while starting (its KeyboardInterrupt may have been swallowed)
+        return True
     options, source = writer.options, writer.source
     budget = options.memory_budget or default_memory_budget()
     layers: list[dict[str, np.ndarray]] = []  # results of the step's layers so far
@@ -190,28 +193,6 @@ def _model_pairs(end: StepRead, budget: int) -> dict[str, np.ndarray]:
         opened.geometry.n_layers,
         budget,
     )
-
-
-class StopAfterStep:
-    """Ctrl-C (SIGINT) sets ``requested`` instead of raising; a second one raises at once."""
-
-    def __enter__(self):
-        self.requested, self._previous = False, None
-        if threading.current_thread() is threading.main_thread():  # signals go to the main thread
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        message = "\ninterrupt: stopping after the current step (Ctrl-C again to stop now)"
-        print(message, file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
 
 
 def _warn_nonfinite(

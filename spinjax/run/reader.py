@@ -28,7 +28,7 @@ from ..sources import registry
 from ..sources.base import Checkpoint, Source
 from ..sources.layouts import Geometry, Layout, layout_for
 from ..store import LockFile, claim_path, step_done, writing
-from ..store.schema import META_DIR
+from ..store.schema import META_DIR, check_group_key
 
 
 @dataclass(frozen=True)
@@ -73,9 +73,16 @@ Item = LayerFactors | StepRead | StepSkipped
 
 
 def variant_source(model: str, variant: str = "raw") -> Source:
-    """``model``'s source, keyed by its store group: ``<key>@<variant>`` for a variant not raw."""
+    """``model``'s source, keyed by its store group: ``<key>@<variant>`` for a variant not raw
+    (an InputError naming ``--model`` when that key cannot be a group of the store)."""
     source = registry.resolve(model)
-    return source if variant == "raw" else dataclasses.replace(source, key=f"{source.key}@{variant}")
+    if variant != "raw":
+        source = dataclasses.replace(source, key=f"{source.key}@{variant}")
+    try:
+        check_group_key(source.key)
+    except InputError as exc:
+        raise InputError(f"--model {model!r}: {exc}") from None
+    return source
 
 
 def open_step(source: Source, step: int, variant: str = "raw", ov: bool = False) -> OpenedStep:
@@ -106,8 +113,10 @@ class Claims:
         self.store_path, self.key, self.recompute = store_path, key, recompute
         self._held: dict[int, LockFile] = {}
         self._mutex = threading.Lock()
-        # folders that claims may create before the store exists, removed again if it never does
-        self._missing = [p for p in (store_path, *store_path.parents) if not p.exists()]
+        # folders that claims may create, removed again when empty: a run that wrote nothing
+        # leaves the store's tree (or the absence of a store) exactly as it was
+        folder = claim_path(store_path, key, 0).parent
+        self._missing = [p for p in (folder, *folder.parents) if not p.exists()]
 
     def claim(self, step: int) -> bool:
         """Take ``step`` unless another live process holds it (True also if held already)."""
@@ -137,8 +146,8 @@ class Claims:
             meta = self.store_path / META_DIR
             for folder in sorted((p for p in meta.rglob("*") if p.is_dir()), reverse=True) + [meta]:
                 _rmdir(folder)
-            for folder in self._missing:
-                _rmdir(folder)
+        for folder in self._missing:  # deepest first; a folder in use is not empty and stays
+            _rmdir(folder)
 
 
 def _rmdir(folder: Path) -> None:

@@ -9,13 +9,12 @@ are written without it (each step is its own chunks).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 
+from ..errors import InputError
 from ..sources.base import Source
 from ..store import ModelGroup, consolidate, locked, open_store, writing
-from ..store.schema import NULL_VARIABLES, VARIABLES, run_variables
+from ..store.schema import NULL_VARIABLES, run_variables
 from . import features
 from .options import Progress, RunOptions, stored_features
 from .reader import Claims, StepRead
@@ -38,6 +37,17 @@ class StepWriter:
         self.slots: dict[int, int] = {}  # step -> index along the group's step dimension
         self.record: dict | None = None  # this run's provenance record, kept by process 0
 
+    def _writing(self):
+        """Store writes that fail (full disk, no permission) exit as bad input."""
+        return writing(self.options.store, self._has_finished_steps)
+
+    def _has_finished_steps(self) -> bool:
+        try:
+            root = open_store(self.options.store)
+            return self.source.key in root and bool(ModelGroup(root, self.source.key).done.any())
+        except (InputError, OSError):
+            return False
+
     @property
     def _records(self) -> bool:
         return self.options.process_index == 0
@@ -45,7 +55,7 @@ class StepWriter:
     def write(self, end: StepRead, results: dict[str, np.ndarray]) -> None:
         """Write one (claimed) step, then give up its claim."""
         step = end.opened.step
-        with writing(self.options.store):
+        with self._writing():
             if self.group is None:  # first step computed: the input is good, now touch the store
                 self._open(end)
             if self.scorer is not None:
@@ -79,22 +89,24 @@ class StepWriter:
             d = d_model + (self.options.variant == "bias")  # the bias form is (d + 1) x (d + 1)
             self.scorer = features.NullScorer(
                 self.options.store, d, d_head,
-                samples=self.options.null_samples, on_message=self.progress.on_warning,
+                samples=self.options.null_samples, on_message=self.progress.on_info,
             )  # fmt: skip
 
-    def add_features(self) -> None:
-        """Add this run's optional variables to a group whose steps are all finished."""
+    def add_features(self) -> list[str]:
+        """Add this run's optional variables to a group whose steps are all finished; returns
+        their names (the null's are filled in from the stored statistics)."""
         key = self.source.key
-        with writing(self.options.store):
+        with self._writing():
             shape = ModelGroup(open_store(self.options.store), key).shape
             self._prepare_null(shape["d_model"], shape["d_head"])
             with locked(self.options.store) as root:
-                self._add_features(ModelGroup(root, key))
+                created = self._add_features(ModelGroup(root, key))
                 consolidate(root, key)
+        return created
 
-    def _add_features(self, group: ModelGroup) -> None:
+    def _add_features(self, group: ModelGroup) -> list[str]:
         """Create the optional variables this run writes; score finished steps from the store
-        when the null is new to the group (under the lock)."""
+        when the null is new to the group (under the lock). Returns the names created."""
         pairs = self.options.pairs
         # a group made by an older spinjax gains the variables every run now writes
         specs = run_variables(group.matrices)
@@ -110,15 +122,14 @@ class StepWriter:
             stored["pairs"] = pairs
         group.group.attrs["features"] = stored
         if self.scorer is not None and set(created) & set(NULL_VARIABLES):
-            for index in np.flatnonzero(group.done):
-                values: Mapping = {name: group.group[name][index] for name in VARIABLES}
-                group.write_variables(int(index), self.scorer.scores(values))
+            self.scorer.rescore(group)
         missing = [n for n in created if n not in NULL_VARIABLES]
         if missing and group.done.any():
             self.progress.on_warning(
                 f"store group {group.key!r}: finished steps lack {', '.join(missing)} (NaN); "
                 "rerun with --recompute to fill them"
             )
+        return created
 
     def finish(self, *, interrupted: bool) -> None:
         """Mark the run record finished (or interrupted) and consolidate, under the lock."""
@@ -127,7 +138,7 @@ class StepWriter:
             return  # (a process that wrote nothing records nothing, unless it speaks for all)
         if not (self.options.store / "zarr.json").exists():
             return
-        with writing(self.options.store), locked(self.options.store) as root:
+        with self._writing(), locked(self.options.store) as root:
             if self.source.key not in root:
                 return  # nothing was written
             group = ModelGroup(root, self.source.key)

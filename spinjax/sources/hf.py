@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from safetensors import safe_open
 
-from ..errors import InputError
+from ..errors import InputError, shown
 from .base import Source, TensorInfo
 from .torchbin import TorchBinFile
 
@@ -27,13 +27,25 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 
 
+MAX_JSON_BYTES = 64 << 20  # config.json, index json: an index of 100,000 tensors is ~10 MB
+
+
 def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; InputError naming the file if it is missing or not an object."""
+    """A JSON object from ``path``; InputError naming the file if it is missing, not a regular
+    file (a FIFO would block, a device never end), too large, or not an object."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise InputError(f"{path}: not a regular file")
     try:
-        with open(path) as f:
-            data = json.load(f)
+        with open(path, "rb") as f:
+            text = f.read(MAX_JSON_BYTES + 1)
+        if len(text) > MAX_JSON_BYTES:
+            raise InputError(f"{path}: larger than {MAX_JSON_BYTES} bytes; not a checkpoint's JSON")
+        data = json.loads(text)
     except FileNotFoundError as exc:
         raise InputError(f"{path}: file not found") from exc
+    except RecursionError as exc:
+        raise InputError(f"{path}: not valid JSON (nested too deeply)") from exc
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
@@ -76,16 +88,23 @@ class _SafetensorsTensor:
         self.dtype = SAFETENSORS_DTYPES.get(self._slice.get_dtype(), self._slice.get_dtype())
 
     def __getitem__(self, rows: slice) -> np.ndarray:
+        if self.dtype.startswith("float8"):  # safetensors reads into numpy's own dtypes only
+            raise InputError(
+                f"{self.file.path}: tensor {self.name!r} is {self.dtype}, which the safetensors reader "
+                "cannot read; save the checkpoint in bfloat16 or float16 (or as a PyTorch .bin)"
+            )
         try:
             return self._slice[rows]
         except Exception as exc:
             raise InputError(f"{self.file.path}: cannot read tensor {self.name!r} ({exc})") from exc
 
 
+# safetensors' dtype names as numpy's (what the layouts check), ml_dtypes' for float8
 SAFETENSORS_DTYPES = {
-    "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64",
-    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "BOOL": "bool", "C64": "complex64",
+    "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32", "I32": "int32",
+    "U64": "uint64", "I64": "int64",
 }  # fmt: skip
 
 
@@ -211,6 +230,13 @@ class HFCheckpoint:
             weight_map = read_json(path).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise InputError(f"{path}: no 'weight_map' object")
+            for tensor, file in weight_map.items():
+                parts = Path(file).parts if isinstance(file, str) else ()
+                if not parts or Path(file).is_absolute() or ".." in parts:
+                    raise InputError(
+                        f"{path}: weight_map[{shown(tensor)}] should name a weight file beside it, "
+                        f"got {shown(file)}"
+                    )
             return weight_map
         directory = self._fetch("config.json").parent  # unindexed shards in a local directory
         for pattern in ("*.safetensors", "pytorch_model*.bin"):

@@ -26,6 +26,10 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import serialization
+from orbax.checkpoint import utils as ocp_utils
 
 from ..errors import InputError, nearest
 from .base import Source, TensorInfo
@@ -158,16 +162,14 @@ class OrbaxModel:
     """
 
     def __init__(self, directory: str | os.PathLike):
-        from orbax.checkpoint import utils
-
-        self.directory = Path(directory)
+        self.directory = Path(directory).expanduser().absolute()  # orbax takes absolute paths only
         if not self.directory.is_dir():
             raise InputError(f"{self.directory}: not an orbax checkpoint directory")
         self.config = read_json(self.directory / "config.json")
         self.mapping = load_mapping(self.directory)
         self._paths = {
-            utils.step_from_checkpoint_name(p.name): Path(p)
-            for p in utils.checkpoint_steps_paths(self.directory)
+            ocp_utils.step_from_checkpoint_name(p.name): Path(p)
+            for p in ocp_utils.checkpoint_steps_paths(self.directory)
         }
         if not self._paths:
             raise InputError(f"{self.directory}: no finished orbax checkpoint steps found")
@@ -188,9 +190,6 @@ class OrbaxModel:
         raise InputError(f"{step_dir}: cannot tell which orbax item holds the params: {items}")
 
     def checkpoint(self, step: int) -> TreeCheckpoint:
-        import orbax.checkpoint as ocp
-        from etils import epath
-
         if step not in self._paths:
             raise InputError(
                 f"{self.directory}: no checkpoint for step {step}; nearest: {nearest(step, self._paths)}"
@@ -230,7 +229,7 @@ class FlaxMsgpackModel:
     FILENAME = "flax_model.msgpack"
 
     def __init__(self, path: str | os.PathLike):
-        path = Path(path)
+        path = Path(path).expanduser().absolute()
         self.file = path / self.FILENAME if path.is_dir() else path
         if not self.file.is_file():
             raise InputError(f"{path}: no Flax msgpack file ({self.FILENAME}) found")
@@ -241,8 +240,6 @@ class FlaxMsgpackModel:
         self._tree = None
 
     def checkpoint(self, step: int = -1) -> TreeCheckpoint:
-        from flax import serialization
-
         if step != -1:
             raise InputError(f"{self.file}: a single checkpoint (step -1), no step {step}")
         if self._tree is None:

@@ -11,29 +11,23 @@ materialised where the storage format allows slicing.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..errors import InputError
+from . import config as config_json
 from .base import Tensor
+from .config import Geometry
 
+__all__ = ["FLOAT_DTYPES", "LAYOUTS", "VARIANTS", "Geometry", "Layout", "layout_for"]
 
-@dataclass(frozen=True)
-class Geometry:
-    """A model's attention geometry, as config.json gives it."""
-
-    d_model: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    d_head: int
-
-    def attrs(self) -> dict[str, int]:
-        """The five numbers by name (what a store group records)."""
-        return asdict(self)
-
+# What a Q/K/V/O tensor or norm gain may be stored as: real floating point, converted to
+# float32 (float64 rounds; float8 and the 16-bit formats convert exactly). Integers, bools
+# and complex numbers are not weights spinjax can use as they are.
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64",
+                "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")  # fmt: skip
 
 TensorLookup = Callable[[str], Tensor]
 RowSlices = tuple[list[slice], list[slice], list[slice]]
@@ -57,20 +51,11 @@ class Layout:
     norm: Callable[[int], str]  # gain of the norm whose output a layer's attention reads
     centred: bool  # LayerNorm (subtracts the mean), not RMSNorm
     conv1d: bool = False
+    grouped: bool = False  # config's num_key_value_heads and head_dim apply (grouped-query attention)
 
     def geometry(self, config: Mapping[str, Any], where: str) -> Geometry:
-        try:
-            d_model, n_layers, n_heads = (int(config[k]) for k in self.config_keys)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"{where}: config lacks a valid {exc} for {self.architecture}") from exc
-        n_kv = int(config.get("num_key_value_heads") or n_heads)
-        d_head = int(config.get("head_dim") or d_model // max(n_heads, 1))
-        if n_heads <= 0 or n_kv <= 0 or n_heads % n_kv or d_head <= 0 or d_head > d_model:
-            raise InputError(
-                f"{where}: inconsistent attention geometry d_model={d_model} n_heads={n_heads} "
-                f"n_kv_heads={n_kv} d_head={d_head}"
-            )
-        return Geometry(d_model, n_layers, n_heads, n_kv, d_head)
+        """The geometry config.json gives, validated (:func:`spinjax.sources.config.geometry`)."""
+        return config_json.geometry(config, where, self.config_keys, self.architecture, self.grouped)
 
     def tensor_names(self, layer: int, variant: str = "raw", ov: bool = False) -> list[str]:
         """Every stored tensor that ``extract(..., variant)`` (and ``extract_ov`` when ``ov``) reads."""
@@ -108,7 +93,7 @@ class Layout:
             wq, wk = np.concatenate([wq, bq], -1), np.concatenate([wk, bk], -1)
         elif variant == "ln-folded":
             gain = tensor(self.norm(layer))
-            _expect(gain, (g.d_model,))
+            _check(gain, (g.d_model,))
             gamma = _f32(gain[:])
             wq, wk = wq * gamma, wk * gamma
             if self.centred:
@@ -126,7 +111,7 @@ class Layout:
         (wv,) = self._heads(tensor, layer, g, (2,), ".weight")
         t = tensor(self.out.format(layer))
         inner = g.n_heads * g.d_head
-        _expect(t, (inner, g.d_model) if self.conv1d else (g.d_model, inner))
+        _check(t, (inner, g.d_model) if self.conv1d else (g.d_model, inner))
         wo = _f32(t[:]) if self.conv1d else _f32(t[:]).T  # (inner, d_model)
         return wv, wo.reshape(g.n_heads, g.d_head, g.d_model)
 
@@ -155,10 +140,10 @@ class Layout:
             # rows of every projection kept in this tensor: 3 blocks when Q, K, V are fused
             n_rows = sum(s.stop - s.start for j in range(3) if self.qkv[j] == self.qkv[i] for s in slices[j])
             if kind == ".bias" or not self.conv1d:
-                _expect(t, (n_rows,) if kind == ".bias" else (n_rows, g.d_model))
+                _check(t, (n_rows,) if kind == ".bias" else (n_rows, g.d_model))
                 rows = [_f32(t[s]) for s in slices[i]]
             else:
-                _expect(t, (g.d_model, n_rows))
+                _check(t, (g.d_model, n_rows))
                 if name not in full:
                     full[name] = _f32(t[:]).T
                 rows = [full[name][s] for s in slices[i]]
@@ -172,7 +157,14 @@ def _check_variant(variant: str) -> None:
         raise InputError(f"unknown weight variant {variant!r}; choose one of {', '.join(VARIANTS)}")
 
 
-def _expect(t: Tensor, shape: tuple[int, ...]) -> None:
+def _check(t: Tensor, shape: tuple[int, ...]) -> None:
+    """Every tensor a layout reads passes here before it is read: a real float dtype, the shape
+    config.json implies."""
+    if str(t.dtype) not in FLOAT_DTYPES:
+        raise InputError(
+            f"tensor {t.name!r} has dtype {t.dtype}; attention weights must be real floating point "
+            f"({', '.join(FLOAT_DTYPES)})"
+        )
     if tuple(t.shape) != shape:
         raise InputError(f"tensor {t.name!r} has shape {tuple(t.shape)}, expected {shape} from config.json")
 
@@ -211,6 +203,7 @@ _LLAMA = Layout(
     out=_LLAMA_ATTN + "o_proj.weight",
     norm=lambda i: f"model.layers.{i}.input_layernorm.weight",
     centred=False,  # RMSNorm
+    grouped=True,
 )
 
 LAYOUTS: dict[str, Layout] = {
@@ -253,7 +246,7 @@ LAYOUTS: dict[str, Layout] = {
 
 def layout_for(config: Mapping[str, Any], where: str) -> Layout:
     """The layout for a config's ``model_type``; unknown types name the supported ones."""
-    model_type = config.get("model_type")
+    model_type = config_json.model_type(config, where)
     if model_type not in LAYOUTS:
         raise InputError(
             f"{where}: unsupported model_type {model_type!r}; supported: {', '.join(sorted(LAYOUTS))}"

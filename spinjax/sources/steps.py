@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..errors import InputError, nearest
+from ..errors import InputError, nearest, shown
 
 
 def _int(text: str, spec: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise InputError(f"--steps {spec!r}: {text!r} is not a step number") from None
+        raise InputError(f"--steps {shown(spec)}: {shown(text, 40)} is not a step number") from None
 
 
 def select_steps(spec: str, offered: Sequence[int]) -> list[int]:
@@ -22,6 +22,7 @@ def select_steps(spec: str, offered: Sequence[int]) -> list[int]:
     model does not offer is an error that names the nearest offered ones.
     """
     offered = sorted(set(offered))
+    quoted = shown(spec)  # a spec can list thousands of steps: messages quote its start
     if not offered:
         raise InputError("the model offers no checkpoints")
     chosen: list[int] = []
@@ -33,27 +34,29 @@ def select_steps(spec: str, offered: Sequence[int]) -> list[int]:
         elif ":" in token:
             parts = token.split(":")
             if len(parts) > 3:
-                raise InputError(f"--steps {spec!r}: range {token!r} has more than start:stop:stride")
+                raise InputError(
+                    f"--steps {quoted}: range {shown(token, 40)} has more than start:stop:stride"
+                )
             start = _int(parts[0], spec) if parts[0] else offered[0]
             stop = _int(parts[1], spec) if parts[1] else offered[-1]
             stride = _int(parts[2], spec) if len(parts) == 3 and parts[2] else 1
             if stride <= 0:
-                raise InputError(f"--steps {spec!r}: stride must be positive in {token!r}")
+                raise InputError(f"--steps {quoted}: stride must be positive in {shown(token, 40)}")
             picked = [s for s in offered if start <= s <= stop and (s - start) % stride == 0]
             if not picked:
                 raise InputError(
-                    f"--steps {spec!r}: range {token!r} selects no offered step "
+                    f"--steps {quoted}: range {shown(token, 40)} selects no offered step "
                     f"(offered: {offered[0]}..{offered[-1]}, {len(offered)} steps)"
                 )
         elif token:
             step = _int(token, spec)
             if step not in offered:
                 raise InputError(
-                    f"--steps {spec!r}: step {step} is not offered; nearest: "
+                    f"--steps {quoted}: step {shown(step, 40)} is not offered; nearest: "
                     + ", ".join(map(str, nearest(step, offered)))
                 )
             picked = [step]
         else:
-            raise InputError(f"--steps {spec!r}: empty item")
+            raise InputError(f"--steps {quoted}: empty item")
         chosen.extend(s for s in picked if s not in chosen)
     return chosen

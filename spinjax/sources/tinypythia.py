@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import shutil
@@ -36,6 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 
 from .base import Source
 from .jaxtree import OrbaxKind
@@ -50,6 +53,7 @@ ROTARY_PCT, ROTARY_BASE = 0.25, 10000.0
 STEPS: tuple[int, ...] = TINY_PYTHIA.steps
 """Saved steps: 0, 1, 2, 4, ..., 512 (log-spaced like Pythia), then every 256 to 1280."""
 FINAL_STEP = STEPS[-1]
+log = logging.getLogger(__name__)  # the command line shows its INFO lines on stderr
 
 SEED, BATCH, LR, WARMUP, WEIGHT_DECAY = 0, 8, 3e-3, 50, 0.1
 CORPUS_MODULES = (
@@ -148,8 +152,6 @@ def attention_logits(params: dict, layer: int, x, *, rotary: bool = True):
 
 def load_params(root: Path, step: int) -> dict:
     """The params pytree (numpy float32) that :func:`train` saved at ``step`` under ``root``."""
-    import orbax.checkpoint as ocp
-
     return ocp.StandardCheckpointer().restore(Path(root).absolute() / str(step) / "default")
 
 
@@ -187,9 +189,6 @@ def train(root: Path, on_step: Callable[[int, float], None] | None = None) -> li
     Returns the held-out loss (mean cross-entropy, nats per byte) at each saved step, and
     calls ``on_step(step, loss)`` after each save.
     """
-    import optax
-    import orbax.checkpoint as ocp
-
     data = np.frombuffer(corpus(), dtype=np.uint8).astype(np.int32)
     split = int(0.9 * len(data))
     train_data, held = jnp.asarray(data[:split]), data[split:]
@@ -242,17 +241,22 @@ def default_cache() -> Path:
 
 
 def ensure_tiny_pythia(
-    cache_dir: Path | None = None, on_step: Callable[[int, float], None] | None = None
+    cache_dir: Path | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    on_start: Callable[[Path], None] | None = None,
 ) -> Path:
     """The tiny-pythia checkpoint root ``<cache_dir>/tiny-pythia-v1``, trained on first use.
 
     ``cache_dir`` defaults to :func:`default_cache`. Generation (about a minute on two CPU
     cores) writes into a temporary sibling directory renamed into place at the end, so an
     interrupted run never leaves a partial cache; an existing cache is returned at once.
+    ``on_start(root)`` is called before training, ``on_step(step, loss)`` at each saved step.
     """
     root = Path(cache_dir or default_cache()) / f"{NAME}-v{VERSION}"
     if (root / "config.json").is_file():
         return root
+    if on_start is not None:
+        on_start(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
@@ -285,5 +289,14 @@ class EmbeddedKind:
         return model == NAME
 
     def open(self, model: str) -> Source:
-        source = OrbaxKind().open(str(ensure_tiny_pythia()))
+        root = ensure_tiny_pythia(on_start=_announce_training, on_step=_report_training)
+        source = OrbaxKind().open(str(root))
         return replace(source, key=NAME, source=f"{NAME} (embedded, trained by spinjax)")
+
+
+def _announce_training(root: Path) -> None:
+    log.info("%s: training the embedded model once (about a minute on 2 cores) into %s", NAME, root)
+
+
+def _report_training(step: int, loss: float) -> None:
+    log.info("%s: step %d of %d saved, held-out loss %.3f nats/byte", NAME, step, FINAL_STEP, loss)

@@ -24,9 +24,11 @@ import io
 import mmap
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
-from collections import OrderedDict
+import zlib
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -42,6 +44,18 @@ _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header, 30 bytes
 _LOCAL_HEADER_SIG = b"PK\x03\x04"
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
+
+# Bounds on what a hostile archive can make us inflate, build or walk, far above real files:
+# a state dict's data.pkl holds names, shapes and storage keys, about 100 bytes and 30 pickle
+# opcodes per tensor (a 7B-parameter shard: tens of KB). The sizes are checked against the
+# zip's declared sizes before anything is inflated; the opcodes are counted before unpickling,
+# since one opcode byte can make a ~200-byte object and a memo index a table of that size.
+MAX_PICKLE_BYTES = 32 << 20
+MAX_PICKLE_OPS = 1 << 21  # about 70,000 tensors in one file
+MAX_BYTEORDER_BYTES = 16  # "little" or "big"
+MAX_NESTING = 64  # dicts within dicts of a state dict (real ones: 1, or 2 under "model")
+MAX_ENTRIES = 1 << 20  # keys visited while flattening (memo references can share sub-dicts)
+MAX_NAME_CHARS = 64 << 20  # all tensor names together
 
 # Legacy typed storage classes (`torch.FloatStorage`, ...): what torch writes in
 # persistent records, with the element dtype of the storage.  None: known but unsupported.
@@ -404,22 +418,33 @@ class TorchBinFile:
                 f"{self.path}: not a PyTorch zip checkpoint ({kind}; truncated or corrupt?): {e}"
             ) from e
 
+        repeated = sorted(name for name, n in Counter(i.filename for i in infos).items() if n > 1)
+        if repeated:  # zip readers disagree on which copy counts: a tampered or broken file
+            raise InputError(f"{self.path}: member {_short(repeated[0])} appears more than once in the zip")
         pkl = [i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
-        if len(pkl) != 1:
+        if not pkl:
             raise InputError(f"{self.path}: no '<archive>/data.pkl' member: not a PyTorch zip checkpoint")
+        if len(pkl) > 1:
+            names = ", ".join(_short(i.filename, 60) for i in pkl[:3]) + (", ..." if len(pkl) > 3 else "")
+            raise InputError(
+                f"{self.path}: {len(pkl)} '<archive>/data.pkl' members ({names}); "
+                "a PyTorch checkpoint has one"
+            )
         prefix = pkl[0].filename[: -len("data.pkl")]
         by_name = {i.filename: i for i in infos}
 
         byteorder = by_name.get(prefix + "byteorder")
         if byteorder is not None:
-            order = self._read_member(zf, byteorder).strip()
+            order = self._read_member(zf, byteorder, MAX_BYTEORDER_BYTES).strip()
             if order != b"little":
                 raise InputError(
                     f"{self.path}: byteorder record says {order.decode('ascii', 'replace')!r}; "
                     "only little-endian checkpoints are supported"
                 )
 
-        unpickler = _RestrictedUnpickler(io.BytesIO(self._read_member(zf, pkl[0])), self.path)
+        data = self._read_member(zf, pkl[0], MAX_PICKLE_BYTES)
+        self._check_pickle(data, pkl[0].filename)
+        unpickler = _RestrictedUnpickler(io.BytesIO(data), self.path)
         try:
             obj = unpickler.load()
         except InputError as e:
@@ -433,7 +458,7 @@ class TorchBinFile:
 
         if not isinstance(obj, dict):
             raise InputError(f"{self.path}: holds a {type(obj).__name__}, not a state dict of tensors")
-        self._flatten(obj, "")
+        self._flatten(obj)
 
         for key in sorted({r.key for r in self._records.values()}):
             name = f"{prefix}data/{key}"
@@ -442,20 +467,77 @@ class TorchBinFile:
                 raise InputError(f"{self.path}: storage record '{name}' is missing from the archive")
             self._members[key] = self._locate(info, fsize)
 
-    def _flatten(self, obj: dict, prefix: str) -> None:
-        for k, v in obj.items():
-            if not isinstance(k, str):
-                raise InputError(f"{self.path}: state dict key {_short(k)} is not a string")
-            if isinstance(v, _TensorRecord):
-                self._records[prefix + k] = v
-            elif isinstance(v, dict):
-                self._flatten(v, f"{prefix}{k}.")
-            # other values (ints, strings, None) are not tensors: skipped
+    def _flatten(self, obj: dict) -> None:
+        """Record the tensors of a state dict, nested dicts joined by dots, depth-first in order.
 
-    def _read_member(self, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+        Walked with an explicit stack, and bounded (:data:`MAX_NESTING`, :data:`MAX_ENTRIES`,
+        :data:`MAX_NAME_CHARS`): a pickle can nest dicts thousands deep, or share one sub-dict
+        between keys so that the walk doubles at each level.
+        """
+        stack = [("", iter(obj.items()))]
+        entries = chars = 0
+        while stack:
+            prefix, items = stack[-1]
+            for k, v in items:
+                entries += 1
+                if entries > MAX_ENTRIES:
+                    raise InputError(f"{self.path}: state dict has more than {MAX_ENTRIES} entries")
+                if not isinstance(k, str):
+                    raise InputError(f"{self.path}: state dict key {_short(k)} is not a string")
+                if isinstance(v, _TensorRecord):
+                    chars += len(prefix) + len(k)
+                    self._records[prefix + k] = v
+                elif isinstance(v, dict):
+                    if len(stack) >= MAX_NESTING:
+                        raise InputError(
+                            f"{self.path}: state dict nests dicts more than {MAX_NESTING} deep "
+                            f"(at {_short(prefix + k, 80)})"
+                        )
+                    chars += len(prefix) + len(k)
+                    stack.append((f"{prefix}{k}.", iter(v.items())))
+                # other values (ints, strings, None) are not tensors: skipped
+                if chars > MAX_NAME_CHARS:
+                    raise InputError(f"{self.path}: state dict names exceed {MAX_NAME_CHARS} characters")
+                if stack[-1][1] is not items:  # descend into the dict just pushed
+                    break
+            else:
+                stack.pop()
+
+    def _check_pickle(self, data: bytes, member: str) -> None:
+        """Refuse a pickle that would build more than :data:`MAX_PICKLE_OPS` objects or grow
+        the unpickler's memo table past that (a PUT index is a table size), before unpickling."""
         try:
-            return zf.read(info)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+            for n, (op, arg, _) in enumerate(pickletools.genops(data)):
+                if n >= MAX_PICKLE_OPS:
+                    raise InputError(
+                        f"{self.path}: {member} has more than {MAX_PICKLE_OPS} pickle opcodes, more than "
+                        "a state dict's metadata needs"
+                    )
+                if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not 0 <= arg < MAX_PICKLE_OPS:
+                    raise InputError(f"{self.path}: {member} stores memo entry {arg}, out of range")
+        except (ValueError, OverflowError) as e:  # what genops raises for malformed opcodes
+            raise InputError(f"{self.path}: cannot parse {member}: {e}") from e
+
+    def _read_member(self, zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+        """A small member's bytes; refused before inflating when it declares more than ``limit``.
+
+        ``zipfile`` stops at the declared size and then checks the CRC, so a member whose
+        compressed data inflates beyond what it declares is read only up to that size; it
+        bounds each inflate step only for deflate, so other methods are refused."""
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise InputError(
+                f"{self.path}: record '{info.filename}' uses zip compression method {info.compress_type}; "
+                "PyTorch stores records uncompressed"
+            )
+        if info.file_size > limit:
+            raise InputError(
+                f"{self.path}: record '{info.filename}' declares {info.file_size} bytes; more than "
+                f"{limit} is not a PyTorch checkpoint's metadata (refused without inflating it)"
+            )
+        try:
+            with zf.open(info) as member:
+                return member.read(info.file_size)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error) as e:
             raise InputError(f"{self.path}: cannot read record '{info.filename}': {e}") from e
 
     def _locate(self, info: zipfile.ZipInfo, fsize: int) -> _Member:

@@ -6,7 +6,7 @@ No JAX here: the reading side (``spinjax.analysis``) opens and lists stores thro
 from .group import SHAPE_ATTRS, ModelGroup, step_done, summary, write_coordinates
 from .locking import LockFile
 from .root import (
-    StoreWriteError,
+    break_stale_locks,
     build_aside,
     check_can_hold,
     claim_path,
@@ -44,8 +44,8 @@ __all__ = [
     "SCALARS",
     "SCHEMA",
     "SHAPE_ATTRS",
-    "StoreWriteError",
     "VARIABLES",
+    "break_stale_locks",
     "build_aside",
     "check_can_hold",
     "claim_path",

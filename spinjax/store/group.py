@@ -22,8 +22,8 @@ import zarr
 from ..errors import InputError
 from ..kernels import bins
 from ..version import __version__
-from .root import COMPRESSORS, build_aside, commit_group, consolidate, model_keys, open_store, store_path
-from .schema import BASE_DIMS, MATRICES, VARIABLES, VariableSpec
+from .root import COMPRESSORS, build_aside, commit_group, consolidate, model_keys, open_store, reopen, store_path
+from .schema import BASE_DIMS, BASELINE_GROUP, MATRICES, VARIABLES, VariableSpec, check_group_key
 
 SHAPE_ATTRS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head")
 """The group attributes giving a model's attention geometry."""
@@ -128,6 +128,7 @@ class ModelGroup:
             existing = cls(root, key)
             existing.check_holds(shape, architecture, matrices)
             return existing
+        check_group_key(key)
         shape = {k: int(shape[k]) for k in SHAPE_ATTRS}
         group_attrs = {**attrs, "architecture": architecture, **shape,
                        "spinjax_version": __version__, "runs": []}  # fmt: skip
@@ -155,7 +156,7 @@ class ModelGroup:
             )  # fmt: skip
             arr.attrs["coordinates"] = "revision"
         commit_group(root, group, key)
-        return cls(open_store(store_path(root), create=True, consolidated=False), key)
+        return cls(reopen(root), key)
 
     def check_source(self, source: str) -> None:
         """Refuse a run of another source under this key (e.g. two directories of one name)."""
@@ -201,6 +202,16 @@ class ModelGroup:
     def data_variables(self) -> list[str]:
         """The per-step data variables this group holds (core ones and any optional family)."""
         return [n for n in self.step_arrays() if n not in ("step", "revision", "done")]
+
+    def group_variables(self) -> list[str]:
+        """The data variables without a step dimension (results over all steps, such as
+        ``largest_change_step``), by name: every array that is no coordinate nor grid edges."""
+        names = []
+        for name, arr in self.group.arrays():
+            dims = tuple(arr.metadata.dimension_names or ())
+            if dims[:1] != ("step",) and name not in dims and not name.endswith("_edges"):
+                names.append(name)
+        return sorted(names)
 
     def add_variables(
         self, specs: Mapping[str, VariableSpec], coords: dict[str, np.ndarray]
@@ -333,11 +344,18 @@ def summary(path: str | Path) -> dict[str, Any]:
             "steps_done": int(done.sum()),
             "steps_requested": len(steps),
             "steps": [s for s, d in zip(steps, done, strict=True) if d],
-            "variables": sorted(group.data_variables()),
+            "variables": sorted(group.data_variables() + group.group_variables()),
             "matrices": list(group.matrices),
             "variant": attrs.get("variant", "raw"),
             "features": attrs.get("features", {}),
             "bytes": size,
             "runs": attrs.get("runs", []),
         }
-    return {"schema": meta["schema"], "version": meta.get("version"), "models": models}
+    baselines = {}
+    if BASELINE_GROUP in root:
+        for name, null in sorted(root[BASELINE_GROUP].groups()):
+            key = f"{BASELINE_GROUP}/{name}"
+            size = sum(f.stat().st_size for f in (Path(path) / key).rglob("*") if f.is_file())
+            baselines[key] = {k: null.attrs.get(k) for k in ("d", "d_head", "sigma", "samples", "seed")}
+            baselines[key]["bytes"] = size
+    return {"schema": meta["schema"], "version": meta.get("version"), "models": models, "baselines": baselines}

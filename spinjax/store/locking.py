@@ -23,8 +23,23 @@ from pathlib import Path
 from ..errors import InputError
 
 HOST = socket.gethostname()
-STALE_AFTER = 60.0  # seconds without heartbeat before a lock of another host counts as dead
+STALE_AFTER = 60.0  # seconds without heartbeat before a lock counts as dead (default)
 BREAKER_STALE = 10.0  # a ``.break`` file lives for microseconds; older ones are leftovers
+
+
+def default_stale_after() -> float:
+    """``$SPINJAX_LOCK_STALE_AFTER`` seconds, else :data:`STALE_AFTER` (hosts with skewed clocks
+    want more; tests of frozen writers want less)."""
+    text = os.environ.get("SPINJAX_LOCK_STALE_AFTER")
+    if text is None:
+        return STALE_AFTER
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise InputError(f"SPINJAX_LOCK_STALE_AFTER={text!r}: expected a positive number of seconds")
+    return value
 
 
 def _start_time(pid: int) -> str | None:
@@ -46,12 +61,21 @@ def _alive(pid: int, start: str | None) -> bool:
     return start is None or current is None or current == start
 
 
-class LockFile:
-    """An exclusive lock file; ``with LockFile(path):`` waits for it (``timeout`` seconds)."""
+class LockLostError(InputError):
+    """This process's lock was taken over (it was frozen longer than the lock's stale time)."""
 
-    def __init__(self, path: str | os.PathLike, *, timeout: float = 600.0, stale_after: float = STALE_AFTER):
+
+class LockFile:
+    """An exclusive lock file; ``with LockFile(path):`` waits for it (``timeout`` seconds).
+
+    The file holds a random token of its owner; :meth:`verify` checks that the file is still
+    this owner's before a write that the lock protects.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, timeout: float = 600.0, stale_after: float | None = None):
         self.path = Path(path)
-        self.timeout, self.stale_after = timeout, stale_after
+        self.timeout = timeout
+        self.stale_after = default_stale_after() if stale_after is None else stale_after
         self.owner = {"host": HOST, "pid": os.getpid(), "start": _start_time(os.getpid()),
                       "token": uuid.uuid4().hex, "since": time.time()}  # fmt: skip
         self.held = False
@@ -139,6 +163,19 @@ class LockFile:
             time.sleep(pause)
             pause = min(2 * pause, 0.5)
 
+    def verify(self) -> None:
+        """Raise :class:`LockLostError` unless this process still holds the lock: a process
+        frozen (SIGSTOP, a suspended VM) past the stale time may have lost it to another one."""
+        if self.held and self.holder() == self.owner:
+            return
+        info = self.holder() or {}
+        taken = f" by host {info.get('host')!r} pid {info.get('pid')}" if info else ""
+        raise LockLostError(
+            f"{self.path}: this process lost the lock (it was stopped for more than "
+            f"{self.stale_after:.0f} s and the lock was taken over{taken}); it wrote nothing more; "
+            "rerun the same command to complete the missing steps"
+        )
+
     def release(self) -> None:
         if not self.held:
             return
@@ -181,10 +218,11 @@ class _Heartbeat:
         while True:
             with self._mutex:
                 locks = list(self._locks)
-            time.sleep(min([lock.stale_after for lock in locks] + [STALE_AFTER]) / 6)
+            time.sleep(min([lock.stale_after for lock in locks] + [default_stale_after()]) / 6)
             for lock in locks:
                 try:
-                    os.utime(lock.path)
+                    if lock.holder() == lock.owner:  # never refresh a lock taken over meanwhile
+                        os.utime(lock.path)
                 except OSError:
                     pass
 

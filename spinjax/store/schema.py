@@ -96,6 +96,19 @@ EVENT_VARIABLES: dict[str, VariableSpec] = {
 }
 
 
+def check_group_key(key: str) -> None:
+    """Refuse a model key that is not a plain group name of the store: the store's own names
+    (``baseline``, ``.spinjax``, ``zarr.json``), names zarr reserves (``__``-prefixed) and any
+    name that the file system or zarr would read as something else (hidden, ``.``, ``..``)."""
+    reserved = (*RESERVED_GROUPS, META_DIR, "zarr.json")
+    if key in reserved or key.startswith((".", "__")) or not key or "/" in key or "\\" in key:
+        why = "reserved for the store's own files" if key in reserved else "not a usable group name"
+        raise InputError(
+            f"store group name {key!r} is {why} (names must not start with '.' or '__', nor be "
+            f"one of {', '.join(reserved)}); rename the model's directory"
+        )
+
+
 def check_root_attrs(attrs, path: Path) -> None:
     """Refuse a Zarr group that spinjax did not write, or that another schema wrote."""
     meta = attrs.get("spinjax")

@@ -12,14 +12,14 @@ import zarr
 from click.testing import CliRunner
 
 import spinjax
-from spinjax.analysis import plots
-from spinjax.analysis.figures_measures import MEASURE_FIGURES
+from spinjax.analysis import figures as plots
 from spinjax.analysis.report import build_report
 from spinjax.cli import main
 from spinjax.errors import InputError
 from spinjax.store import consolidate, locked
 
 KEY = "gpt_neox"
+MEASURE_FIGURES = ("eig-plane", "eig-positivity", "ks-normal")
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,15 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from spinjax.analysis.plots import FIGURES
+from spinjax.analysis.figures import FIGURES
 from spinjax.analysis.report import build_report
 from spinjax.cli import main
 
 TP, NEOX = "tiny-pythia", "gpt_neox"
+# what the trajectory store (no `spinjax dynamics`, no null ensemble) cannot show, and umap's map
+# (numba compiles for a minute on first use: the full report is test_full_report_of_the_study_store)
+NEEDS_MORE = ("mode-overlap", "mode-events", "divergence-steps", "null-matrix", "null-sweep")
+SHOWN = [n for n in FIGURES if n not in NEEDS_MORE and n != "trajectory-map"]
 
 
 def browse(chromium: str, page: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -34,7 +38,8 @@ def browse(chromium: str, page: Path, tmp_path: Path, *args: str) -> subprocess.
 
 @pytest.fixture(scope="module")
 def report(trajectory_store, tmp_path_factory):
-    return build_report(trajectory_store, TP, tmp_path_factory.mktemp("report"), dpi=80)
+    names = [n for n in FIGURES if n != "trajectory-map"]
+    return build_report(trajectory_store, TP, tmp_path_factory.mktemp("report"), dpi=80, figures=names)
 
 
 def _imgs(dom: str) -> list[str]:
@@ -42,18 +47,24 @@ def _imgs(dom: str) -> list[str]:
 
 
 def test_report_files(report):
-    assert report.path.name == "index.html" and report.skipped == {}
-    assert list(report.figures) == list(FIGURES)  # the trajectory allows every figure
+    assert report.path.name == "index.html" and list(report.skipped) == list(NEEDS_MORE)
+    assert list(report.figures) == SHOWN  # every other figure: the trajectory allows them
+    for name in NEEDS_MORE[:3]:
+        assert "run `spinjax dynamics --model MODEL` on the store" in report.skipped[name]
+    for name in NEEDS_MORE[3:]:
+        assert "needs a null ensemble in the store" in report.skipped[name]
     page = report.path.read_text()
     sources = _imgs(page)
-    assert len(sources) == len(FIGURES)
+    assert len(sources) == len(SHOWN)
     for src in sources:
         path = report.path.parent / src
         assert "/" not in src and path.is_file() and path.stat().st_size > 5000, src
     assert "animation.gif" in sources
     assert "steps done / requested</th><td>14 / 14" in page
-    assert "<h2>Per-layer summary" in page and page.count("<section") == len(FIGURES)
-    for name in FIGURES:
+    assert "<h2>Per-layer summary" in page and page.count("<section") == len(SHOWN)
+    assert "<th>kl_gauss_mm</th>" in page and "<th>entropy_residual_mm</th>" in page  # Miller-Madow
+    assert "null ensembles</th><td>none" in page
+    for name in SHOWN:
         assert f'id="{name}"' in page and f'href="#{name}"' in page
     assert "http" not in page  # nothing fetched from anywhere
 
@@ -61,9 +72,9 @@ def test_report_files(report):
 def test_report_renders_in_chromium(chromium, report, tmp_path):
     done = browse(chromium, report.path, tmp_path, "--dump-dom")
     dom = done.stdout
-    assert len(_imgs(dom)) == len(FIGURES)
+    assert len(_imgs(dom)) == len(SHOWN)
     body = re.search(r"<body[^>]*>", dom).group(0)
-    assert f'data-images="{len(FIGURES)}"' in body and f'data-images-loaded="{len(FIGURES)}"' in body
+    assert f'data-images="{len(SHOWN)}"' in body and f'data-images-loaded="{len(SHOWN)}"' in body
     assert 'data-loaded="true"' in body, body
     shot = tmp_path / "page.png"
     browse(chromium, report.path, tmp_path, f"--screenshot={shot}", "--window-size=1400,3000")
@@ -85,7 +96,7 @@ def test_broken_image_is_detected(chromium, report, tmp_path):
     (copy / "corner.png").unlink()
     dom = browse(chromium, copy / "index.html", tmp_path, "--dump-dom").stdout
     body = re.search(r"<body[^>]*>", dom).group(0)
-    assert 'data-loaded="false"' in body and f'data-images-loaded="{len(FIGURES) - 1}"' in body
+    assert 'data-loaded="false"' in body and f'data-images-loaded="{len(SHOWN) - 1}"' in body
 
 
 def test_embedded_report_is_one_file(chromium, trajectory_store, tmp_path):
@@ -103,12 +114,25 @@ def test_report_command_single_step_model(trajectory_store, tmp_path):
     out = tmp_path / "neox"
     done = CliRunner().invoke(main, ["report", str(trajectory_store), "--model", NEOX, "--out", str(out)])
     assert done.exit_code == 0, done.output
-    dynamics = [n for n, (_, d) in FIGURES.items() if d.startswith("[dynamics]")]
+    dynamics = [n for n, spec in FIGURES.items() if spec.kind == "dynamics"]
     page = (out / "index.html").read_text()
-    assert len(_imgs(page)) == len(FIGURES) - len(dynamics)
+    shown = len(FIGURES) - len(dynamics) - 2  # nor the two null figures: no null ensemble
+    assert len(_imgs(page)) == shown
     for name in dynamics:
         assert f"skipped {name}: figure '{name}' shows training dynamics" in done.output
         assert f"<b>{name}</b>: figure" in page
-    assert f"{out / 'index.html'}: {len(FIGURES) - len(dynamics)} figures" in done.output
+    assert f"{out / 'index.html'}: {shown} figures" in done.output
     bad = CliRunner().invoke(main, ["report", str(trajectory_store), "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "several models" in bad.output
+
+
+@pytest.mark.slow
+def test_full_report_of_the_study_store(study_store, tmp_path):
+    """After `run --null --pairs layer`, `spinjax dynamics` and a null sweep the report holds
+    every figure (the null and dynamics ones included) and the z-scores in its summary."""
+    result = build_report(study_store, TP, tmp_path / "full", dpi=40)
+    assert result.skipped == {} and list(result.figures) == list(FIGURES)
+    page = result.path.read_text()
+    assert len(_imgs(page)) == len(FIGURES)
+    assert "<th>kurt_z</th>" in page and "<th>kl_gauss_mm_z</th>" in page
+    assert "baseline/64x4, baseline/64x16, baseline/64x32" in page

@@ -41,6 +41,7 @@ def _assert_close_counts(got, values, edges, where, atol=0.0):
     assert got.sum() == values.size, where
 
 
+@pytest.mark.slow
 def test_both_histograms_match_float64_binning_at_every_scale():
     rng = np.random.default_rng(0)
     # per head: (centre, spread); shift/scale deliberately a little off the true mean/std
@@ -60,6 +61,7 @@ def test_both_histograms_match_float64_binning_at_every_scale():
         assert np.count_nonzero(hist[h]) > 2 and np.count_nonzero(coarse) > 5  # not one bin
 
 
+@pytest.mark.slow
 def test_coinciding_edges_of_both_grids_split_consistently():
     # shift 0, scale 1: z edges k * 0.05 meet raw edges 10**(k/48) at 1 and 10 (and the mirror)
     edges_both = [1.0, -1.0, 10.0, -10.0]
@@ -126,6 +128,7 @@ def test_a_zero_scale_bins_like_scale_one():
     _assert_close_counts(hist[0], v, bin_edges(), "raw")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_blocks", [1, 4, 16])
 def test_factor_pass_in_row_blocks_matches_float64(n_blocks):
     from reference import element_stats

@@ -57,6 +57,7 @@ def _model_pairs(wq, wk, layers_per_block=None):
     return {name.removesuffix("_model"): v.reshape(n, n) for name, v in out.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_kv", [6, 2], ids=["mha", "gqa"])
 def test_layer_pairs_equal_explicit_float64(n_kv):
     wq, wk = _factors(np.random.default_rng(0), n_kv=n_kv)
@@ -73,6 +74,7 @@ def test_layer_pairs_equal_explicit_float64(n_kv):
         np.testing.assert_allclose(got["sq_norm"], np.diag(inner), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_model_pairs_blockwise_equal_explicit_and_unblocked():
     wq, wk = _factors(np.random.default_rng(1), n_layers=3, n_heads=4, n_kv=2)
     inner, sq, cos = _reference(_explicit(wq, wk))
@@ -92,6 +94,7 @@ def test_model_pairs_blockwise_equal_explicit_and_unblocked():
         np.testing.assert_allclose(blocked["qk_distance"][s, s], per_layer["distance"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_symmetric_zero_diagonal_and_related_heads():
     wq, wk = _factors(np.random.default_rng(2), n_layers=1, n_heads=5, n_kv=5)
     wq[0, 3], wk[0, 3] = wq[0, 1], wk[0, 1]  # head 3 is a copy of head 1

@@ -297,6 +297,7 @@ def test_raw_grid_resolves_every_scale():
     assert np.all(np.diff(finite) > 0)
 
 
+@pytest.mark.slow
 def test_heads_sharded_over_four_devices_give_the_same_values(tmp_path):
     # A fresh interpreter with 4 virtual CPU devices (the flag must precede JAX's start). The
     # 8 x 64 x 512 layer without GQA is one at which the factors' QR on several CPU devices at
@@ -395,6 +396,7 @@ def _worst_aligned(rng, conds, conds_k=None, d_head=32, d=512):
     return _conditioned(rng, conds, basis, d), wk
 
 
+@pytest.mark.slow
 def test_gram_route_is_trusted_only_where_accurate():
     # Cholesky QR from the Grams: its error grows with cond x amplification (2e-3 at cond 300
     # here). Heads it trusts must meet SPEC's 1e-4; well-conditioned heads must be trusted, or the
@@ -418,6 +420,7 @@ def test_gram_route_is_trusted_only_where_accurate():
     assert (np.abs(np.asarray(s) - ref) / ref[..., :1]).max() <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conds_k", [[1, 2], [300, 2]])
 def test_untrusted_heads_take_the_householder_route(monkeypatch, conds_k):
     from spinjax.kernels import heads

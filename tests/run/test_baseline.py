@@ -1,4 +1,4 @@
-"""Random-matrix null (kernels/null.py, spinjax/baseline.py, `spinjax baseline`): known results.
+"""Random-matrix null (kernels/null.py, spinjax/run/baseline.py, `spinjax baseline`): known results.
 
 W_QK = W_Q^T W_K with i.i.d. N(0, sigma^2) factors, sigma^2 = 1/sqrt(d): each entry is a dot
 product of two independent Gaussian d_head-vectors scaled by 1/sqrt(d), variance d_head/d.
@@ -42,7 +42,7 @@ def _negentropy(d_head: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def known():
+def known_nulls():
     """64 random heads at d = 128 for d_head 8 and 32, W_QK scaled to variance d_head/d."""
     return {dh: compute_baseline(D, dh, sigma=SIGMA, samples=BATCH, seed=0, batch=BATCH) for dh in (8, 32)}
 
@@ -58,8 +58,8 @@ def test_negentropy_reference():
 
 
 @pytest.mark.parametrize("d_head", [8, 32])
-def test_element_std_and_entropy(known, d_head):
-    s = known[d_head]
+def test_element_std_and_entropy(known_nulls, d_head):
+    s = known_nulls[d_head]
     mean, se = _mean_se(s["std"][:, 2])
     assert abs(mean - math.sqrt(d_head / D)) < 4 * se and se < 5e-3 * mean
     gauss = 0.5 * math.log(2 * math.pi * math.e * d_head / D)
@@ -74,18 +74,18 @@ def test_element_std_and_entropy(known, d_head):
         assert abs(mean - SIGMA) < 4 * se
 
 
-def test_kl_small_and_falling_with_d_head(known):
-    kl = {dh: float(known[dh]["kl_gauss_mm"][:, 2].mean()) for dh in (8, 32)}
+def test_kl_small_and_falling_with_d_head(known_nulls):
+    kl = {dh: float(known_nulls[dh]["kl_gauss_mm"][:, 2].mean()) for dh in (8, 32)}
     for dh in (8, 32):
         assert kl[dh] == pytest.approx(_negentropy(dh), abs=1.5e-3)
-        assert float(known[dh]["kurt"][:, 2].mean()) == pytest.approx(6 / dh, rel=0.15)
+        assert float(known_nulls[dh]["kurt"][:, 2].mean()) == pytest.approx(6 / dh, rel=0.15)
     assert kl[32] < 2e-3
     assert kl[8] > 3 * kl[32]
 
 
-def test_exactly_d_head_nonzero_singular_values(known):
+def test_exactly_d_head_nonzero_singular_values(known_nulls):
     d_head = 32
-    sv = known[d_head]["singular_values"][:, 2]  # (samples, d_head), descending
+    sv = known_nulls[d_head]["singular_values"][:, 2]  # (samples, d_head), descending
     assert sv.shape == (BATCH, d_head)
     assert np.all(sv[:, -1] / sv[:, 0] > 0.05)  # clear gap to zero: full rank d_head
     # against the explicit float64 d x d matrix: d_head values agree, the other d - d_head vanish
@@ -108,9 +108,9 @@ def test_exactly_d_head_nonzero_singular_values(known):
 
 
 @pytest.fixture(scope="module")
-def null():
+def null_and_heads():
     """A unit-sigma null of 400 draws (seed 0) and 400 other random heads (seed 1) at d = 128,
-    d_head = 32, in batches of the `known` shape (compiling the kernels costs ~100x a batch)."""
+    d_head = 32, in batches of the `known_nulls` shape (compiling the kernels costs ~100x a batch)."""
     kw = dict(samples=400, batch=BATCH)
     return compute_baseline(D, 32, seed=0, **kw), compute_baseline(D, 32, seed=1, **kw)
 
@@ -118,8 +118,9 @@ def null():
 SCORED = ("std", "kurt", "entropy_mm", "kl_gauss_mm", "spectral_norm", "stable_rank", "max")
 
 
-def test_zscores_of_random_heads_are_standard_normal(null):
-    baseline, heads = null
+@pytest.mark.slow
+def test_zscores_of_random_heads_are_standard_normal(null_and_heads):
+    baseline, heads = null_and_heads
     z = null_zscores(heads, baseline)
     assert "hist_z" not in z and "n_nonfinite_z" not in z and z["singular_values_z"].shape == (400, 3, 32)
     assert np.all(np.isnan(z["tail_mass_z"]))  # no entry beyond zmax in any draw: the null is 0
@@ -177,7 +178,7 @@ def test_draws_do_not_depend_on_batching():
     assert wq.std() == pytest.approx(SIGMA, rel=0.01) and abs(wk.mean()) < 0.01 * SIGMA
 
 
-def test_cli_writes_xarray_readable_group(tmp_path, null):
+def test_cli_writes_xarray_readable_group(tmp_path, null_and_heads):
     store = tmp_path / "s.zarr"
     args = ["baseline", "--d", "128", "--d-head", "32", "--samples", "64", "--store", str(store)]
     res = CliRunner().invoke(main, args)
@@ -193,11 +194,11 @@ def test_cli_writes_xarray_readable_group(tmp_path, null):
     group = zarr.open_group(str(store), path="baseline/128x32", mode="r")
     for name, arr in group.arrays():
         assert arr.metadata.dimension_names is not None, name
-    expected = null[0]  # draws 0..63 of seed 0: the same batch, the same computation
+    expected = null_and_heads[0]  # draws 0..63 of seed 0: the same batch, the same computation
     for name in ("std", "kl_gauss_mm", "zhist", "hist", "singular_values", "n_nonfinite"):
         np.testing.assert_array_equal(ds[name].values, expected[name][:64], err_msg=name)
     # the stored null scores heads like the in-memory one, from the xarray Dataset
-    heads = {"std": null[1]["std"]}
+    heads = {"std": null_and_heads[1]["std"]}
     z = null_zscores(heads, read_baseline(store, D, 32))
     np.testing.assert_allclose(
         z["std_z"], null_zscores(heads, {"std": expected["std"][:64]})["std_z"], rtol=1e-6
@@ -211,11 +212,12 @@ def test_cli_writes_xarray_readable_group(tmp_path, null):
     assert replaced.exit_code == 0, replaced.output
     ds = xr.open_zarr(store, group="baseline/128x32")
     assert ds.attrs["seed"] == 1
-    np.testing.assert_array_equal(ds["std"].values, null[1]["std"][:64])
+    np.testing.assert_array_equal(ds["std"].values, null_and_heads[1]["std"][:64])
     bad = CliRunner().invoke(main, ["baseline", "--d", "8", "--d-head", "16", "--store", str(store)])
     assert bad.exit_code == 2 and "d_head" in bad.output and "Traceback" not in bad.output
 
 
+@pytest.mark.slow
 def test_a_baseline_group_beside_a_model_is_not_taken_for_a_model(tmp_path, neox_store):
     import shutil
 
@@ -231,3 +233,13 @@ def test_a_baseline_group_beside_a_model_is_not_taken_for_a_model(tmp_path, neox
 
     assert list(json.loads(shown.output)["models"]) == ["gpt_neox"]
     assert spinjax.open_store(store).models == ["gpt_neox"]
+
+
+@pytest.mark.parametrize("budget", [0, -1])
+def test_non_positive_memory_budget_refused_before_writing(budget, tmp_path):
+    from spinjax.errors import InputError
+    from spinjax.run.baseline import run_baseline
+
+    with pytest.raises(InputError, match=rf"--memory-budget must be positive, got {budget} bytes"):
+        run_baseline(8, 2, store_path=tmp_path / "s.zarr", samples=4, memory_budget=budget)
+    assert not (tmp_path / "s.zarr").exists()

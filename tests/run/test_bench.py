@@ -20,6 +20,7 @@ def _bench(*args: str):
     return CliRunner().invoke(main, ["bench", *args], catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_bench_rows_follow_the_floor_definition_and_results_are_appended(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\nearlier text\n")

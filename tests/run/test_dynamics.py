@@ -247,6 +247,14 @@ def dyn_store(tiny_pythia, tmp_path_factory):
     return path, compute_dynamics("tiny-pythia", path, top_k=4)
 
 
+def test_show_lists_the_variables_over_all_steps(dyn_store):
+    from spinjax.store import summary
+
+    variables = summary(dyn_store[0])["models"]["tiny-pythia"]["variables"]
+    assert "largest_change_step" in variables and "overlap_left" in variables
+    assert not {"mode", "mode2", "zbin_edges", "bin_edges", "layer"} & set(variables)
+
+
 def test_pass_writes_what_the_references_give(dyn_store):
     path, result = dyn_store
     assert (result.steps, result.top_k, result.read) == ([0, 1, 4], 4, [0, 1, 4])

@@ -169,6 +169,7 @@ def _extracted(arch: str, variant: str = "raw"):
     return ckpt, layout, g
 
 
+@pytest.mark.slow
 def test_ov_matrices_equal_explicit_float64_with_gqa(tmp_path):
     path = tmp_path / "s.zarr"
     run(str(VARIANTS / "llama"), RunOptions(steps="all", store=path, ov=True, pairs="none"))
@@ -193,6 +194,7 @@ def test_ov_matrices_equal_explicit_float64_with_gqa(tmp_path):
                 )
 
 
+@pytest.mark.slow
 def test_bias_variant_is_the_augmented_form_in_its_own_group(tmp_path):
     path = tmp_path / "s.zarr"
     run(str(VARIANTS / "gpt2"), RunOptions(steps="all", store=path, pairs="none"))
@@ -246,3 +248,25 @@ def test_cli_options_reach_the_store_and_bad_variant_exits_2(tmp_path, snapshot)
     wrong = CliRunner().invoke(main, [*args, "--pairs", "all"])
     assert wrong.exit_code == 2 and "--pairs" in wrong.output
     assert snapshot(path) == before
+
+
+@pytest.mark.slow
+def test_replacing_a_null_scores_the_groups_that_used_it_again(neox_store, tmp_path):
+    from click.testing import CliRunner
+
+    from spinjax.cli import main
+
+    path = tmp_path / "s.zarr"
+    shutil.copytree(neox_store, path)
+    run(str(NEOX), RunOptions(steps="all", store=path, null=True, null_samples=8))
+    args = ["baseline", "--d", "96", "--d-head", "16", "--samples", "12", "--seed", "3", "--store", str(path)]
+    refused = CliRunner().invoke(main, args)  # another ensemble than the stored one: refused
+    assert refused.exit_code == 2 and "--recompute" in refused.stderr
+    replaced = CliRunner().invoke(main, [*args, "--recompute"])
+    assert replaced.exit_code == 0, replaced.output
+    assert "gpt_neox: z-scores of 1 finished step(s) scored against it again" in replaced.stdout
+    ds, null = xr.open_zarr(path, group="gpt_neox"), xr.open_zarr(path, group="baseline/96x16")
+    assert null.sizes["sample"] == 12 and ds.attrs["features"]["null"]["samples"] == 12
+    samples = null["kurt"].values.astype(np.float64)  # kurt is scale-free: no rescaling
+    expected = (ds["kurt"].values - samples.mean(0)) / samples.std(0, ddof=1)
+    np.testing.assert_allclose(ds["kurt_z"].values, expected, rtol=1e-4, atol=1e-4)

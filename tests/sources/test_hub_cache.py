@@ -270,6 +270,7 @@ def test_every_revision_from_the_cache_equals_a_local_run(hub, tmp_path, local_v
     assert fetched == []
 
 
+@pytest.mark.slow
 def test_hub_id_in_a_subprocess_with_only_environment_variables(hub, tmp_path, local_values):
     cache, _, _ = hub
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_CACHE": str(cache),

@@ -8,12 +8,21 @@ x^T W_Q^hT W_K^h x * scale from spinjax's extraction alone.
 
 from __future__ import annotations
 
+import json
+import shutil
+import struct
+import warnings
+
+import hostile
+import ml_dtypes
 import numpy as np
 import pytest
 from conftest import FIXTURES_ROOT
+from safetensors.numpy import load_file, save_file
 
 from spinjax.errors import InputError
 from spinjax.sources.hf import HFCheckpoint as Checkpoint
+from spinjax.sources.hf import _SafetensorsFile
 from spinjax.sources.layouts import LAYOUTS, layout_for
 
 FIXTURES = FIXTURES_ROOT / "extraction"
@@ -75,12 +84,9 @@ def test_unknown_architecture_names_supported_ones():
 
 
 def test_config_inconsistent_with_tensors_names_the_tensor(tmp_path):
-    import json
-    import shutil
-
     shutil.copytree(FIXTURES / "gpt_neox", tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    config["hidden_size"] = 128
+    config["hidden_size"] = 192  # divisible by its 6 heads: consistent, but not with the tensors
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     ckpt = Checkpoint(tmp_path / "m")
     g = LAYOUTS["gpt_neox"].geometry(ckpt.config, "m")
@@ -104,3 +110,58 @@ def test_each_tensor_is_opened_once_per_layer(arch):
     np.testing.assert_allclose(
         _logits(wq, wk, ref["x"], float(ref["scale"])), ref["logits"][0], rtol=1e-5, atol=2e-5
     )
+
+
+# ---- dtypes: real floating point only, checked where every source's tensors reach a layout ----
+
+QKV0 = "gpt_neox.layers.0.attention.query_key_value.weight"
+
+
+def _neox_with(tmp_path, kind: str, qkv0: np.ndarray) -> Checkpoint:
+    """The gpt_neox fixture with layer 0's fused Q/K/V replaced, as safetensors or a torch .bin."""
+    tensors = load_file(str(FIXTURES / "gpt_neox" / "model.safetensors"))
+    tensors[QKV0] = qkv0
+    directory = tmp_path / kind
+    directory.mkdir()
+    shutil.copy(FIXTURES / "gpt_neox" / "config.json", directory)
+    if kind == "safetensors":
+        save_file(tensors, str(directory / "model.safetensors"))
+    else:
+        hostile.torch_bin(directory / "pytorch_model.bin", tensors)
+    return Checkpoint(directory)
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+@pytest.mark.parametrize("dtype", ["int64", "uint8", "bool", "complex64"])
+def test_non_float_dtypes_refused_naming_tensor_and_dtype(tmp_path, kind, dtype):
+    weights = load_file(str(FIXTURES / "gpt_neox" / "model.safetensors"))[QKV0]
+    ckpt = _neox_with(tmp_path, kind, (weights * 8).astype(dtype))
+    layout = layout_for(ckpt.config, "m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # complex -> float32 drops the imaginary part with a ComplexWarning
+        with pytest.raises(InputError, match=rf"tensor '{QKV0}' has dtype {dtype}; .*real floating point"):
+            layout.extract(ckpt.tensor, 0, layout.geometry(ckpt.config, "m"))
+
+
+def test_float8_bin_is_upcast_exactly(tmp_path):
+    weights = load_file(str(FIXTURES / "gpt_neox" / "model.safetensors"))[QKV0].astype(np.float32)
+    f8 = (weights * 16).astype(ml_dtypes.float8_e4m3fn)  # scaled into e4m3's normal range
+    layout = LAYOUTS["gpt_neox"]
+    got = _neox_with(tmp_path, "bin", f8)
+    same = _neox_with(tmp_path, "safetensors", f8.astype(np.float32))  # the float8 values, exactly
+    assert got.tensor(QKV0).dtype == "float8_e4m3fn"
+    g = layout.geometry(got.config, "m")
+    for a, b in zip(layout.extract(got.tensor, 0, g), layout.extract(same.tensor, 0, g), strict=True):
+        assert a.dtype == np.float32 and np.array_equal(a, b)
+    assert len(np.unique(f8.astype(np.float32))) > 100  # not a degenerate cast
+
+
+def test_float8_safetensors_refused_naming_file_and_tensor(tmp_path):
+    """safetensors' reader builds numpy arrays, and numpy has no float8: refused, not mangled."""
+    header = json.dumps({"w": {"dtype": "F8_E4M3", "shape": [2, 2], "data_offsets": [0, 4]}}).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes([0x38, 0x40, 0xB8, 0x00]))
+    tensor = _SafetensorsFile(path).tensor("w")
+    assert tensor.dtype == "float8_e4m3fn"
+    with pytest.raises(InputError, match=rf"{path}: tensor 'w' is float8_e4m3fn, which the safetensors"):
+        tensor[0:2]

@@ -134,3 +134,19 @@ def test_error_anywhere_in_a_mix_rejects_the_whole_spec():
 def test_no_offered_steps():
     with pytest.raises(InputError):
         select_steps("all", [])
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ",".join(str(s) for s in range(10_000)) + ",x",  # the whole list echoed: 49,000 characters
+        "1" * 4000,  # a step number of 4000 digits
+        "0:" + "9" * 5000,  # not a number (more digits than int() takes)
+        "last," * 2000 + ",",
+    ],
+)
+def test_messages_quote_a_long_spec_cut(spec):
+    with pytest.raises(InputError) as info:
+        select_steps(spec, [0, 1, 2])
+    message = str(info.value)
+    assert message.startswith("--steps '") and len(message) < 300, len(message)

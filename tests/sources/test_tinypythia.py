@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 from unittest import mock
 
 import numpy as np
@@ -224,3 +225,30 @@ def test_run_on_orbax_msgpack_and_hf_directories_gives_equal_stores(root, tmp_pa
         ref = groups["hf"][var][0]
         for name in ("orbax", "flax"):
             np.testing.assert_array_equal(groups[name][var][0], ref, err_msg=f"{name} {var}")
+
+
+def test_first_use_of_the_embedded_model_says_it_is_training(tiny_pythia, tmp_path, monkeypatch):
+    # training takes about a minute: the command line shows it, step by step with the loss
+    from click.testing import CliRunner
+
+    from spinjax.cli import main
+
+    _, trained, seen = tiny_pythia
+
+    def train(destination, on_step):  # the real weights, reported as training reports them
+        shutil.copytree(trained, destination)
+        for step, loss in seen:
+            on_step(step, loss)
+        return [loss for _, loss in seen]
+
+    monkeypatch.setattr(tp, "train", train)
+    monkeypatch.setenv("SPINJAX_CACHE", str(tmp_path / "cache"))
+    args = ["run", "--model", "tiny-pythia", "--steps", "0", "--store", str(tmp_path / "s.zarr")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("tiny-pythia: training the embedded model once")
+    saved = [f"tiny-pythia: step {s} of 1280 saved, held-out loss {v:.3f} nats/byte" for s, v in seen]
+    assert lines[1:] == saved
+    quiet = CliRunner().invoke(main, [*args, "--recompute", "--quiet"])
+    assert quiet.exit_code == 0 and quiet.stderr == ""

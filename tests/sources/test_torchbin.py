@@ -6,12 +6,17 @@ this file must not import torch.
 
 from __future__ import annotations
 
+import bz2
 import json
 import os
 import shutil
+import subprocess
 import sys
+import zipfile
+import zlib
 from pathlib import Path
 
+import hostile
 import ml_dtypes
 import numpy as np
 import pytest
@@ -237,3 +242,100 @@ def test_copy_of_fixture_in_odd_place(tmp_path):
     os.chmod(dst, 0o444)
     with TorchBinFile(dst) as f:
         same_bits(f.get("col_slice"), np.load(FIX / "basic_expected.npz")["col_slice"])
+
+
+# ---- hostile archives, made here (tests/hostile.py): bounded before anything is built --------
+
+_OPEN_UNDER_1GIB = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+from spinjax.errors import InputError
+from spinjax.sources.torchbin import TorchBinFile
+try:
+    TorchBinFile(sys.argv[1])
+except InputError as e:
+    print(e)
+    sys.exit(2)
+"""
+
+
+def _open_under_1gib(path: Path) -> subprocess.CompletedProcess:
+    """Open ``path`` in a process that cannot map more than 1 GiB: exit 2 and the message on
+    InputError, exit 1 with a MemoryError traceback if the reader tried to inflate the bomb."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", _OPEN_UNDER_1GIB, str(path)], capture_output=True,
+                          text=True, timeout=120, env=env)  # fmt: skip
+
+
+@pytest.mark.parametrize("declared", ["honest", "lying"])
+def test_zip_bomb_refused_without_inflating(tmp_path, declared):
+    """A 2 MB data.pkl deflating to 2 GiB: refused from its declared size, or (when the header
+    lies) read only up to what it declares, in a process limited to 1 GiB."""
+    bomb = hostile.deflated_zeros(2 << 30)
+    size = 2 << 30 if declared == "honest" else 1000
+    path = hostile.torch_zip(tmp_path / "bomb.bin", b"", {}, pkl=hostile.Member(
+        "archive/data.pkl", bomb, zipfile.ZIP_DEFLATED, size=size, crc=0))  # fmt: skip
+    assert path.stat().st_size < 3 << 20
+    done = _open_under_1gib(path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert str(path) in done.stdout and "archive/data.pkl" in done.stdout
+    assert ("declares 2147483648 bytes" if declared == "honest" else "CRC") in done.stdout
+
+
+def test_other_compression_of_data_pkl_refused(tmp_path):
+    """bzip2 and lzma inflate without a bound per step in zipfile: only stored/deflate are read."""
+    pkl = hostile.Member("archive/data.pkl", bz2.compress(bytes(1 << 20)), zipfile.ZIP_BZIP2, size=1 << 20)
+    path = hostile.torch_zip(tmp_path / "bz.bin", b"", {}, pkl=pkl)
+    bzip2 = r"bz\.bin: record 'archive/data\.pkl' uses zip compression method 12"
+    with pytest.raises(InputError, match=bzip2):
+        TorchBinFile(path)
+
+
+def test_compressed_storage_refused(tmp_path):
+    data = hostile.state_dict_pickle({"w": hostile.tensor_pickle("FloatStorage", "0", 4, (4,))})
+    storage = hostile.Member("archive/data/0", zlib.compress(bytes(16))[2:-4], zipfile.ZIP_DEFLATED, size=16)
+    path = hostile.torch_zip(tmp_path / "z.bin", data, {}, extra=[storage])
+    with pytest.raises(InputError, match=r"z\.bin: record 'archive/data/0' is compressed"):
+        TorchBinFile(path)
+
+
+def test_two_data_pkl_members_are_ambiguous(tmp_path):
+    data = hostile.state_dict_pickle({})
+    two = hostile.torch_zip(tmp_path / "two.bin", data, {}, extra=[hostile.Member("other/data.pkl", data)])
+    with pytest.raises(InputError, match=r"two\.bin: 2 '<archive>/data\.pkl' members \('archive/data"):
+        TorchBinFile(two)
+    again = hostile.Member("archive/data.pkl", data)
+    same = hostile.torch_zip(tmp_path / "same.bin", data, {}, extra=[again])
+    with pytest.raises(InputError, match=r"same\.bin: member 'archive/data\.pkl' appears more than once"):
+        TorchBinFile(same)
+
+
+def test_deeply_nested_state_dict_is_input_error(tmp_path):
+    path = hostile.torch_zip(tmp_path / "deep.bin", hostile.nested_pickle(5000), {})
+    deep = r"deep\.bin: state dict nests dicts more than 64 deep \(at 'a\.a\.a"
+    with pytest.raises(InputError, match=deep):
+        TorchBinFile(path)
+    ok = hostile.torch_zip(tmp_path / "ok.bin", hostile.nested_pickle(torchbin.MAX_NESTING - 1), {})
+    assert TorchBinFile(ok).keys() == []  # as deep as allowed, and no tensors in it
+
+
+def test_shared_sub_dicts_bounded(tmp_path, monkeypatch):
+    """Each level holds the one below twice (memo references): 2**40 keys to walk."""
+    levels = b"}q\x00"
+    for i in range(1, 41):
+        below = b"h" + bytes([i - 1])
+        levels += b"}(" + hostile._str("a") + below + hostile._str("b") + below + b"uq" + bytes([i])
+    path = hostile.torch_zip(tmp_path / "dag.bin", b"\x80\x02" + levels + b".", {})
+    monkeypatch.setattr(torchbin, "MAX_ENTRIES", 1000)
+    with pytest.raises(InputError, match=r"dag\.bin: state dict has more than 1000 entries"):
+        TorchBinFile(path)
+
+
+def test_pickle_opcodes_and_memo_bounded(tmp_path, monkeypatch):
+    memo = hostile.torch_zip(tmp_path / "memo.bin", b"\x80\x02Nr\xf0\xff\xff\xff.", {})
+    with pytest.raises(InputError, match=r"memo\.bin: archive/data\.pkl stores memo entry 4294967280"):
+        TorchBinFile(memo)  # the C unpickler would size its memo table to 2**32 entries
+    monkeypatch.setattr(torchbin, "MAX_PICKLE_OPS", 1000)
+    many = hostile.torch_zip(tmp_path / "many.bin", b"\x80\x02}" + b"N0" * 1000 + b".", {})
+    with pytest.raises(InputError, match=r"many\.bin: archive/data\.pkl has more than 1000 pickle opcodes"):
+        TorchBinFile(many)

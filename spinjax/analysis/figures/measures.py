@@ -1,13 +1,10 @@
-"""Figures of the eigen measures and the normality distance: registered in ``plots.FIGURES``.
-
-Each takes the :class:`~spinjax.analysis.plots.Selection` of ``spinjax plot`` (this module
-reads only its ``ds``, ``at``, ``key``, ``step`` and ``matrix``, so that ``plots`` can import
-it) and returns a ``matplotlib.figure.Figure`` built without pyplot.
+"""Figures of the eigen measures and the normality distance of one step (``eig-plane``,
+``eig-positivity``, ``ks-normal``): each takes a :class:`~spinjax.analysis.figures.Selection`
+and returns a ``matplotlib.figure.Figure`` built without pyplot.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import matplotlib
@@ -17,7 +14,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from ..errors import InputError
+from ...errors import InputError
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -142,11 +139,3 @@ def fig_ks_normal(sel: Any) -> Figure:
              annotate=".3f")  # fmt: skip
     fig.suptitle(f"{sel.key}, step {sel.step}: {sel.matrix}'s KS distance from the normal (±5e-4)")
     return fig
-
-
-MEASURE_FIGURES: dict[str, tuple[Callable[[Any], Figure], str]] = {
-    "eig-plane": (fig_eig_plane, "eigenvalues of W_QK (--matrix W_OV: W_OV) in the complex plane per layer"),
-    "eig-positivity": (fig_eig_positivity, "eigenvalue positivity and symmetric fraction per head and layer"),
-    "ks-normal": (fig_ks_normal, "Kolmogorov-Smirnov distance from the normal per head and layer (--matrix)"),
-}
-"""name -> (function(Selection) -> Figure, one-line description), merged into ``plots.FIGURES``."""
