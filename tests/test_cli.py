@@ -192,7 +192,7 @@ def test_null_added_to_finished_steps_says_what_it_added_and_show_lists_the_null
     result = invoke("run", "--model", str(NEOX), "--store", str(store_copy), "--null", "--null-samples", "8")
     assert result.exit_code == 0, result.output
     assert "0 step(s) computed" in result.stdout and "1 already done" in result.stdout
-    assert "23 variable(s) added to them" in result.stdout  # 22 scalars and singular values, as z
+    assert "24 variable(s) added to them" in result.stdout  # 23 scalars and singular values, as z
     assert "--null: computing the null baseline/96x16" in result.stderr
     assert "warning" not in result.stderr  # information, not a problem
     shown = invoke("show", str(store_copy))

@@ -65,7 +65,7 @@ def _text(fig) -> str:
 
 
 def test_registry_and_list():
-    assert len(plots.FIGURES) == 28
+    assert len(plots.FIGURES) == 31
     for name, spec in plots.FIGURES.items():
         assert callable(spec.func) and spec.description and "\n" not in spec.description, name
         assert spec.kind in ("model", "models", "dynamics", "baseline"), name
