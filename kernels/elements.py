@@ -135,15 +135,18 @@ def _running_sum(x: jax.Array) -> jax.Array:
     return jax.lax.fori_loop(1, x.shape[-1], lambda i, a: a.at[..., i].add(a[..., i - 1]), x)
 
 
-def histograms(acc: Sums, shift: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+def histograms(
+    acc: Sums, shift: jax.Array, scale: jax.Array, log2_scale: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """(fine zhist (H, (NZ - 2) subbins + 2), hist (H, NB)) from a pass's merged counts.
 
-    Same ``shift``, ``scale`` as the pass. The z counts are on ``bins.fine_zbin_edges(subbins)``;
-    :func:`coarse_zhist` sums them to the stored grid. Merged bin m holds the entries whose raw
-    bin r and z bin j add up to m: the bin between consecutive edges of both grids, merged in
-    order. Raw edge i has c_i z edges at or below it (``zbin_index`` of its z), so it is edge
-    number i + c_i of the merged grid, and z edge j comes after the raw edges with c_i < j: each
-    raw or z bin is a run of consecutive merged bins, a difference of the counts' running sum.
+    Same ``shift``, ``scale`` and ``log2_scale`` as the pass. The z counts are on
+    ``bins.fine_zbin_edges(subbins)``; :func:`coarse_zhist` sums them to the stored grid.
+    Merged bin m holds the entries whose raw bin r and z bin j add up to m: the bin between
+    consecutive edges of both grids, merged in order. Raw edge i has c_i z edges at or below
+    it (``zbin_index`` of its z), so it is edge number i + c_i of the merged grid, and z edge j
+    comes after the raw edges with c_i < j: each raw or z bin is a run of consecutive merged
+    bins, a difference of the counts' running sum.
     Both grids' places come from the one c, so they interleave exactly; entries within float32
     rounding of an edge may land one bin over, as binning allows.
 
@@ -162,9 +165,11 @@ def histograms(acc: Sums, shift: jax.Array, scale: jax.Array) -> tuple[jax.Array
     subbins = _subbins(acc)
     raw = jnp.asarray(bins.bin_edges()[1:-1], jnp.float32)
     zgrid = jnp.asarray(bins.fine_zbin_edges(subbins)[1:-1], jnp.float32)
-    z_at_raw = (raw[None, :] - shift[:, None]) * (1.0 / scale)[:, None]  # as add_block computes z
+    if log2_scale is not None:  # the raw edges in the units of the normalized entries
+        raw = times_pow2(raw[None, :], -log2_scale[:, None])
+    z_at_raw = (raw - shift[:, None]) * (1.0 / scale)[:, None]  # as add_block computes z
     below = zbin_index(z_at_raw, subbins)  # c: z edges at or below each raw edge, (H, NB - 1)
-    raw_starts = jnp.arange(1, raw.size + 1) + below
+    raw_starts = jnp.arange(1, below.shape[1] + 1) + below
     # raw edges below z edge j: #(c_i < j), a running sum of the c's counts (no search, no log)
     heads = jnp.arange(below.shape[0])[:, None]
     raw_below = _running_sum(jnp.zeros((below.shape[0], zgrid.size + 1), jnp.int32).at[heads, below].add(1))
@@ -247,6 +252,14 @@ def _per_head_counts(idx: jax.Array, keep: jax.Array | None, n_bins: int) -> jax
     return counts[:-1].reshape(h, n_bins)
 
 
+def times_pow2(x: jax.Array, e: jax.Array) -> jax.Array:
+    """``x * 2**e``, exact wherever the result is a normal float32: in two factors, since
+    ``2**e`` alone may lie beyond float32's range while the product does not."""
+    half = e // 2
+    one = jnp.float32(1)
+    return x * jnp.ldexp(one, half) * jnp.ldexp(one, e - half)
+
+
 def add_block(
     acc: Sums,
     x: jax.Array,
@@ -255,6 +268,7 @@ def add_block(
     row_valid: jax.Array | None = None,
     *,
     masked: bool = True,
+    log2_scale: jax.Array | None = None,
 ) -> Sums:
     """Adds a block ``x`` (H, rows, cols) to the running sums.
 
@@ -262,6 +276,11 @@ def add_block(
     ``masked=False`` every entry is taken as finite and real, which skips the masks (a large
     share of the pass's work); a non-finite entry then still shows as a non-finite min or max
     (see :func:`saw_nonfinite`), and the caller redoes the pass masked.
+
+    ``x`` may be the matrix divided by a power of two per head, ``2**log2_scale`` (H,) int: the
+    sums and the z bins are then those of ``x`` (scale-free), while raw bins and finiteness are
+    those of the matrix itself, ``x * 2**log2_scale`` (an entry beyond float32's range counts as
+    non-finite, like a product that overflowed).
 
     Per head, over the kept (finite, real) entries x: n += count, s_k += sum (x - shift)^k for
     k = 1..4, min and max, n_nonfinite += non-finite real entries, and one count per entry in
@@ -277,8 +296,9 @@ def add_block(
       [3] [7.] [21.] [1.] [4.] [1]
     """
     scale = jnp.where(scale > 0, scale, 1.0)  # std 0: z-statistics are NaN, bins must exist
+    raw = x if log2_scale is None else times_pow2(x, log2_scale[:, None, None])
     if masked:
-        finite = jnp.isfinite(x)
+        finite = jnp.isfinite(raw)  # NaN and Inf in x stay so at any scale
         inside = jnp.ones(x.shape, bool) if row_valid is None else row_valid[None, :, None]
         keep = finite & inside
         xs = jnp.where(keep, x - shift[:, None, None], 0.0)
@@ -303,7 +323,7 @@ def add_block(
         max=jnp.maximum(acc.max, hi),
         n_nonfinite=acc.n_nonfinite + n_nonfinite,
         counts=acc.counts
-        + _per_head_counts(raw_bin_index(x) + zbin_index(z, _subbins(acc)), keep, acc.counts.shape[1]),
+        + _per_head_counts(raw_bin_index(raw) + zbin_index(z, _subbins(acc)), keep, acc.counts.shape[1]),
     )
 
 
@@ -336,9 +356,14 @@ def _row_sums(xs: jax.Array, lo: jax.Array, hi: jax.Array) -> tuple[jax.Array, .
     return (*(p.sum(rest) for p in part[:4]), part[4].min(rest), part[5].max(rest))
 
 
-def saw_nonfinite(acc: Sums) -> jax.Array:
-    """Whether an unmasked pass met a NaN or Inf (min and max propagate them)."""
-    return ~(jnp.isfinite(acc.min) & jnp.isfinite(acc.max))
+def saw_nonfinite(acc: Sums, log2_scale: jax.Array | None = None) -> jax.Array:
+    """Whether an unmasked pass met a NaN or Inf (min and max propagate them), or, with
+    ``log2_scale`` (see :func:`add_block`), an entry beyond float32's range at the matrix's scale."""
+    seen = ~(jnp.isfinite(acc.min) & jnp.isfinite(acc.max))
+    if log2_scale is None:
+        return seen
+    largest = jnp.maximum(jnp.abs(acc.min), jnp.abs(acc.max))
+    return seen | ~jnp.isfinite(times_pow2(largest, log2_scale))
 
 
 def central_moments(acc: Sums, shift: jax.Array):
@@ -460,10 +485,12 @@ def _core_fit(p_inner: jax.Array, counts_inner: jax.Array):
     return b * s * s, s
 
 
-def summarize(acc: Sums, shift: jax.Array, scale: jax.Array) -> dict[str, jax.Array]:
+def summarize(
+    acc: Sums, shift: jax.Array, scale: jax.Array, log2_scale: jax.Array | None = None
+) -> dict[str, jax.Array]:
     """Every element statistic of SPEC section 4 from one pass's sums, per head.
 
-    ``shift`` and ``scale`` are those the pass was given (the final mean and std, see
+    ``shift``, ``scale`` and ``log2_scale`` are those the pass was given (the final mean and std, see
     :func:`needs_refinement`). With n finite entries, mu, sigma (ddof 0) and m_k the central
     moments, p_i = zhist_i / n, dz = 0.05 the inner z-bin width, q_i the N(0, 1) mass of
     z-bin i:
@@ -513,7 +540,7 @@ def summarize(acc: Sums, shift: jax.Array, scale: jax.Array) -> dict[str, jax.Ar
       Psychology, 1955; L. Paninski, "Estimation of entropy and mutual information", Neural
       Computation 15(6), 2003.
     """
-    zfine, hist = histograms(acc, shift, scale)
+    zfine, hist = histograms(acc, shift, scale, log2_scale)
     zhist = coarse_zhist(zfine)
     mean, m2, m3, m4 = central_moments(acc, shift)
     std = jnp.sqrt(m2)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import bins, elements, spectra
+from .null import SCALE_LOG, SCALE_MUL
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Bytes live per W_QK entry of a block while it is summarised: the float32 block, its shifted
@@ -111,16 +112,18 @@ def _factor_blocks(n_heads: int, d_head: int, d_model: int) -> int:
 @partial(jax.jit, static_argnames=("n_blocks", "masked", "subbins"))
 def factor_sums(
     w: jax.Array, shift: jax.Array, scale: jax.Array, *, n_blocks: int, masked: bool,
-    subbins: int = bins.SUBBINS,
+    subbins: int = bins.SUBBINS, log2_scale: jax.Array | None = None,
 ) -> elements.Sums:  # fmt: skip
     """One pass over factor matrices (H, d_head, d_model) in ``n_blocks`` row blocks, binned
-    with ``shift`` and ``scale`` (see :func:`elements.add_block`; ``subbins`` as
-    :func:`elements.empty_sums`)."""
+    with ``shift`` and ``scale`` (see :func:`elements.add_block`, also for ``log2_scale``;
+    ``subbins`` as :func:`elements.empty_sums`)."""
     n_heads, d_head, d_model = w.shape
     blocks = w.reshape(n_heads, n_blocks, d_head // n_blocks, d_model)
     return jax.lax.fori_loop(
         0, n_blocks,
-        lambda i, acc: elements.add_block(acc, blocks[:, i], shift, scale, masked=masked),
+        lambda i, acc: elements.add_block(
+            acc, blocks[:, i], shift, scale, masked=masked, log2_scale=log2_scale
+        ),
         elements.empty_sums(n_heads, subbins),
     )  # fmt: skip
 
@@ -241,11 +244,13 @@ def qk_sums(
     inner: bool = False,
     group: int | None = None,
     subbins: int = bins.SUBBINS,
+    log2_scale: jax.Array | None = None,
 ) -> tuple[elements.Sums, jax.Array | None]:
     """One pass over every W_QK^h = wq[h]^T wk[h], ``block_rows`` rows of ``group`` heads
     (default all) at a time, one group after the other.
 
-    ``masked=False`` assumes every entry finite (see :func:`elements.add_block`). With
+    ``masked=False`` assumes every entry finite, and ``log2_scale`` gives the matrices'
+    scale (see :func:`elements.add_block`). With
     ``inner`` (and all heads in a block), also the Frobenius inner products <W_QK^h, W_QK^g>
     of every two heads (H, H), non-finite entries taken as 0: from the blocks already formed,
     2 H^2 d^2 FLOPs, instead of 4 H^2 d_head^2 d from the factors (``geometry.cross_inner``).
@@ -277,8 +282,9 @@ def qk_sums(
         block = jnp.matmul(q_rows, heads(wk), precision=_HIGHEST)
         rows = (start + jnp.arange(block_rows) < d) if pad else None
         group_sums = elements.add_block(
-            jax.tree.map(heads, acc), block, heads(shift), heads(scale), rows, masked=masked
-        )
+            jax.tree.map(heads, acc), block, heads(shift), heads(scale), rows, masked=masked,
+            log2_scale=None if log2_scale is None else heads(log2_scale),
+        )  # fmt: skip
         acc = jax.tree.map(put_back, acc, group_sums)
         if inner:
             kept = jnp.where(jnp.isfinite(block), block, 0.0) if masked else block  # padding rows are 0
@@ -294,12 +300,13 @@ def qk_sums(
 
 @jax.jit
 def _summaries(
-    q: tuple[elements.Sums, jax.Array, jax.Array],
-    k: tuple[elements.Sums, jax.Array, jax.Array],
-    qk: tuple[elements.Sums, jax.Array, jax.Array],
+    q: tuple[elements.Sums, jax.Array, jax.Array, jax.Array],
+    k: tuple[elements.Sums, jax.Array, jax.Array, jax.Array],
+    qk: tuple[elements.Sums, jax.Array, jax.Array, jax.Array],
     kv_of_head: jax.Array,
     svals: jax.Array,
 ) -> dict[str, jax.Array]:
+    """Every statistic of the three matrices from their passes' (sums, shift, scale, log2_scale)."""
     per_matrix = [elements.summarize(*q), elements.summarize(*k), elements.summarize(*qk)]
     per_matrix[1] = {name: v[kv_of_head] for name, v in per_matrix[1].items()}
     out = {name: jnp.stack([m[name] for m in per_matrix], axis=1) for name in per_matrix[0]}
@@ -343,21 +350,28 @@ def _over_heads(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _pass_flags(sums: elements.Sums, shift: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return elements.saw_nonfinite(sums).any(), elements.needs_refinement(sums, shift, scale).any()
+def _pass_flags(
+    sums: elements.Sums, shift: jax.Array, scale: jax.Array, log2_scale: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    nonfinite = elements.saw_nonfinite(sums, log2_scale).any()
+    return nonfinite, elements.needs_refinement(sums, shift, scale).any()
 
 
-def _factor_pass(w: jax.Array, n_blocks: int | None = None, subbins: int = bins.SUBBINS):
+def _factor_pass(
+    w: jax.Array, log2_scale: jax.Array, n_blocks: int | None = None, subbins: int = bins.SUBBINS
+):
     """:func:`factor_sums` over ``w`` as a pass for :func:`_settled_pass`."""
     n_blocks = n_blocks or _factor_blocks(*w.shape)
 
     def run(shift, scale, masked, _):
-        return factor_sums(w, shift, scale, n_blocks=n_blocks, masked=masked, subbins=subbins), None
+        sums = factor_sums(w, shift, scale, n_blocks=n_blocks, masked=masked, subbins=subbins,
+                           log2_scale=log2_scale)  # fmt: skip
+        return sums, None
 
     return run
 
 
-def _settled_pass(run, shift: jax.Array, scale: jax.Array):
+def _settled_pass(run, shift: jax.Array, scale: jax.Array, log2_scale: jax.Array):
     """(sums, shift, scale, extra) of an element pass ``run(shift, scale, masked, with_extra)
     -> (Sums, extra)`` that binned with the final mean and std.
 
@@ -372,11 +386,11 @@ def _settled_pass(run, shift: jax.Array, scale: jax.Array):
     shift, scale = jnp.where(guessed, shift, 0.0), jnp.where(guessed, scale, 1.0)
     masked = not bool(guessed.all())
     sums, extra = run(shift, scale, masked, True)
-    nonfinite, off = (bool(flag) for flag in _pass_flags(sums, shift, scale))
+    nonfinite, off = (bool(flag) for flag in _pass_flags(sums, shift, scale, log2_scale))
     if nonfinite and not masked:
         masked = True
         sums, extra = run(shift, scale, masked, True)
-        off = bool(_pass_flags(sums, shift, scale)[1])
+        off = bool(_pass_flags(sums, shift, scale, log2_scale)[1])
     if off:
         shift, m2, _, _ = elements.central_moments(sums, shift)
         scale = jnp.sqrt(m2)
@@ -435,12 +449,15 @@ def layer_statistics(
       >>> print(np.round(out["sym_fraction"], 4))  # (||W||^2 + tr(W W)) / (2 ||W||^2): 9/10, 13/18
       [0.9    0.7222]
     """
-    wq = jnp.asarray(wq, jnp.float32)
-    wk = jnp.asarray(wk, jnp.float32)
+    wq, e_q = pow2_normalized(wq)
+    wk, e_k = pow2_normalized(wk)
     n_heads = wq.shape[0]
     if wk.shape[1:] != wq.shape[1:] or n_heads % wk.shape[0]:
         raise ValueError(f"incompatible factors: wq {wq.shape}, wk {wk.shape}")
-    kv_of_head = jnp.arange(n_heads) // (n_heads // wk.shape[0])
+    kv_of_head = np.arange(n_heads) // (n_heads // wk.shape[0])
+    # the matrices' scales: W_Q 2^e_q, W_K 2^e_k (per query head), W_QK 2^(e_q + e_k)
+    log2_scale = np.stack([e_q, e_k[kv_of_head], e_q + e_k[kv_of_head]], axis=1)
+    wq, wk, kv_of_head = jnp.asarray(wq), jnp.asarray(wk), jnp.asarray(kv_of_head)
     subbins = bins.SUBBINS if ks else 1
     gram_q, gram_k = factor_grams(wq, wk)
     svals, trusted = spectra.gram_singular_values(gram_q, gram_k)
@@ -470,14 +487,63 @@ def layer_statistics(
     guesses = [tuple(_over_heads(v) for v in guess) for guess in guesses]
     blocks = {"block_rows": block_rows, "group": heads_per_block(n_heads, inner), "subbins": subbins}
 
-    def qk_pass(shift, scale, masked, with_inner):
-        return qk_sums(wq, wk_per_head, shift, scale, masked=masked, inner=inner and with_inner, **blocks)
+    e_qk = _over_heads(jnp.asarray(log2_scale[:, 2]))
 
-    q = _settled_pass(_factor_pass(wq, subbins=subbins), *guesses[0])
-    k = _settled_pass(_factor_pass(wk, subbins=subbins), *guesses[1])
-    *qk, gram = _settled_pass(qk_pass, *guesses[2])
-    out = _summaries(q[:3], k[:3], tuple(qk), kv_of_head, svals)
+    def qk_pass(shift, scale, masked, with_inner):
+        return qk_sums(wq, wk_per_head, shift, scale, masked=masked, inner=inner and with_inner,
+                       log2_scale=e_qk, **blocks)  # fmt: skip
+
+    q = _settled_pass(_factor_pass(wq, _over_heads(jnp.asarray(e_q)), subbins=subbins), *guesses[0], e_q)
+    k = _settled_pass(_factor_pass(wk, _over_heads(jnp.asarray(e_k)), subbins=subbins), *guesses[1], e_k)
+    *qk, gram = _settled_pass(qk_pass, *guesses[2], e_qk)
+    out = _summaries((*q[:3], e_q), (*k[:3], e_k), (*qk, e_qk), kv_of_head, svals)
     out.update(eigen)
     if inner:
         out["qk_inner"] = gram
-    return jax.device_get(out)
+    return at_scale(jax.device_get(out), log2_scale)
+
+
+def pow2_normalized(w) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 factors (H, ...) divided, per head, by the power of two 2^e that brings their
+    largest finite magnitude into [0.5, 1), and the exponents e (H,) int32 (0 for a head
+    without a finite non-zero entry).
+
+    On the host, in numpy, so subnormal weights are scaled exactly (XLA flushes them to zero):
+    dividing by a power of two is exact, so every statistic of the normalized factors is that
+    of the weights brought to a scale where no power of an entry over- or underflows float32
+    (:func:`at_scale` scales the results back). Entries of W_QK at the weights' scale are
+    never formed: fp16 weights near 65,504, weights times 2^40 or 2^-70 give the same
+    scale-free statistics as the weights themselves.
+
+    Examples:
+      >>> import numpy as np
+      >>> w, e = pow2_normalized(np.array([[[3.0, -0.5]], [[1e-40, 0.0]], [[0.0, 0.0]]], np.float32))
+      >>> print(np.round(w.ravel(), 4), e)  # 3 = 0.75 * 2^2; 1e-40 is subnormal, scaled up exactly
+      [ 0.75   -0.125   0.5444  0.      0.      0.    ] [   2 -132    0]
+    """
+    w = np.asarray(w, np.float32)
+    magnitude = np.abs(np.where(np.isfinite(w), w, 0.0)).reshape(len(w), -1).max(axis=1)
+    e = np.frexp(magnitude)[1].astype(np.int32)  # 0 for a zero magnitude
+    return np.ldexp(w, -e.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32), e
+
+
+def at_scale(out: dict[str, np.ndarray], log2_scale: np.ndarray) -> dict[str, np.ndarray]:
+    """The statistics of :func:`layer_statistics`'s normalized factors brought back to the
+    matrices' own scales 2^log2_scale (H, 3): what scales with a matrix is multiplied
+    (``null.SCALE_MUL``: exact, by a power of two), entropies shifted by e ln 2, W_QK's
+    eigenvalues and the heads' inner products scaled (the latter in float64); everything
+    else is scale-free."""
+    e = np.asarray(log2_scale, np.int32)
+    with np.errstate(over="ignore", under="ignore"):  # inf or a subnormal: float32's own value
+        for name in SCALE_MUL:
+            if name in out:
+                out[name] = np.ldexp(out[name], e[..., None] if name == "singular_values" else e)
+        for name in SCALE_LOG:
+            out[name] = (out[name] + e * np.float32(np.log(2.0))).astype(np.float32)
+        for name in ("eig_re", "eig_im"):
+            if name in out:
+                out[name] = np.ldexp(out[name], e[:, 2:3])
+        if "qk_inner" in out:
+            e_qk = e[:, 2]
+            out["qk_inner"] = np.ldexp(np.asarray(out["qk_inner"], np.float64), e_qk[:, None] + e_qk[None, :])
+    return out

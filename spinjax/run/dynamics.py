@@ -41,6 +41,7 @@ from .. import store
 from ..errors import InputError
 from ..kernels import dynamics as kd
 from ..kernels.geometry import js_divergence
+from ..kernels.heads import pow2_normalized
 from ..store.schema import (
     DEFAULT_STORE,
     DYNAMICS_HIST_VARIABLES,
@@ -205,6 +206,9 @@ def _overlap_pass(
             vectors = []
             for layer in range(opened.geometry.n_layers):
                 wq, wk = opened.layout.extract(opened.checkpoint.tensor, layer, opened.geometry, variant)
+                # directions do not depend on the scale: factors divided by powers of two never
+                # over- or underflow in the QR and SVD
+                (wq, _), (wk, _) = pow2_normalized(wq), pow2_normalized(wk)
                 _, left, right = kd.top_singular_vectors(wq, wk, result.top_k)
                 vectors.append((left, right))
                 progress.on_layer(step, layer)

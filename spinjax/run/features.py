@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..kernels.geometry import cross_inner, pair_summaries, pairwise_js, squared_norms
-from ..kernels.heads import expand_kv
+from ..kernels.heads import expand_kv, pow2_normalized
 from ..kernels.null import matched_scale, null_zscores
 from ..store import ModelGroup, consolidate, locked, model_keys, open_store, writing
 from ..store.baseline import baseline_key, read_baseline, stored_attrs
@@ -67,31 +67,38 @@ def model_pairs(factors_of: FactorsOf, n_layers: int, budget_bytes: int) -> dict
 
     Layers are held in blocks of about half the budget each (a block and the one it is
     compared with), so a model of any size needs about ``budget_bytes`` plus one layer pair's
-    cross-Grams; each block after the first is read once per earlier block.
+    cross-Grams; each block after the first is read once per earlier block. The factors are
+    divided by powers of two (``heads.pow2_normalized``) and the products scaled back in
+    float64, so that no scale of the weights over- or underflows them.
     """
+
     def load(layer: int):
         wq, wk = factors_of(layer)
-        return wq, np.asarray(expand_kv(wk, wq.shape[0]))
+        (wq, e_q), (wk, e_k) = pow2_normalized(wq), pow2_normalized(wk)
+        group = wq.shape[0] // wk.shape[0]
+        return wq, np.asarray(expand_kv(wk, wq.shape[0])), e_q + np.repeat(e_k, group)
 
     first = load(0)
     per_layer = 2 * first[0].nbytes
     size = max(1, min(n_layers, (budget_bytes // 2) // per_layer))
     blocks = [list(range(a, min(a + size, n_layers))) for a in range(0, n_layers, size)]
     n_heads = first[0].shape[0]
-    inner = np.empty((n_layers, n_heads, n_layers, n_heads), np.float32)
-    norms = np.empty((n_layers, n_heads), np.float32)
+    inner = np.empty((n_layers, n_heads, n_layers, n_heads), np.float64)
+    norms = np.empty((n_layers, n_heads), np.float64)
     cached = {0: first}
     for i, block_a in enumerate(blocks):
         held = {layer: cached.pop(layer, None) or load(layer) for layer in block_a}
-        for layer, (wq, wk) in held.items():
-            norms[layer] = np.asarray(squared_norms(wq, wk))
+        for layer, (wq, wk, e) in held.items():
+            norms[layer] = np.ldexp(np.asarray(squared_norms(wq, wk), np.float64), 2 * e)
         for block_b in blocks[i:]:
             other = held if block_b is block_a else {layer: load(layer) for layer in block_b}
             for a in block_a:
                 for b in block_b:
                     if block_b is block_a and b < a:
                         continue
-                    g = np.asarray(cross_inner(*held[a], *other[b]))
+                    (qa, ka, ea), (qb, kb, eb) = held[a], other[b]
+                    g = np.asarray(cross_inner(qa, ka, qb, kb), np.float64)
+                    g = np.ldexp(g, ea[:, None] + eb[None, :])
                     inner[a, :, b, :] = g
                     inner[b, :, a, :] = g.T
     flat = pair_summaries(inner.reshape(n_layers * n_heads, -1), norms.reshape(-1))

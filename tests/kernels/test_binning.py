@@ -141,7 +141,8 @@ def test_factor_pass_in_row_blocks_matches_float64(n_blocks):
     w[1, 3, 7], w[1, 9, 0] = np.nan, -np.inf  # the masked branch, for every block count
     w_j = jnp.asarray(w, jnp.float32)  # heads 1 (NaN) and 2 (cancellation) need the measured std
     guess = heads.factor_moments_from_gram(w_j, heads.factor_grams(w_j, w_j)[0])
-    sums, mean, scale, _ = heads._settled_pass(heads._factor_pass(w_j, n_blocks), *guess)
+    unscaled = jnp.zeros(3, jnp.int32)  # the factors as they are (no power of two taken out)
+    sums, mean, scale, _ = heads._settled_pass(heads._factor_pass(w_j, unscaled, n_blocks), *guess, unscaled)
     got = {k: np.asarray(v) for k, v in elements.summarize(sums, mean, scale).items()}
     for h in range(3):
         ref = element_stats(w[h].astype(np.float32).astype(np.float64))
