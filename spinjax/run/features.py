@@ -112,11 +112,14 @@ def model_pairs(factors_of: FactorsOf, n_layers: int, budget_bytes: int) -> dict
 class NullScorer:
     """``<stat>_z`` of a step's results against the stored null of the run's geometry."""
 
-    def __init__(self, store_path: Path, d_model: int, d_head: int, *, samples: int, on_message=print):
+    def __init__(
+        self, store_path: Path, d_model: int, d_head: int, *, samples: int,
+        on_info: Callable[[str], None] = print, on_warning: Callable[[str], None] = print,
+    ):  # fmt: skip
         self.d_model, self.d_head = d_model, d_head
         self.key = baseline_key(d_model, d_head)
         if stored_attrs(store_path, d_model, d_head) is None:
-            on_message(f"--null: computing the null {self.key} ({samples} random heads), once per store")
+            on_info(f"--null: computing the null {self.key} ({samples} random heads), once per store")
             run_baseline(d_model, d_head, store_path=store_path, samples=samples)
         ds = read_baseline(store_path, d_model, d_head)
         self.sigma = float(ds.attrs["sigma"])
@@ -125,7 +128,7 @@ class NullScorer:
         self.null = {n.removesuffix("_z"): np.asarray(ds[n.removesuffix("_z")].values) for n in names}
         lacking = [n for n in NULL_VARIABLES if n not in names]
         if lacking:  # made by an older spinjax: those z-scores keep their fill value
-            on_message(
+            on_warning(
                 f"--null: {self.key} lacks {', '.join(n.removesuffix('_z') for n in lacking)} (an older "
                 f"spinjax made it), so {', '.join(lacking)} stay NaN; `spinjax baseline --d {d_model} "
                 f"--d-head {d_head} --samples {self.samples} --recompute` replaces it"

@@ -89,7 +89,8 @@ class StepWriter:
             d = d_model + (self.options.variant == "bias")  # the bias form is (d + 1) x (d + 1)
             self.scorer = features.NullScorer(
                 self.options.store, d, d_head,
-                samples=self.options.null_samples, on_message=self.progress.on_info,
+                samples=self.options.null_samples, on_info=self.progress.on_info,
+                on_warning=self.progress.on_warning,
             )  # fmt: skip
 
     def add_features(self) -> list[str]:

@@ -47,7 +47,7 @@ def _head_colours(n_heads: int):
 def fig_eig_plane(sel: Any) -> Figure:
     """Every head's eigenvalues in the complex plane, one panel per layer, heads coloured."""
     circuit = _circuit(sel)
-    _need(sel.ds, (f"{circuit}_eig_re", f"{circuit}_eig_im"), sel.key)
+    _need(sel.model(), (f"{circuit}_eig_re", f"{circuit}_eig_im"), sel.key)
     d = sel.at.transpose("layer", "head", ...)
     re, im = d[f"{circuit}_eig_re"].values, d[f"{circuit}_eig_im"].values  # (layer, head, eig)
     n_layers, n_heads = re.shape[:2]
@@ -110,7 +110,7 @@ def fig_eig_positivity(sel: Any) -> Figure:
     """Per head and layer: how far the eigenvalues are positive, and W's symmetric share."""
     circuit = _circuit(sel)
     names = (f"{circuit}_eig_positivity", f"{circuit}_sym_fraction")
-    _need(sel.ds, names, sel.key)
+    _need(sel.model(), names, sel.key)
     d = sel.at.transpose("layer", "head", ...)
     n_layers, n_heads = d.sizes["layer"], d.sizes["head"]
     fig = _figure(min(18, 2 * (3 + 0.45 * n_heads)), min(12, 2.2 + 0.35 * n_layers))
@@ -128,7 +128,7 @@ def fig_eig_positivity(sel: Any) -> Figure:
 
 def fig_ks_normal(sel: Any) -> Figure:
     """Kolmogorov-Smirnov distance from the normal of one matrix, per head and layer."""
-    _need(sel.ds, ("ks_normal",), sel.key)
+    _need(sel.model(), ("ks_normal",), sel.key)
     values = sel.at["ks_normal"].sel(matrix=sel.matrix).transpose("layer", "head").values
     n_layers, n_heads = values.shape
     fig = _figure(min(14, 3 + 0.45 * n_heads), min(12, 2.2 + 0.35 * n_layers))
