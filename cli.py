@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from spinjax.errors import InputError
+from spinjax.sources.base import DEFAULT_CACHE_SIZE, DEFAULT_CONNECTIONS, DOWNLOADS, FetchOptions
 from spinjax.sources.layouts import VARIANTS
 from spinjax.store.schema import DEFAULT_STORE
 from spinjax.version import __version__
@@ -55,6 +56,32 @@ def _parse_size(text: str) -> int:
         raise click.BadParameter(f"{text!r} is not a size like 2GB or 512MiB") from None
 
 
+def _hub_options(command):
+    """--download, --connections, --cache-size and --keep-downloads: how hub sources read."""
+    options = [
+        click.option(
+            "--download", type=click.Choice(DOWNLOADS), default="ranged", show_default=True,
+            help="Hub checkpoints: 'ranged' reads only the bytes of the Q/K rows (HTTP range requests), "
+            "'whole' downloads every file holding them into the Hugging Face cache (docs/hub.md).",
+        ),
+        click.option(
+            "--connections", type=click.IntRange(min=1), default=DEFAULT_CONNECTIONS, show_default=True,
+            help="Range requests in flight at once (--download ranged).",
+        ),
+        click.option(
+            "--cache-size", default=f"{DEFAULT_CACHE_SIZE >> 30}GiB", show_default=True,
+            help="Bound of the Q/K cache in $SPINJAX_CACHE/hub (least recently used evicted first); 0: none.",
+        ),
+        click.option(
+            "--keep-downloads", is_flag=True,
+            help="--download whole: keep the hub files of finished steps in the cache (default: evict).",
+        ),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="spinjax")
 def main() -> None:
@@ -78,9 +105,7 @@ def main() -> None:
     help="Peak bytes for W_QK blocks, e.g. 2GB [default: 1/4 of free memory].",
 )
 @click.option("--recompute", is_flag=True, help="Recompute steps that are already done.")
-@click.option(
-    "--keep-downloads", is_flag=True, help="Keep hub files of finished steps in the cache (default: evict)."
-)
+@_hub_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.option(
@@ -129,6 +154,9 @@ def run(
     store_path: Path,
     memory_budget: str | None,
     recompute: bool,
+    download: str,
+    connections: int,
+    cache_size: str,
     keep_downloads: bool,
     quiet: bool,
     debug: bool,
@@ -147,6 +175,7 @@ def run(
     from spinjax.run import run as run_pipeline
 
     budget = _parse_size(memory_budget) if memory_budget else None
+    cache_bytes = _parse_size(cache_size)
     explicit = (coordinator, num_processes, process_id)
     if any(x is not None for x in explicit) and None in explicit:
         raise click.UsageError("--coordinator, --num-processes and --process-id go together")
@@ -155,8 +184,9 @@ def run(
     with _errors(debug), _progress(quiet) as progress:
         index, count = init_distributed(*explicit) if distributed or coordinator else (0, 1)
         options = RunOptions(
-            steps=steps, store=store_path, memory_budget=budget, recompute=recompute,
-            keep_downloads=keep_downloads, null=null, null_samples=null_samples, pairs=pairs,
+            steps=steps, store=store_path, memory_budget=budget, recompute=recompute, download=download,
+            connections=connections, cache_size=cache_bytes, keep_downloads=keep_downloads,
+            null=null, null_samples=null_samples, pairs=pairs,
             variant=variant, ov=ov, process_index=index, process_count=count,
         )  # fmt: skip
         try:
@@ -413,7 +443,7 @@ def report(
     "--gap-tol", default=0.1, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True),
     help="Relative gap below which two singular values count as near-degenerate.",
 )  # fmt: skip
-@click.option("--keep-downloads", is_flag=True, help="Keep hub files read again (default: evict).")
+@_hub_options
 @click.option(
     "--variant", type=click.Choice(VARIANTS), default="raw", show_default=True,
     help="The weight variant the run used (its group MODEL@VARIANT).",
@@ -425,6 +455,9 @@ def dynamics(
     store_path: Path,
     top_k: int,
     gap_tol: float,
+    download: str,
+    connections: int,
+    cache_size: str,
     keep_downloads: bool,
     variant: str,
     quiet: bool,
@@ -434,9 +467,11 @@ def dynamics(
     consecutive ones, top-k singular-direction overlaps, level crossings and repulsions."""
     from spinjax.run import compute_dynamics
 
+    cache_bytes = _parse_size(cache_size)
     with _errors(debug), _progress(quiet) as progress:
-        res = compute_dynamics(model, store_path, top_k=top_k, gap_tol=gap_tol,
-                               keep_downloads=keep_downloads, progress=progress, variant=variant)  # fmt: skip
+        fetch = FetchOptions(download, connections, cache_bytes, keep_downloads=keep_downloads)
+        res = compute_dynamics(model, store_path, top_k=top_k, gap_tol=gap_tol, fetch=fetch,
+                               progress=progress, variant=variant)  # fmt: skip
     if not quiet:
         click.echo(
             f"{res.key}: {len(res.steps)} steps, k={res.top_k}, {len(res.pairs)} pair(s) of steps computed "

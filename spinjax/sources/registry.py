@@ -11,7 +11,7 @@ import difflib
 from pathlib import Path
 
 from ..errors import InputError
-from .base import Source, SourceKind
+from .base import FetchOptions, Source, SourceKind
 from .hf import HFDirectoryKind
 from .hub import HubKind
 from .jaxtree import FlaxMsgpackKind, OrbaxKind
@@ -27,17 +27,18 @@ KINDS: tuple[SourceKind, ...] = (
 )
 
 
-def resolve(model: str) -> Source:
-    """The source a ``--model`` value names: the first kind of :data:`KINDS` that claims it."""
+def resolve(model: str, fetch: FetchOptions | None = None) -> Source:
+    """The source a ``--model`` value names: the first kind of :data:`KINDS` that claims it
+    (``fetch``: how a hub source reads its files)."""
     for kind in KINDS:
         if kind.can_open(model):
-            return kind.open(model)
+            return kind.open(model, fetch)
     path = Path(model).expanduser()
     if path.is_file():
         raise InputError(f"{path}: a file; --model takes a checkpoint directory or a Flax .msgpack file")
     if path.is_dir():
         raise InputError(f"{path}: no config.json, Flax msgpack or orbax checkpoint steps found")
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+    if "/" in model or model.startswith((".", "~")):  # a path (HubKind claims every hub repo id)
         raise InputError(f"--model {model!r}: no such directory")
     close = difflib.get_close_matches(model, list(KNOWN), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see `spinjax models`"

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .base import Source
+from .base import FetchOptions, Source, default_cache
 from .jaxtree import OrbaxKind
 from .known import TINY_PYTHIA
 
@@ -233,14 +233,6 @@ def train(root: Path, on_step: Callable[[int, float], None] | None = None) -> li
     return losses
 
 
-def default_cache() -> Path:
-    """``$SPINJAX_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/spinjax``."""
-    if os.environ.get("SPINJAX_CACHE"):
-        return Path(os.environ["SPINJAX_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg).expanduser() / "spinjax"
-
-
 def ensure_tiny_pythia(
     cache_dir: Path | None = None, on_step: Callable[[int, float], None] | None = None
 ) -> Path:
@@ -284,6 +276,6 @@ class EmbeddedKind:
     def can_open(self, model: str) -> bool:
         return model == NAME
 
-    def open(self, model: str) -> Source:
+    def open(self, model: str, fetch: FetchOptions | None = None) -> Source:
         source = OrbaxKind().open(str(ensure_tiny_pythia()))
         return replace(source, key=NAME, source=f"{NAME} (embedded, trained by spinjax)")
