@@ -73,14 +73,26 @@ class Served:
     status: int
     range: str | None
     body: int = 0  # bytes of body sent
+    revisions: set[str] = field(default_factory=set)  # the commit and its names
+
+    def of(self, revision: str) -> bool:
+        """Whether this request was for ``revision`` (a name or the commit)."""
+        return revision in self.revisions or revision == self.revision
 
 
 @dataclass
 class _Faults:
-    fail: dict[str, list[int]] = field(default_factory=dict)  # file -> statuses to answer, in turn
-    drop: dict[str, list[int]] = field(default_factory=dict)  # file -> body bytes before closing
-    slow: dict[str, float] = field(default_factory=dict)  # file -> seconds before each chunk
+    """Faults by file name, or by (revision, file) for one revision's file only."""
+
+    fail: dict = field(default_factory=dict)  # -> statuses to answer, in turn
+    drop: dict = field(default_factory=dict)  # -> body bytes before closing, one per GET
+    slow: dict = field(default_factory=dict)  # -> seconds before each chunk
     change: dict[tuple[str, str, str], tuple[int, Blob]] = field(default_factory=dict)
+
+    @staticmethod
+    def of(faults: dict, revisions: set[str], file: str):
+        """The fault for ``file`` at one of ``revisions`` (a commit and its names), else for any."""
+        return next((faults[(r, file)] for r in revisions if (r, file) in faults), faults.get(file))
 
 
 class FakeHub:
@@ -125,16 +137,17 @@ class FakeHub:
 
     # ---- faults
 
-    def fail(self, file: str, *statuses: int) -> None:
+    def fail(self, file: str, *statuses: int, revision: str | None = None) -> None:
         """Answer the next requests of ``file`` (at the CDN for LFS files) with these statuses."""
-        self.faults.fail.setdefault(file, []).extend(statuses)
+        self.faults.fail.setdefault((revision, file) if revision else file, []).extend(statuses)
 
-    def drop(self, file: str, *after: int) -> None:
+    def drop(self, file: str, *after: int, revision: str | None = None) -> None:
         """Close the connection of the next GETs of ``file`` after these many bytes of body."""
-        self.faults.drop.setdefault(file, []).extend(after)
+        self.faults.drop.setdefault((revision, file) if revision else file, []).extend(after)
 
-    def slow(self, file: str, pause: float) -> None:
-        self.faults.slow[file] = pause
+    def slow(self, file: str, pause: float, revision: str | None = None) -> None:
+        """Pause ``pause`` seconds before each chunk of ``file``'s bodies."""
+        self.faults.slow[(revision, file) if revision else file] = pause
 
     def change(self, repo: str, revision: str, file: str, after_gets: int, content: bytes) -> None:
         """After ``after_gets`` more GETs of the file, serve ``content`` (and its ETag) instead."""
@@ -150,7 +163,7 @@ class FakeHub:
         """Body bytes served (resolve and CDN), optionally of one repo, file or commit/revision."""
 
         def match(s: Served) -> bool:
-            rev_ok = revision is None or s.revision in (revision, self.repos.get(s.repo, {}).get(revision))
+            rev_ok = revision is None or s.of(revision)
             return (repo is None or s.repo == repo) and (file is None or s.file == file) and rev_ok
 
         return sum(s.body for s in self.log if match(s))
@@ -243,16 +256,17 @@ class _Handler(BaseHTTPRequestHandler):
             m["revision"] if self.role == "hub" else parse_qs(url.query).get("revision", [m["commit"]])[0]
         )
         served = Served(self.role, self.command, repo, revision, file, 0, self.headers.get("Range"))
-        statuses = hub.faults.fail.get(file)
-        lfs = file.endswith(LFS_SUFFIXES)
-        if statuses and (self.role == "cdn" or not lfs):
-            return self._status(statuses.pop(0), {"Retry-After": "0"}, served)
         if repo not in hub.repos:
             return self._status(401, {"X-Error-Code": "RepoNotFound"}, served)
         commits = hub.repos[repo]
         commit = m["commit"] if self.role == "cdn" else commits.get(revision, revision)
         if commit not in commits.values():
             return self._status(404, {"X-Error-Code": "RevisionNotFound"}, served)
+        served.revisions = {commit} | {name for name, c in commits.items() if c == commit}
+        statuses = _Faults.of(hub.faults.fail, served.revisions, file)
+        lfs = file.endswith(LFS_SUFFIXES)
+        if statuses and (self.role == "cdn" or not lfs):
+            return self._status(statuses.pop(0), {"Retry-After": "0"}, served)
         blob = hub._blob(repo, commit, file, counting=body)
         if blob is None:
             return self._status(404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit}, served)
@@ -295,9 +309,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
-        drops = hub.faults.drop.get(served.file)
+        drops = _Faults.of(hub.faults.drop, served.revisions, served.file)
         cut = drops.pop(0) if drops else None
-        pause = hub.faults.slow.get(served.file, 0.0)
+        pause = _Faults.of(hub.faults.slow, served.revisions, served.file) or 0.0
         for a in range(start, stop, CHUNK):
             chunk = blob.read(a, min(stop, a + CHUNK))
             if cut is not None and served.body + len(chunk) > cut:

@@ -410,22 +410,24 @@ class _RangedIO(io.RawIOBase):
         return n
 
     def _get(self, a: int, b: int) -> bytes:
-        head = b""
-        for start, window in self._windows:  # the longest prefix of [a, b) that a window holds
-            if start <= a < start + len(window):
-                head = window[a - start : b - start]
-                break
-        if a + len(head) >= b:
-            return head
-        rest = b - a - len(head)
-        if rest > self._bound:
-            raise InputError(
-                f"{self._source.label}: a zip record asks for {rest} bytes of metadata, more than the "
-                f"{self._bound} allowed (corrupt or not a checkpoint)"
-            )
-        data = self._source.read(a + len(head), b)
-        self._windows.append((a + len(head), data))
-        return head + data
+        """Bytes [a, b): what windows hold from memory, each gap between them by one read."""
+        pieces, pos = [], a
+        while pos < b:
+            held = next(((s, w) for s, w in self._windows if s <= pos < s + len(w)), None)
+            if held is not None:
+                piece = held[1][pos - held[0] : b - held[0]]
+            else:
+                stop = min([s for s, _ in self._windows if pos < s < b], default=b)
+                if stop - pos > self._bound:
+                    raise InputError(
+                        f"{self._source.label}: a zip record asks for {stop - pos} bytes of metadata, more "
+                        f"than the {self._bound} allowed (corrupt or not a checkpoint)"
+                    )
+                piece = self._source.read(pos, stop)
+                self._windows.append((pos, piece))
+            pieces.append(piece)
+            pos += len(piece)
+        return b"".join(pieces)
 
 
 class TorchBinFile:
@@ -493,7 +495,9 @@ class TorchBinFile:
                     f"{METADATA_BOUND} allowed for metadata (corrupt or not a checkpoint)"
                 )
         if isinstance(fileobj, _RangedIO):  # both records in one read when they lie close
-            fileobj.prefetch(merge([_record_span(i) for i in metadata], max_gap=64 << 10, overfetch=1.0))
+            offsets = sorted({i.header_offset for i in infos} | {zf.start_dir})
+            spans = [_record_span(i, offsets) for i in metadata]
+            fileobj.prefetch(merge(spans, max_gap=64 << 10, overfetch=1.0))
 
         if byteorder is not None:
             order = self._read_member(zf, byteorder).strip()
@@ -692,7 +696,9 @@ def _raw_name(info: zipfile.ZipInfo) -> bytes:
     return info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
 
 
-def _record_span(info: zipfile.ZipInfo) -> tuple[int, int]:
-    """The bytes that reading a metadata record takes: local header, a guess of its extra field, data."""
+def _record_span(info: zipfile.ZipInfo, offsets: list[int]) -> tuple[int, int]:
+    """The bytes that reading a metadata record takes: local header, a guess of its extra field,
+    data; not past the next record (``offsets``: where records and the central directory start)."""
     start = info.header_offset
-    return start, start + _LOCAL_HEADER.size + len(_raw_name(info)) + _LOCAL_EXTRA_GUESS + info.compress_size
+    guess = start + _LOCAL_HEADER.size + len(_raw_name(info)) + _LOCAL_EXTRA_GUESS + info.compress_size
+    return start, min(guess, next((o for o in offsets if o > start), guess))
