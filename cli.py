@@ -47,13 +47,13 @@ def _errors(debug: bool):
         sys.exit(1)
 
 
-def _parse_size(text: str) -> int:
+def _parse_size(text: str, option: str | None = None) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     t = text.strip().lower().removesuffix("b").removesuffix("i")
     try:
         return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a size like 2GB or 512MiB") from None
+        raise click.BadParameter(f"{text!r} is not a size like 2GB or 512MiB", param_hint=option) from None
 
 
 def _hub_options(command):
@@ -175,7 +175,7 @@ def run(
     from spinjax.run import run as run_pipeline
 
     budget = _parse_size(memory_budget) if memory_budget else None
-    cache_bytes = _parse_size(cache_size)
+    cache_bytes = _parse_size(cache_size, "--cache-size")
     explicit = (coordinator, num_processes, process_id)
     if any(x is not None for x in explicit) and None in explicit:
         raise click.UsageError("--coordinator, --num-processes and --process-id go together")
@@ -467,7 +467,7 @@ def dynamics(
     consecutive ones, top-k singular-direction overlaps, level crossings and repulsions."""
     from spinjax.run import compute_dynamics
 
-    cache_bytes = _parse_size(cache_size)
+    cache_bytes = _parse_size(cache_size, "--cache-size")
     with _errors(debug), _progress(quiet) as progress:
         fetch = FetchOptions(download, connections, cache_bytes, keep_downloads=keep_downloads)
         res = compute_dynamics(model, store_path, top_k=top_k, gap_tol=gap_tol, fetch=fetch,

@@ -18,6 +18,7 @@ benchmark throttles all bodies together to ``bandwidth`` bytes/s and delays ever
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import socket
@@ -28,7 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlparse
 
-CHUNK = 64 << 10
+CHUNK = 256 << 10
 LFS_SUFFIXES = (".bin", ".safetensors")
 
 
@@ -48,8 +49,9 @@ class Blob:
     def read(self, start: int, stop: int) -> bytes:
         if self.data is not None:
             return self.data[start:stop]
-        with open(self.path, "rb") as f:
-            return os.pread(f.fileno(), stop - start, start)
+        if not hasattr(self, "_fd"):
+            self._fd = os.open(self.path, os.O_RDONLY)  # kept open: pread needs no shared position
+        return os.pread(self._fd, stop - start, start)
 
 
 def _sha256(blob: Blob) -> str:
@@ -247,6 +249,13 @@ class _Handler(BaseHTTPRequestHandler):
         if hub.latency:
             time.sleep(hub.latency)
         url = urlparse(self.path)
+        if url.path == "/_served":  # what was served so far, for a client in another process
+            data = json.dumps({"body": sum(s.body for s in hub.log), "requests": len(hub.log)}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data if body else b"")
+            return
         pattern = _RESOLVE if self.role == "hub" else _CDN
         m = pattern.match(unquote(url.path))
         if m is None:

@@ -11,8 +11,9 @@ A :class:`Fetcher` runs a run's range requests on ``connections`` threads, in pr
 (earlier steps and layers first), each on its own connection of the client's pool.
 
 Every response is checked: a 206 with a ``Content-Range`` of exactly the bytes asked and the
-file's size, and the file's ETag (a different one means the file changed on the server:
-:class:`FileChanged`, and the caller reads the file again from the start). Connection errors,
+file's size, and the ETag the answers name the file by, the same in every answer (another one
+means the file changed on the server: :class:`FileChanged`, and the caller reads the file again
+from the start). Connection errors,
 timeouts, short bodies and 408/429/5xx answers are retried with exponential backoff, resuming
 from the last byte received; after :data:`MAX_RETRIES` failures in a row the request fails with a
 :class:`FetchError` naming the file and its revision.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import queue
-import re
 import threading
 import time
 from collections.abc import Sequence
@@ -42,7 +42,6 @@ MAX_RETRIES = 5
 BACKOFF_S = 1.0  # the first wait; doubled after each failure in a row, up to BACKOFF_MAX_S
 BACKOFF_MAX_S = 8.0
 IDLE_S = 5.0  # a connection thread with nothing to do for this long ends (a new one starts on demand)
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class FetchError(InputError):
@@ -211,11 +210,8 @@ class RemoteFile:
             return
         with self._lock:
             if self._served_etag is None:
-                # the CDN may name the file otherwise than the hub did: compare like with like
-                if served != self.etag and _SHA256.match(served) and _SHA256.match(self.etag):
-                    raise FileChanged(
-                        f"{self.label}: the file changed on the server (ETag {served}, was {self.etag})"
-                    )
+                # the CDN may name the file otherwise than the hub (another hash): answers are
+                # compared with each other; the hub's size is checked against Content-Range
                 self._served_etag = served
             elif served != self._served_etag:
                 raise FileChanged(

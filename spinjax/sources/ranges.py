@@ -154,10 +154,12 @@ def covers(runs: Sequence[Span], wanted: Sequence[Span]) -> bool:
     return all(any(a <= s and t <= b for a, b in runs) for s, t in wanted)
 
 
-def merge(spans: Sequence[Span], max_gap: int = MERGE_GAP, overfetch: float = MERGE_OVERFETCH) -> list[Span]:
+def merge(spans: Sequence[Span], max_gap: int | None = None, overfetch: float | None = None) -> list[Span]:
     """Reads that fetch ``spans``: neighbours are joined across their gap, smallest gaps first,
     while a gap is at most ``max_gap`` bytes and all gaps joined stay within ``overfetch`` times
-    the bytes wanted."""
+    the bytes wanted (default: :data:`MERGE_GAP`, :data:`MERGE_OVERFETCH`)."""
+    max_gap = MERGE_GAP if max_gap is None else max_gap
+    overfetch = MERGE_OVERFETCH if overfetch is None else overfetch
     spans = union([s for s in spans if s[1] > s[0]])
     if not spans:
         return []
@@ -178,8 +180,10 @@ def merge(spans: Sequence[Span], max_gap: int = MERGE_GAP, overfetch: float = ME
     return [(a, b) for a, b in reads]
 
 
-def split(span: Span, part: int = PART_BYTES) -> list[Span]:
-    """``span`` cut into consecutive parts of at most ``part`` bytes, of about equal length."""
+def split(span: Span, part: int | None = None) -> list[Span]:
+    """``span`` cut into consecutive parts of at most ``part`` bytes (default :data:`PART_BYTES`),
+    of about equal length."""
+    part = PART_BYTES if part is None else part
     a, b = span
     n = max(1, -(-(b - a) // part))
     edges = [a + (b - a) * i // n for i in range(n + 1)]
