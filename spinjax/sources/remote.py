@@ -85,18 +85,16 @@ class _Read:
 
 
 class _Pending:
-    """Rows of one tensor being fetched (or held once assembled)."""
+    """Rows of one tensor being fetched (``runs`` of ``reads``), or held (``cached``); ``asked``
+    rows are to be handed out, after which they are dropped."""
 
     def __init__(
-        self, runs: list[Span], placement: Placement | None, reads: list[_Read], cached: RowSet | None
-    ):
+        self, runs: list[Span], placement: Placement | None, reads: list[_Read], cached: RowSet | None,
+        asked: list[Span],
+    ):  # fmt: skip
         self.runs, self.placement, self.reads, self.cached = runs, placement, reads, cached
         self.rows: RowSet | None = None if reads else cached
-        self.served = 0
-
-    @property
-    def size(self) -> int:
-        return sum(b - a for a, b in self.runs)
+        self.asked, self.served = sum(b - a for a, b in asked), 0
 
     def covers(self, runs: Sequence[Span]) -> bool:
         return covers(self.runs, runs)
@@ -203,7 +201,7 @@ class RangedWeights:
                     continue
                 cached = self.cache.get(self.folder, name) if self.cache is not None else None
                 if cached is not None and cached.covers(runs):
-                    self._rows[name] = _Pending(cached.runs, None, [], cached)
+                    self._rows[name] = _Pending(cached.runs, None, [], cached, runs)
                     continue
                 todo[name] = (runs, cached)
             if not todo:
@@ -227,7 +225,7 @@ class RangedWeights:
             for name, (runs, cached) in todo.items():
                 mine = [r for r in reads if any(r.span[0] <= placements[name].span(a, b)[0] < r.span[1]
                                                 for a, b in runs)]  # fmt: skip
-                self._rows[name] = _Pending(runs, placements[name], mine, cached)
+                self._rows[name] = _Pending(runs, placements[name], mine, cached, runs)
 
     def rows(self, name: str, rows: slice) -> np.ndarray:
         """Rows ``rows`` of tensor ``name`` (fetched now if nothing asked for them before)."""
@@ -249,7 +247,7 @@ class RangedWeights:
         out = held.get(start, stop) if shape else held.data.reshape(())
         with self._lock:
             pending.served += stop - start
-            if pending.served >= pending.size and self._rows.get(name) is pending:
+            if pending.served >= pending.asked and self._rows.get(name) is pending:
                 del self._rows[name]  # every row asked for was handed out: free the memory
         return out
 

@@ -391,3 +391,15 @@ def test_the_tensor_table_and_rows_of_the_cache_are_what_the_file_holds(hub, che
     assert table == {name: ["float16", list(a.shape)] for name, a in state.items()}
     entries = sorted(p.name for p in folder.glob("*.npz"))
     assert entries == [f"gpt_neox.layers.{i}.attention.query_key_value.weight.npz" for i in range(LAYERS)]
+
+
+def test_rows_are_dropped_from_memory_once_handed_out(hub, checkpoints):
+    hub.add("org/bin", "main", checkpoints["bin"])
+    for ov in (True, False):  # the second pass finds all of each qkv in the cache, and asks for less
+        source = reader.variant_source("org/bin")
+        opened = reader.open_step(source, -1, ov=ov)
+        for layer in range(LAYERS):
+            reader.extract_layer(opened, layer)
+        (weights,) = opened.checkpoint._files.values()
+        assert weights._rows == {}
+    assert len(_cdn(hub)) > 0 and all(s.of("main") for s in _cdn(hub))
