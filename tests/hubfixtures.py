@@ -112,8 +112,8 @@ class _Sparse(io.RawIOBase):
     def close(self) -> None:
         if not self._f.closed:
             self._f.truncate(self._end)
+            super().close()
             self._f.close()
-        super().close()
 
 
 def torch_zip(tensors: dict[str, np.ndarray | Lazy], path: Path | None = None, archive: str = "archive"):
