@@ -35,6 +35,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -209,10 +210,24 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="keep the checkpoints in this folder")
     args = parser.parse_args()
 
-    all_shapes = shapes(args.small, args.layers_12b)
-    names = args.shapes.split(",") if args.shapes else list(all_shapes)
     root = args.keep or Path(tempfile.mkdtemp(prefix="spinjax-bench-hub-"))
     work = Path(tempfile.mkdtemp(prefix="spinjax-bench-hub-work-"))
+    try:
+        text = run(args, root, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+    print(text)
+    if args.results is not None:
+        with args.results.open("a") as f:
+            f.write("\n" + text + "\n")
+
+
+def run(args: argparse.Namespace, root: Path, work: Path) -> str:
+    """Every measurement; the markdown of the results."""
+    all_shapes = shapes(args.small, args.layers_12b)
+    names = args.shapes.split(",") if args.shapes else list(all_shapes)
     os.environ["SPINJAX_CACHE"] = str(work / "spinjax")
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     bw = args.bandwidth * 1e6
@@ -300,11 +315,7 @@ def main() -> None:
             f"machine's kernels): {per_step:.1f} s/step, {per_step / slow_floor:.2f}x Q/K bytes / bandwidth "
             f"({served / args.steps / 1e6:.0f} MB served per step).",
         ]
-    text = "\n".join(lines)
-    print(text)
-    if args.results is not None:
-        with args.results.open("a") as f:
-            f.write("\n" + text + "\n")
+    return "\n".join(lines)
 
 
 def _row(*cells: str) -> str:

@@ -125,7 +125,11 @@ def _open_step(source: Source, step: int, variant: str, ov: bool) -> OpenedStep:
                 asked = f"--variant {variant}" if name in of_variant else "--ov"
                 raise InputError(f"{exc}; {asked} needs it") from exc
     opened = OpenedStep(step, checkpoint, layout, geometry, where, variant, ov)
-    _ask_ahead(opened, 0)
+    try:
+        _ask_ahead(opened, 0)
+    except BaseException:
+        checkpoint.release()  # nothing asked for stays queued
+        raise
     return opened
 
 
