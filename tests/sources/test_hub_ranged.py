@@ -284,6 +284,7 @@ def test_a_file_in_the_hugging_face_cache_is_read_from_there(hub, checkpoints, l
         pytest.param(lambda hub: hub.drop("pytorch_model.bin", 50, 1000, 2000, 300, 3000, 10), id="dropped"),
         pytest.param(lambda hub: hub.fail("pytorch_model.bin", 503, 503, 500, 503), id="503"),
         pytest.param(lambda hub: hub.slow("pytorch_model.bin", 0.01), id="slow"),
+        pytest.param(lambda hub: hub.fail("pytorch_model.bin", 403), id="expired location"),
     ],
 )
 def test_faults_end_in_the_same_values_and_bytes(hub, checkpoints, tmp_path, fault):
@@ -297,6 +298,9 @@ def test_faults_end_in_the_same_values_and_bytes(hub, checkpoints, tmp_path, fau
     _assert_same_factors(_factors("org/bin", fetch_options=clean), want)
     assert sum(s.body for s in _cdn(hub, start)) == clean_bytes  # resumed, never read twice
     assert not any(hub.faults.fail.values()) and not any(hub.faults.drop.values())  # every fault was met
+    if any(s.status == 403 for s in hub.log[start:]):  # the hub was asked for the file's location again
+        heads = [s for s in hub.log[start:] if s.method == "HEAD" and s.file == "pytorch_model.bin"]
+        assert len(heads) == 2
 
 
 def test_a_stalled_server_is_an_error_naming_the_file_and_revision(hub, checkpoints, monkeypatch):
