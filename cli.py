@@ -22,6 +22,7 @@ import click
 
 from spinjax.errors import InputError, check_writable, shown
 from spinjax.run import interrupt
+from spinjax.sources.base import DEFAULT_CACHE_SIZE, DEFAULT_CONNECTIONS, DOWNLOADS, FetchOptions
 from spinjax.sources.layouts import VARIANTS
 from spinjax.store.check import find_damage
 from spinjax.store.schema import DEFAULT_STORE
@@ -57,13 +58,17 @@ def _errors(debug: bool, store: Path | None = None):
 
 
 class Size(click.ParamType):
-    """A positive number of bytes below 1 EiB: ``2GB``, ``512MiB``, ``1.5g``, ``1e9`` (units
-    are binary). Read as a decimal, so ``infGB`` or ``1e400g`` are refused, not overflowed."""
+    """A number of bytes from ``minimum`` (1 unless said) to below 1 EiB: ``2GB``, ``512MiB``,
+    ``1.5g``, ``1e9`` (units are binary). Read as a decimal, so ``infGB`` or ``1e400g`` are
+    refused, not overflowed."""
 
     name = "size"
     UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     PATTERN = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d{1,4})?)\s*([kmgt]?)(?:i?b)?\s*", re.I)
     LIMIT = 1 << 60
+
+    def __init__(self, minimum: int = 1):
+        self.minimum = minimum
 
     def convert(self, value, param, ctx) -> int:
         if isinstance(value, int):
@@ -72,8 +77,9 @@ class Size(click.ParamType):
         if not match:
             self.fail(f"{shown(value)} is not a size like 2GB or 512MiB", param, ctx)
         size = Decimal(match[1]) * self.UNITS[match[2].lower()]
-        if not 1 <= size < self.LIMIT:
-            self.fail(f"{shown(value)}: a size must be at least 1 byte and below 1 EiB", param, ctx)
+        if not self.minimum <= size < self.LIMIT:
+            least = f"at least {self.minimum} byte" + "s" * (self.minimum != 1)
+            self.fail(f"{shown(value)}: a size must be {least} and below 1 EiB", param, ctx)
         return int(size)
 
 
@@ -84,6 +90,32 @@ def _folder(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
     except InputError as exc:
         raise click.BadParameter(str(exc), ctx, param) from None
     return value
+
+
+def _hub_options(command):
+    """--download, --connections, --cache-size and --keep-downloads: how hub sources read."""
+    options = [
+        click.option(
+            "--download", type=click.Choice(DOWNLOADS), default="ranged", show_default=True,
+            help="Hub checkpoints: 'ranged' reads only the bytes of the Q/K rows (HTTP range requests), "
+            "'whole' downloads every file holding them into the Hugging Face cache (docs/hub.md).",
+        ),
+        click.option(
+            "--connections", type=click.IntRange(min=1), default=DEFAULT_CONNECTIONS, show_default=True,
+            help="Range requests in flight at once (--download ranged).",
+        ),
+        click.option(
+            "--cache-size", type=Size(minimum=0), default=f"{DEFAULT_CACHE_SIZE >> 30}GiB", show_default=True,
+            help="Bound of the Q/K cache in $SPINJAX_CACHE/hub (least recently used evicted first); 0: none.",
+        ),
+        click.option(
+            "--keep-downloads", is_flag=True,
+            help="--download whole: keep the hub files of finished steps in the cache (default: evict).",
+        ),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 # Below 20 dpi the smallest legend font is under a pixel and FreeType fails; above 600, print
@@ -142,9 +174,7 @@ def main() -> None:
     help="Peak bytes for W_QK blocks, e.g. 2GB [default: 1/4 of free memory].",
 )
 @click.option("--recompute", is_flag=True, help="Recompute steps that are already done.")
-@click.option(
-    "--keep-downloads", is_flag=True, help="Keep hub files of finished steps in the cache (default: evict)."
-)
+@_hub_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.option(
@@ -198,6 +228,9 @@ def run(
     store_path: Path,
     memory_budget: int | None,
     recompute: bool,
+    download: str,
+    connections: int,
+    cache_size: str,
     keep_downloads: bool,
     quiet: bool,
     debug: bool,
@@ -227,6 +260,7 @@ def run(
         index, count = init_distributed(*explicit, timeout) if distributed or coordinator else (0, 1)
         options = RunOptions(
             steps=steps, store=store_path, memory_budget=memory_budget, recompute=recompute,
+            download=download, connections=connections, cache_size=cache_size,
             keep_downloads=keep_downloads, null=null, null_samples=null_samples, pairs=pairs,
             variant=variant, ov=ov, process_index=index, process_count=count,
         )  # fmt: skip
@@ -627,7 +661,7 @@ def view(store_path: Path, port: int, host: str, open_browser: bool, debug: bool
     "--gap-tol", default=0.1, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True),
     help="Relative gap below which two singular values count as near-degenerate.",
 )  # fmt: skip
-@click.option("--keep-downloads", is_flag=True, help="Keep hub files read again (default: evict).")
+@_hub_options
 @click.option(
     "--variant", type=click.Choice(VARIANTS), default="raw", show_default=True,
     help="The weight variant the run used (its group MODEL@VARIANT).",
@@ -639,6 +673,9 @@ def dynamics(
     store_path: Path,
     top_k: int,
     gap_tol: float,
+    download: str,
+    connections: int,
+    cache_size: str,
     keep_downloads: bool,
     variant: str,
     quiet: bool,
@@ -649,8 +686,9 @@ def dynamics(
     from spinjax.run import compute_dynamics
 
     with _errors(debug, store_path), _progress(quiet) as progress:
-        res = compute_dynamics(model, store_path, top_k=top_k, gap_tol=gap_tol,
-                               keep_downloads=keep_downloads, progress=progress, variant=variant)  # fmt: skip
+        fetch = FetchOptions(download, connections, cache_size, keep_downloads=keep_downloads)
+        res = compute_dynamics(model, store_path, top_k=top_k, gap_tol=gap_tol, fetch=fetch,
+                               progress=progress, variant=variant)  # fmt: skip
     if not quiet:
         click.echo(
             f"{res.key}: {len(res.steps)} steps, k={res.top_k}, {len(res.pairs)} pair(s) of steps computed "

@@ -143,6 +143,16 @@ def test_bad_memory_budget_is_usage_error(tmp_path):
     assert not (tmp_path / "s.zarr").exists()
 
 
+@pytest.mark.parametrize(
+    "option, value", [("--download", "some"), ("--cache-size", "lots"), ("--connections", "0")]
+)
+def test_bad_hub_option_is_usage_error(tmp_path, option, value):
+    result = invoke("run", "--model", str(NEOX), "--store", str(tmp_path / "s.zarr"), option, value)
+    assert result.exit_code == 2
+    assert value in result.stderr and option in result.stderr
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_show(neox_store):
     result = invoke("show", str(neox_store))
     assert result.exit_code == 0

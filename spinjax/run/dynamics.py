@@ -30,6 +30,7 @@ writing the same steps of the model.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from ..errors import InputError
 from ..kernels import dynamics as kd
 from ..kernels.geometry import js_divergence
 from ..kernels.heads import pow2_normalized
+from ..sources.base import FetchOptions
+from ..sources.fetch import FileChanged
 from ..store.schema import (
     DEFAULT_STORE,
     DYNAMICS_HIST_VARIABLES,
@@ -50,7 +53,7 @@ from ..store.schema import (
     OVERLAP_VARIABLES,
 )
 from .options import Progress
-from .reader import open_step, variant_source
+from .reader import RESTARTS, OpenedStep, extract_layer, open_step, variant_source
 from .threads import one_blas_thread_under_lapack
 
 _K_DEPENDENT = (*OVERLAP_VARIABLES, *EVENT_VARIABLES, "mode", "mode2")
@@ -73,18 +76,19 @@ def compute_dynamics(
     *,
     top_k: int = 8,
     gap_tol: float = kd.GAP_TOL,
-    keep_downloads: bool = False,
+    fetch: FetchOptions | None = None,
     progress: Progress | None = None,
     variant: str = "raw",
 ) -> DynamicsResult:
     """Compute (or bring up to date) the training-dynamics variables of ``model``'s group
-    (``<model>@<variant>`` for a weight variant other than raw, as ``spinjax run`` names it)."""
+    (``<model>@<variant>`` for a weight variant other than raw, as ``spinjax run`` names it);
+    ``fetch``: how a hub source reads (its Q/K cache holds what the run fetched)."""
     if top_k < 1:
         raise InputError(f"--top-k must be at least 1, not {top_k}")
     progress = progress or Progress()
     store_path = Path(store_path)
     one_blas_thread_under_lapack()
-    source = variant_source(model, variant)
+    source = variant_source(model, variant, fetch)
     key = source.key
     root = store.open_store(store_path)
     if key not in root:
@@ -112,7 +116,7 @@ def compute_dynamics(
     for pair in zip(steps[:-1], steps[1:], strict=True):
         fresh = list(pair) in recorded and np.isfinite(overlap[index[pair[1]]]).all()
         (result.reused if fresh else result.pairs).append(pair)
-    _overlap_pass(source, variant, group, result, index, keep_downloads, progress)
+    _overlap_pass(source, variant, group, result, index, progress)
     _event_pass(group, steps, index, k, gap_tol)
     pairs = [list(p) for p in sorted(result.reused + result.pairs)]  # stale pairs dropped
     _update_meta(store_path, key, lambda meta: {**meta, "first_step": steps[0], "pairs": pairs})
@@ -180,9 +184,7 @@ def _histogram_pass(group: store.ModelGroup, steps: list[int], index: dict[int, 
     group.group["largest_change_step"][...] = np.where(defined, largest, -1).astype(np.int64)
 
 
-def _overlap_pass(
-    source, variant, group: store.ModelGroup, result: DynamicsResult, index, keep_downloads, progress
-):
+def _overlap_pass(source, variant, group: store.ModelGroup, result: DynamicsResult, index, progress):
     """Read the checkpoints of the pairs to compute, in step order, each once; write overlaps."""
     todo = result.pairs
     later = {b: a for a, b in todo}
@@ -203,18 +205,17 @@ def _overlap_pass(
             opened = opening.result()
             if n + 1 < len(reads):
                 opening = pool.submit(open_checked, reads[n + 1])
-            vectors = []
-            for layer in range(opened.geometry.n_layers):
-                wq, wk = opened.layout.extract(opened.checkpoint.tensor, layer, opened.geometry, variant)
-                # directions do not depend on the scale: factors divided by powers of two never
-                # over- or underflow in the QR and SVD
-                (wq, _), (wk, _) = pow2_normalized(wq), pow2_normalized(wk)
-                _, left, right = kd.top_singular_vectors(wq, wk, result.top_k)
-                vectors.append((left, right))
-                progress.on_layer(step, layer)
+            for attempt in itertools.count():
+                try:
+                    vectors = _vectors(opened, result.top_k, progress)
+                    break
+                except FileChanged:  # a hub file changed under the step: read it again
+                    opened.checkpoint.release()
+                    if attempt >= RESTARTS:
+                        raise
+                    opened = open_checked(step)
             result.read.append(step)
-            if not keep_downloads:
-                opened.checkpoint.release()
+            opened.checkpoint.release()
             if step in later and previous is not None and previous[0] == later[step]:
                 both = list(zip(previous[1], vectors, strict=True))  # per layer: (left, right) of a, b
                 values = {
@@ -228,6 +229,20 @@ def _overlap_pass(
                 )
             previous = (step, vectors)
             progress.on_step(step)
+
+
+def _vectors(opened: OpenedStep, k: int, progress: Progress) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer, the top-k left and right singular vectors of every head's W_QK."""
+    vectors = []
+    for layer in range(opened.geometry.n_layers):
+        wq, wk, _ = extract_layer(opened, layer)
+        # directions do not depend on the scale: factors divided by powers of two never over- or
+        # underflow in the QR and SVD
+        (wq, _), (wk, _) = pow2_normalized(wq), pow2_normalized(wk)
+        _, left, right = kd.top_singular_vectors(wq, wk, k)
+        vectors.append((left, right))
+        progress.on_layer(opened.step, layer)
+    return vectors
 
 
 def _event_pass(

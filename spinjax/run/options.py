@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 
 from ..errors import InputError
+from ..sources.base import DEFAULT_CACHE_SIZE, DEFAULT_CONNECTIONS, FetchOptions
 from ..sources.layouts import VARIANTS
 from ..store import DEFAULT_STORE, MATRICES, OV_MATRICES, ModelGroup
 
@@ -27,7 +28,8 @@ class RunOptions:
     - ``steps``: the ``--steps`` spec (all | last | a,b,c | start:stop:stride | a mix);
     - ``store``: the store's path; ``memory_budget``: bytes for the W_QK blocks in flight
       (None: :func:`default_memory_budget`); ``recompute``: redo finished steps;
-      ``keep_downloads``: keep hub files of finished steps;
+    - ``download``, ``connections``, ``cache_size``, ``keep_downloads``: how hub sources read
+      (:class:`~spinjax.sources.base.FetchOptions`, docs/hub.md);
     - ``null``, ``null_samples``: z-scores against the random-matrix null (its size when it
       must be computed); ``pairs``: cross-head geometry, "none", "layer" or "model";
       ``variant``: "raw", "ln-folded" or "bias" factors; ``ov``: add W_V, W_O, W_OV;
@@ -38,6 +40,9 @@ class RunOptions:
     store: Path = Path(DEFAULT_STORE)
     memory_budget: int | None = None
     recompute: bool = False
+    download: str = "ranged"
+    connections: int = DEFAULT_CONNECTIONS
+    cache_size: int = DEFAULT_CACHE_SIZE
     keep_downloads: bool = False
     null: bool = False
     null_samples: int = DEFAULT_NULL_SAMPLES
@@ -58,6 +63,14 @@ class RunOptions:
         check_memory_budget(self.memory_budget)
         if not 0 <= self.process_index < self.process_count:
             raise InputError(f"process {self.process_index} is not one of 0..{self.process_count - 1}")
+        _ = self.fetch  # validates the hub options
+
+    @property
+    def fetch(self) -> FetchOptions:
+        """How hub sources read their files."""
+        return FetchOptions(
+            self.download, self.connections, self.cache_size, keep_downloads=self.keep_downloads
+        )
 
     @property
     def matrices(self) -> tuple[str, ...]:

@@ -2,8 +2,9 @@
 
 A reader thread (:mod:`spinjax.run.reader`) extracts layer factors ahead of the compute; the
 main thread runs the kernels on each layer and hands each finished step to the writer
-(:mod:`spinjax.run.writer`). Hub files of a finished step are released (evicted from the
-cache) unless ``keep_downloads``, so a trajectory needs disk for about two checkpoints.
+(:mod:`spinjax.run.writer`). A finished step's checkpoint is released: what it holds in memory,
+and with ``--download whole`` the hub files it downloaded (evicted from the cache) unless
+``--keep-downloads``, so such a trajectory needs disk for about two checkpoints.
 
 Later steps are written as they finish; a failure leaves earlier steps done and the failed
 step's ``done`` false, to be redone by a rerun. Ctrl-C finishes the current step, records the
@@ -12,6 +13,7 @@ run as interrupted and raises :class:`Interrupted`; a second Ctrl-C stops at onc
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -25,7 +27,16 @@ from . import features
 from .distributed import barrier
 from .interrupt import StopAfterStep, requested
 from .options import Progress, RunOptions, RunResult, default_memory_budget
-from .reader import Claims, LayerFactors, Reader, StepRead, StepSkipped, variant_source
+from .reader import (
+    Claims,
+    LayerFactors,
+    Reader,
+    StepRead,
+    StepRestarted,
+    StepSkipped,
+    extract_layer,
+    variant_source,
+)
 from .threads import one_blas_thread_under_lapack
 from .writer import StepWriter
 
@@ -59,7 +70,7 @@ def run(model: str, options: RunOptions | None = None, progress: Progress | None
     check_can_hold(options.store)  # a file or a foreign folder is not a store
     check_writable(options.store, "the store")  # before any compute
     one_blas_thread_under_lapack()
-    source = variant_source(model, options.variant)
+    source = variant_source(model, options.variant, options.fetch)
     chosen = select_steps(options.steps, [s for s, _ in source.offered])
     existing = _existing_group(options, source.key)
     finished = set()
@@ -131,6 +142,10 @@ def _compute(reader: Reader, writer: StepWriter, result: RunResult, progress: Pr
                         result.skipped.append(step)
                         progress.on_step(step)
                         continue
+                    case StepRestarted(step=step, why=why):
+                        layers = []  # what was read of the step may mix two versions of a file
+                        progress.on_warning(f"{source.source} step {step}: {why}; reading the step again")
+                        continue
                     case LayerFactors():
                         if not planned:
                             planned = True
@@ -146,8 +161,7 @@ def _compute(reader: Reader, writer: StepWriter, result: RunResult, progress: Pr
                             results.update(_model_pairs(item, budget))
                         writer.write(item, results)
                         result.computed.append(opened.step)
-                        if not options.keep_downloads:
-                            opened.checkpoint.release()
+                        opened.checkpoint.release()
                         progress.on_step(opened.step)
                 result.compute_s += time.perf_counter() - computing
                 if interrupt.requested and not layers:
@@ -187,11 +201,9 @@ def layer_results(item: LayerFactors, budget: int, pairs: str) -> dict[str, np.n
 
 def _model_pairs(end: StepRead, budget: int) -> dict[str, np.ndarray]:
     """Geometry between every two heads of the step's model: its layers are read again."""
-    opened = end.opened
+    opened = dataclasses.replace(end.opened, ov=False, asked=set())  # its rows are asked for again
     return features.model_pairs(
-        lambda layer: opened.layout.extract(opened.checkpoint.tensor, layer, opened.geometry, end.variant),
-        opened.geometry.n_layers,
-        budget,
+        lambda layer: extract_layer(opened, layer)[:2], opened.geometry.n_layers, budget
     )
 
 

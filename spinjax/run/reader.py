@@ -1,10 +1,14 @@
 """The reading side of a run: claimed steps, their checkpoints, and one layer's factors at a time.
 
 A :class:`Reader` thread extracts layer factors ahead of the compute, across step boundaries,
-and opens (for hub sources: downloads) the next checkpoint while the current one computes. It
-hands the compute loop typed items through a bounded queue: :class:`LayerFactors`, then a
-:class:`StepRead` at the end of each step, :class:`StepSkipped` for a step another process
-finished meanwhile; errors travel as exceptions and are raised in the consumer, in step order.
+and opens the next checkpoint while the current one computes. Hub sources fetch ahead too: each
+layer's rows are asked for :data:`AHEAD` layers before it is extracted (:func:`extract_layer`),
+and opening a step asks for its first layers, so the connections stay busy across layers and
+steps. The reader hands the compute loop typed items through a bounded queue:
+:class:`LayerFactors`, then a :class:`StepRead` at the end of each step, :class:`StepSkipped` for
+a step another process finished meanwhile, :class:`StepRestarted` when a hub file changed under a
+step (its layers so far are dropped and it is read again from the start); errors travel as
+exceptions and are raised in the consumer, in step order.
 
 Several processes may run on one store: each step is claimed (:class:`Claims`, a lock file per
 step) before it is read, so a step that another live process is computing is deferred, then
@@ -14,21 +18,26 @@ skipped once that process has finished it (or taken over if it died).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError
 from ..sources import registry
-from ..sources.base import Checkpoint, Source
+from ..sources.base import Checkpoint, FetchOptions, Source, Tensor
+from ..sources.fetch import FileChanged
 from ..sources.layouts import Geometry, Layout, layout_for
 from ..store import LockFile, claim_path, step_done, writing
 from ..store.schema import META_DIR, check_group_key
+
+AHEAD = 2  # layers whose rows are asked for beyond the one being extracted
+RESTARTS = 2  # times a step is read again from the start when a hub file changes under it
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,9 @@ class OpenedStep:
     layout: Layout
     geometry: Geometry
     where: str  # source and revision, for messages
+    variant: str = "raw"
+    ov: bool = False
+    asked: set[int] = field(default_factory=set, compare=False)  # layers whose rows were asked for
 
 
 @dataclass(frozen=True)
@@ -69,13 +81,19 @@ class StepSkipped:
     step: int  # finished by another process meanwhile
 
 
-Item = LayerFactors | StepRead | StepSkipped
+@dataclass(frozen=True)
+class StepRestarted:
+    step: int  # a hub file changed under the step: drop its layers so far, they come again
+    why: str
 
 
-def variant_source(model: str, variant: str = "raw") -> Source:
+Item = LayerFactors | StepRead | StepSkipped | StepRestarted
+
+
+def variant_source(model: str, variant: str = "raw", fetch: FetchOptions | None = None) -> Source:
     """``model``'s source, keyed by its store group: ``<key>@<variant>`` for a variant not raw
     (an InputError naming ``--model`` when that key cannot be a group of the store)."""
-    source = registry.resolve(model)
+    source = registry.resolve(model, fetch)
     if variant != "raw":
         source = dataclasses.replace(source, key=f"{source.key}@{variant}")
     try:
@@ -86,8 +104,18 @@ def variant_source(model: str, variant: str = "raw") -> Source:
 
 
 def open_step(source: Source, step: int, variant: str = "raw", ov: bool = False) -> OpenedStep:
-    """Open one step with every tensor its layers will read (for hub sources: downloaded), so
-    a missing tensor is reported before any compute."""
+    """Open one step with every tensor its layers will read (for hub sources: the files'
+    headers read, or the files downloaded), so a missing tensor is reported before any compute;
+    the first layers' rows are asked for. A hub file that changes meanwhile is opened again."""
+    for attempt in itertools.count():
+        try:
+            return _open_step(source, step, variant, ov)
+        except FileChanged:
+            if attempt >= RESTARTS:
+                raise
+
+
+def _open_step(source: Source, step: int, variant: str, ov: bool) -> OpenedStep:
     revision = source.revision(step)
     checkpoint = source.open(step, revision)
     where = f"{source.source} ({revision})"
@@ -103,7 +131,33 @@ def open_step(source: Source, step: int, variant: str = "raw", ov: bool = False)
                     raise
                 asked = f"--variant {variant}" if name in of_variant else "--ov"
                 raise InputError(f"{exc}; {asked} needs it") from exc
-    return OpenedStep(step, checkpoint, layout, geometry, where)
+    opened = OpenedStep(step, checkpoint, layout, geometry, where, variant, ov)
+    try:
+        _ask_ahead(opened, 0)
+    except BaseException:
+        checkpoint.release()  # nothing asked for stays queued
+        raise
+    return opened
+
+
+def _ask_ahead(opened: OpenedStep, layer: int) -> None:
+    """Ask for the rows of layers ``layer`` .. ``layer + AHEAD`` not asked for yet."""
+    for ahead in range(layer, min(opened.geometry.n_layers, layer + AHEAD + 1)):
+        if ahead not in opened.asked:
+            opened.asked.add(ahead)
+            opened.checkpoint.prefetch(opened.layout.reads(ahead, opened.geometry, opened.variant, opened.ov))
+
+
+def extract_layer(
+    opened: OpenedStep, layer: int, lookup: Callable[[str], Tensor] | None = None
+) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """``wq``, ``wk`` (and ``(wv, wo)`` with ``ov``) of one layer, in the step's variant; the
+    rows of the next layers are asked for first, so they are fetched while this one computes."""
+    _ask_ahead(opened, layer)
+    lookup = lookup or opened.checkpoint.tensor
+    wq, wk = opened.layout.extract(lookup, layer, opened.geometry, opened.variant)
+    ov = opened.layout.extract_ov(lookup, layer, opened.geometry) if opened.ov else None
+    return wq, wk, ov
 
 
 class Claims:
@@ -248,8 +302,18 @@ class Reader(threading.Thread):
                         raise InputError(
                             f"{opened.where}: architecture or geometry differs from the run's first step"
                         )
-                    if not self._read_layers(opened):
-                        return
+                    for attempt in range(RESTARTS + 1):
+                        try:
+                            if not self._read_layers(opened):
+                                return
+                            break
+                        except FileChanged as exc:  # read the step again, from the start
+                            if attempt == RESTARTS:
+                                raise
+                            opened.checkpoint.release()
+                            if not self._put(StepRestarted(opened.step, str(exc))):
+                                return
+                            opened = open_step(self.source, opened.step, self.variant, self.ov)
             self._put(_FINISHED)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             self._put(exc)
@@ -264,8 +328,7 @@ class Reader(threading.Thread):
             return tensor
 
         for layer in range(geometry.n_layers):
-            wq, wk = layout.extract(lookup, layer, geometry, self.variant)
-            ov = layout.extract_ov(lookup, layer, geometry) if self.ov else None
+            wq, wk, ov = extract_layer(opened, layer, lookup)
             tensors = tuple(layout.tensor_names(layer, self.variant, self.ov))
             if not self._put(LayerFactors(opened.step, layer, wq, wk, geometry, tensors, ov)):
                 return False

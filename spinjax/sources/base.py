@@ -10,11 +10,15 @@ one module implementing these protocols.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,13 @@ class Checkpoint(Protocol):
         """The stored tensor ``name`` (a Hugging Face name; InputError if it is missing)."""
         ...
 
+    def prefetch(self, reads: Mapping[str, Sequence[slice]]) -> None:
+        """These rows of these tensors will be read next (hub sources start fetching them)."""
+        ...
+
     def release(self) -> None:
-        """Free what opening this checkpoint fetched (hub downloads); local files are kept."""
+        """Free what opening this checkpoint fetched (hub downloads, rows held in memory); local
+        files are kept."""
         ...
 
     def tensor_infos(self) -> list[TensorInfo]:
@@ -82,6 +91,49 @@ class Source:
         return dict(self.offered)[step]
 
 
+def default_cache() -> Path:
+    """``$SPINJAX_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/spinjax``."""
+    if os.environ.get("SPINJAX_CACHE"):
+        return Path(os.environ["SPINJAX_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg).expanduser() / "spinjax"
+
+
+DOWNLOADS = ("ranged", "whole")
+DEFAULT_CONNECTIONS = 8
+DEFAULT_CACHE_SIZE = 50 << 30
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """How hub sources read their files (docs/hub.md).
+
+    - ``download``: "ranged", only the byte ranges of the rows a run needs, by HTTP range requests
+      on ``connections`` connections, kept in the Q/K cache (``cache_size`` bytes under
+      ``cache_dir``, default ``$SPINJAX_CACHE/hub``; 0 keeps nothing); or "whole", every file
+      that holds a needed tensor downloaded into the Hugging Face cache, and evicted from it when
+      its checkpoint is released unless ``keep_downloads``.
+    """
+
+    download: str = "ranged"
+    connections: int = DEFAULT_CONNECTIONS
+    cache_size: int = DEFAULT_CACHE_SIZE
+    cache_dir: Path | None = None
+    keep_downloads: bool = False
+
+    def __post_init__(self) -> None:
+        if self.download not in DOWNLOADS:
+            raise InputError(f"--download {self.download!r}: expected one of {', '.join(DOWNLOADS)}")
+        if self.connections < 1:
+            raise InputError(f"--connections must be at least 1, got {self.connections}")
+        if self.cache_size < 0:
+            raise InputError(f"--cache-size must not be negative, got {self.cache_size} bytes")
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir is not None else default_cache() / "hub"
+
+
 class SourceKind(Protocol):
     """One kind of ``--model`` value; the registry asks each, in order, whether it claims it."""
 
@@ -91,6 +143,7 @@ class SourceKind(Protocol):
         """Whether ``model`` is of this kind (cheap: a look at the file system or the name)."""
         ...
 
-    def open(self, model: str) -> Source:
-        """The source ``model`` names (InputError when it is of this kind but unusable)."""
+    def open(self, model: str, fetch: FetchOptions | None = None) -> Source:
+        """The source ``model`` names (InputError when it is of this kind but unusable); ``fetch``
+        says how a remote one reads its files."""
         ...

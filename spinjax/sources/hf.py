@@ -3,14 +3,18 @@
 An :class:`HFCheckpoint` knows its config and where every tensor lives; it hands out
 :class:`~spinjax.sources.base.Tensor` handles that read only the indexed rows from disk.
 Nothing is read until a layout asks for a tensor, and only the tensors the statistics need
-are ever asked for. Files come through a :class:`Files` (a local directory here, hub
-downloads in :mod:`spinjax.sources.hub`).
+are ever asked for. Files come through a :class:`Files` (a local directory here; the hub in
+:mod:`spinjax.sources.hub`, whose weights files may be read by byte ranges,
+:mod:`spinjax.sources.remote`); :meth:`HFCheckpoint.prefetch` tells them which rows will be read
+next, so that a remote file fetches them ahead.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -20,7 +24,7 @@ import numpy as np
 from safetensors import safe_open
 
 from ..errors import InputError, shown
-from .base import Source, TensorInfo
+from .base import FetchOptions, Source, Tensor, TensorInfo
 from .torchbin import TorchBinFile
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -76,6 +80,12 @@ class _SafetensorsFile:
             out.append(TensorInfo(name, tuple(view.get_shape()), dtype))
         return out
 
+    def prefetch(self, requests: Mapping[str, Sequence[slice]], priority: tuple = (0,)) -> None:
+        pass  # a local file: rows are read when indexed
+
+    def release(self) -> None:
+        pass
+
 
 @dataclass
 class _SafetensorsTensor:
@@ -127,6 +137,12 @@ class _TorchBinFile:
         return [TensorInfo(k, tuple(f.shape(k)), str(f.dtype(k)), f"{self.path.name}/{f.storage(k)}")
                 for k in f.keys()]  # fmt: skip
 
+    def prefetch(self, requests: Mapping[str, Sequence[slice]], priority: tuple = (0,)) -> None:
+        pass  # a local file: rows are read when indexed
+
+    def release(self) -> None:
+        pass
+
 
 @dataclass
 class _TorchBinTensor:
@@ -142,7 +158,28 @@ class _TorchBinTensor:
         return np.array(self.file._file.get(self.name, copy=False)[rows])
 
 
-def _open_weights(path: Path):
+class WeightsFile(Protocol):
+    """One weights file: its tensors by name, read lazily."""
+
+    path: Path | str  # for messages
+
+    def keys(self) -> list[str]: ...
+
+    def tensor(self, name: str) -> Tensor:
+        """A handle on tensor ``name`` (a key of the file)."""
+        ...
+
+    def prefetch(self, requests: Mapping[str, Sequence[slice]], priority: tuple = (0,)) -> None:
+        """These rows of these tensors will be read soon (lowest ``priority`` first)."""
+        ...
+
+    def release(self) -> None:
+        """Drop what is held in memory for rows not read yet."""
+        ...
+
+
+def open_weights(path: Path) -> WeightsFile:
+    """A local weights file: ``*.bin`` (a torch zip) or safetensors."""
     return _TorchBinFile(path) if path.suffix == ".bin" else _SafetensorsFile(path)
 
 
@@ -153,7 +190,15 @@ class Files(Protocol):
     """Where a checkpoint's files come from."""
 
     def __call__(self, name: str) -> Path:
-        """A local path of the file ``name``; FileNotFoundError if there is none."""
+        """A local path of the (small) file ``name``; FileNotFoundError if there is none."""
+        ...
+
+    def has(self, name: str) -> bool:
+        """Whether the weights file ``name`` exists (without reading it where that costs)."""
+        ...
+
+    def weights(self, name: str) -> WeightsFile:
+        """The weights file ``name``; FileNotFoundError if there is none."""
         ...
 
     def release(self) -> None:
@@ -182,8 +227,17 @@ class LocalFiles:
             raise FileNotFoundError(f"file {name!r} not found")
         return path
 
+    def has(self, name: str) -> bool:
+        return (self.directory / name).is_file()
+
+    def weights(self, name: str) -> WeightsFile:
+        return open_weights(self(name))
+
     def release(self) -> None:
         pass
+
+
+_OPENED = itertools.count()  # the order in which checkpoints were opened: their fetches' priority
 
 
 class HFCheckpoint:
@@ -210,7 +264,8 @@ class HFCheckpoint:
         self.revision = revision if revision is not None else self.label
         self._fetch = files
         self.config = read_json(self._path("config.json"))
-        self._files: dict[str, Any] = {}
+        self._files: dict[str, WeightsFile] = {}
+        self._order, self._prefetches = next(_OPENED), itertools.count()
 
     def _path(self, name: str) -> Path:
         try:
@@ -221,12 +276,14 @@ class HFCheckpoint:
     def _weight_map(self) -> dict[str, str] | list[str]:
         """Tensor -> file from an index json, or the list of unindexed weight files."""
         for name in WEIGHT_CANDIDATES:
+            if not name.endswith(".json"):
+                if self._fetch.has(name):
+                    return [name]
+                continue
             try:
                 path = self._fetch(name)
             except FileNotFoundError:
                 continue
-            if not name.endswith(".json"):
-                return [name]
             weight_map = read_json(path).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise InputError(f"{path}: no 'weight_map' object")
@@ -267,9 +324,12 @@ class HFCheckpoint:
         names = list(dict.fromkeys(found.values())) if isinstance(found, dict) else found
         return [info for name in names for info in self._file(name).infos()]
 
-    def _file(self, name: str):
+    def _file(self, name: str) -> WeightsFile:
         if name not in self._files:
-            self._files[name] = _open_weights(self._path(name))
+            try:
+                self._files[name] = self._fetch.weights(name)
+            except FileNotFoundError as exc:
+                raise InputError(f"{self.label}: {exc}") from None
         return self._files[name]
 
     def _resolve(self, name: str) -> str:
@@ -290,7 +350,20 @@ class HFCheckpoint:
             raise InputError(f"{file.path}: tensor {key!r} listed in the index is missing")
         return file.tensor(key)
 
+    def prefetch(self, reads: Mapping[str, Sequence[slice]]) -> None:
+        """These rows of these tensors (canonical or full names) will be read next: a hub file
+        read by ranges starts fetching them; earlier calls and checkpoints opened earlier first."""
+        by_file: dict[str, dict[str, Sequence[slice]]] = {}
+        for name, slices in reads.items():
+            key = self._resolve(name)
+            by_file.setdefault(self._where[key], {})[key] = slices
+        priority = (self._order, next(self._prefetches))
+        for file, requests in by_file.items():
+            self._file(file).prefetch(requests, priority)
+
     def release(self) -> None:
+        for file in self._files.values():
+            file.release()
         self._fetch.release()
 
 
@@ -302,7 +375,7 @@ class HFDirectoryKind:
     def can_open(self, model: str) -> bool:
         return (Path(model).expanduser() / "config.json").is_file()
 
-    def open(self, model: str) -> Source:
+    def open(self, model: str, fetch: FetchOptions | None = None) -> Source:
         path = Path(model).expanduser().resolve()
         return Source(
             key=path.name, source=str(path), offered=((-1, str(path)),),

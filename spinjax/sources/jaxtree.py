@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from flax import serialization
 from orbax.checkpoint import utils as ocp_utils
 
 from ..errors import InputError, nearest
-from .base import Source, TensorInfo
+from .base import FetchOptions, Source, TensorInfo
 from .hf import read_json
 
 MAPPING_FILE = "spinjax_mapping.json"
@@ -113,6 +113,9 @@ class TreeCheckpoint:
         self.label, self.step, self.revision, self.config = where, step, revision, config
         self.param_paths = sorted(leaves)
         self._mapping, self._leaves, self._load = mapping, leaves, load
+
+    def prefetch(self, reads: Mapping[str, Sequence[slice]]) -> None:
+        pass  # local files: read when indexed
 
     def release(self) -> None:
         pass  # local files only
@@ -266,7 +269,7 @@ class FlaxMsgpackKind:
         path = Path(model).expanduser()
         return (path.is_file() and path.suffix == ".msgpack") or (path / FlaxMsgpackModel.FILENAME).is_file()
 
-    def open(self, model: str) -> Source:
+    def open(self, model: str, fetch: FetchOptions | None = None) -> Source:
         path = Path(model).expanduser()
         flax_model = FlaxMsgpackModel(path)
         resolved = str(path.resolve())
@@ -283,7 +286,7 @@ class OrbaxKind:
         path = Path(model).expanduser()
         return path.is_dir() and any(p.name.isdigit() and p.is_dir() for p in path.iterdir())
 
-    def open(self, model: str) -> Source:
+    def open(self, model: str, fetch: FetchOptions | None = None) -> Source:
         path = Path(model).expanduser()
         orbax_model = OrbaxModel(path)
         return Source(key=_group_key(path), source=str(path.resolve()),

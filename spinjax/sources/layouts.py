@@ -31,6 +31,7 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64",
 
 TensorLookup = Callable[[str], Tensor]
 RowSlices = tuple[list[slice], list[slice], list[slice]]
+RowReads = dict[str, list[slice]]  # tensor name -> the row slices read of it
 
 VARIANTS = ("raw", "ln-folded", "bias")
 
@@ -68,6 +69,24 @@ class Layout:
         if ov:
             names += [self.qkv[2] + ".weight", self.out]
         return list(dict.fromkeys(n.format(layer) for n in names))
+
+    def reads(self, layer: int, g: Geometry, variant: str = "raw", ov: bool = False) -> RowReads:
+        """The rows of each stored tensor that ``extract(..., variant)`` (and ``extract_ov`` when
+        ``ov``) index, by name: what a source reading by byte ranges fetches for the layer.
+        GPT-2's Conv1D weights are read whole (Q, K and V lie side by side in every row)."""
+        _check_variant(variant)
+        slices = self.rows(g)
+        out: dict[str, list[slice]] = {}
+        for i in (0, 1, 2) if ov else (0, 1):
+            weight = [slice(None)] if self.conv1d else slices[i]
+            out.setdefault(self.qkv[i].format(layer) + ".weight", []).extend(weight)
+            if variant == "bias" and i < 2:
+                out.setdefault(self.qkv[i].format(layer) + ".bias", []).extend(slices[i])
+        if variant == "ln-folded":
+            out[self.norm(layer)] = [slice(None)]
+        if ov:
+            out[self.out.format(layer)] = [slice(None)]
+        return out
 
     def extract(
         self, tensor: TensorLookup, layer: int, g: Geometry, variant: str = "raw"

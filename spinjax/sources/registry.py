@@ -13,7 +13,7 @@ import stat
 from pathlib import Path
 
 from ..errors import InputError, shown
-from .base import Source, SourceKind
+from .base import FetchOptions, Source, SourceKind
 from .hf import HFDirectoryKind
 from .hub import HubKind
 from .jaxtree import FlaxMsgpackKind, OrbaxKind
@@ -55,14 +55,15 @@ def _local_form(model: str) -> str:
     return model
 
 
-def resolve(model: str) -> Source:
-    """The source a ``--model`` value names: the first kind of :data:`KINDS` that claims it."""
+def resolve(model: str, fetch: FetchOptions | None = None) -> Source:
+    """The source a ``--model`` value names: the first kind of :data:`KINDS` that claims it
+    (``fetch``: how a hub source reads its files)."""
     quoted = shown(model, 200)
     model = _local_form(model)
     try:
         for kind in KINDS:
             if kind.can_open(model):
-                return kind.open(model)
+                return kind.open(model, fetch)
     except OSError as exc:  # e.g. a directory without read permission
         raise InputError(f"--model {quoted}: {exc}") from exc
     path = Path(model)
@@ -70,7 +71,7 @@ def resolve(model: str) -> Source:
         raise InputError(f"{path}: a file; --model takes a checkpoint directory or a Flax .msgpack file")
     if path.is_dir():
         raise InputError(f"{path}: no config.json, Flax msgpack or orbax checkpoint steps found")
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+    if "/" in model or model.startswith((".", "~")):  # a path (HubKind claims every hub repo id)
         raise InputError(f"--model {quoted}: no such directory")
     close = difflib.get_close_matches(model, list(KNOWN), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see `spinjax models`"

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from .base import Source
+from .base import FetchOptions, Source, default_cache
 from .jaxtree import OrbaxKind
 from .known import TINY_PYTHIA
 
@@ -232,14 +232,6 @@ def train(root: Path, on_step: Callable[[int, float], None] | None = None) -> li
     return losses
 
 
-def default_cache() -> Path:
-    """``$SPINJAX_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/spinjax``."""
-    if os.environ.get("SPINJAX_CACHE"):
-        return Path(os.environ["SPINJAX_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg).expanduser() / "spinjax"
-
-
 def ensure_tiny_pythia(
     cache_dir: Path | None = None,
     on_step: Callable[[int, float], None] | None = None,
@@ -288,7 +280,7 @@ class EmbeddedKind:
     def can_open(self, model: str) -> bool:
         return model == NAME
 
-    def open(self, model: str) -> Source:
+    def open(self, model: str, fetch: FetchOptions | None = None) -> Source:
         root = ensure_tiny_pythia(on_start=_announce_training, on_step=_report_training)
         source = OrbaxKind().open(str(root))
         return replace(source, key=NAME, source=f"{NAME} (embedded, trained by spinjax)")

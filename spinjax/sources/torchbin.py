@@ -13,9 +13,12 @@ stand-in (torch is never imported), and ``persistent_load`` accepts only
 refused with :class:`~spinjax.errors.UnsafeCheckpointError` before it is looked up,
 so nothing in the pickle is ever executed.
 
-Parsing records only (storage key, dtype, offset, shape, stride); the bytes of one
-tensor are read in :meth:`TorchBinFile.get`, through a memory map of exactly the
-region of its zip member that the tensor covers.
+Parsing records only (storage key, dtype, offset, shape, stride); a tensor's
+:class:`~spinjax.sources.ranges.Placement` (where its bytes lie) needs its storage's local
+header, and its bytes are read only when asked for: through a memory map of exactly the region
+it covers in a local file, or as byte ranges of a hub file (the same parsing runs on both: the
+zip is read through a :class:`~spinjax.sources.ranges.ByteSource`, and every size read from
+the file is bounded before it is used).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import InputError, UnsafeCheckpointError
+from .ranges import ByteSource, LocalFile, Placement, merge
 
 __all__ = ["TorchBinFile"]
 
@@ -364,6 +368,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 # --------------------------------------------------------------------------- the reader
 
+# Sizes read from the file are bounded before anything is read: the zip's central directory of
+# even the largest checkpoints is well under this (its records: MAX_PICKLE_BYTES and the like).
+METADATA_BOUND = 64 << 20
+# EOCD (22 bytes) + zip64 end-of-central-directory locator (20) and record (56): read in one go.
+_TAIL = 22 + 20 + 56
+# A local header's extra field as torch writes it: padding to 64-byte alignment ("FB" field) plus
+# a zip64 field; the first read of a metadata record takes this much for it (a longer one is
+# completed by a second read).
+_LOCAL_EXTRA_GUESS = 4 + 64 + 20
+
 
 @dataclass(frozen=True)
 class _Member:
@@ -372,47 +386,110 @@ class _Member:
     size: int
 
 
+class _RangedIO(io.RawIOBase):
+    """A :class:`ByteSource` as a seekable file for :mod:`zipfile`: every read is one range of
+    the source, except what earlier prefetched windows hold; no read exceeds ``bound`` bytes."""
+
+    def __init__(self, source: ByteSource, bound: int):
+        self._source, self._bound, self._pos = source, bound, 0
+        self._windows: list[tuple[int, bytes]] = []
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._source.size}[whence]
+        if base + offset < 0:
+            raise OSError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def prefetch(self, spans: list[tuple[int, int]]) -> None:
+        """Read these ranges now, in one go; later reads inside them are served from memory."""
+        spans = [(a, min(b, self._source.size)) for a, b in spans if a < self._source.size]
+        for (a, _), data in zip(spans, self._source.read_many(spans), strict=True):
+            self._windows.append((a, data))
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self._source.size - self._pos))
+        data = self._get(self._pos, self._pos + n)
+        buffer[:n] = data
+        self._pos += n
+        return n
+
+    def _get(self, a: int, b: int) -> bytes:
+        """Bytes [a, b): what windows hold from memory, each gap between them by one read."""
+        pieces, pos = [], a
+        while pos < b:
+            held = next(((s, w) for s, w in self._windows if s <= pos < s + len(w)), None)
+            if held is not None:
+                piece = held[1][pos - held[0] : b - held[0]]
+            else:
+                stop = min([s for s, _ in self._windows if pos < s < b], default=b)
+                if stop - pos > self._bound:
+                    raise InputError(
+                        f"{self._source.label}: a zip record asks for {stop - pos} bytes of metadata, more "
+                        f"than the {self._bound} allowed (corrupt or not a checkpoint)"
+                    )
+                piece = self._source.read(pos, stop)
+                self._windows.append((pos, piece))
+            pieces.append(piece)
+            pos += len(piece)
+        return b"".join(pieces)
+
+
 class TorchBinFile:
     """A PyTorch zip checkpoint (``torch.save`` of a state dict), read lazily and safely.
+
+    ``source`` is a path or a :class:`~spinjax.sources.ranges.ByteSource` (a hub file read by
+    range requests): opening reads the zip's end records, its central directory and ``data.pkl``;
+    a storage's local header is read when a tensor on it is first placed (:meth:`locate` places
+    many at once), its bytes only when asked for.
 
     >>> with TorchBinFile("pytorch_model.bin") as f:
     ...     w = f.get("gpt_neox.layers.0.attention.query_key_value.weight")
     """
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        self._fh: io.BufferedReader | None = None
+    def __init__(self, source: str | os.PathLike | ByteSource):
+        self._source: ByteSource | None = None
         self._records: dict[str, _TensorRecord] = {}
-        self._members: dict[str, _Member] = {}
-        if not os.path.isfile(self.path):
-            raise InputError(f"{self.path}: not a file")
+        self._members: dict[str, _Member] = {}  # storage key -> located member
+        self._infos: dict[str, zipfile.ZipInfo] = {}  # storage key -> its central directory entry
+        if isinstance(source, (str, os.PathLike)):
+            local = LocalFile(source)  # InputError "not a file" / "cannot open"
+            self._source, self._local = local, True
+            fileobj = open(local.label, "rb")  # noqa: SIM115 - closed below
+        else:
+            self._source, self._local = source, False
+            fileobj = _RangedIO(source, METADATA_BOUND)
+            fileobj.prefetch([(max(0, source.size - _TAIL), source.size)])
+        self.path = self._source.label
         try:
-            fh = open(self.path, "rb")
-        except OSError as e:
-            raise InputError(f"{self.path}: cannot open: {e.strerror or e}") from e
-        self._fh = fh
-        try:
-            self._open()
+            with fileobj:
+                self._open(fileobj)
         except BaseException:
             self.close()
             raise
 
     # ---- parsing
 
-    def _open(self) -> None:
-        fh = self._fh
-        assert fh is not None
-        head = fh.read(512)
-        if head.startswith(_LEGACY_MAGIC) or head[257:262] == b"ustar":
-            raise InputError(
-                f"{self.path}: legacy (non-zip) PyTorch format is not supported; re-save with "
-                "torch >= 1.6 (torch.save(torch.load(path), path)) or convert to safetensors"
-            )
-        fsize = os.fstat(fh.fileno()).st_size
+    def _open(self, fileobj) -> None:
         try:
-            zf = zipfile.ZipFile(fh)
+            zf = zipfile.ZipFile(fileobj)
             infos = zf.infolist()
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as e:
+            head = self._source.read(0, min(512, self._source.size))
+            if head.startswith(_LEGACY_MAGIC) or head[257:262] == b"ustar":
+                raise InputError(
+                    f"{self.path}: legacy (non-zip) PyTorch format is not supported; re-save with "
+                    "torch >= 1.6 (torch.save(torch.load(path), path)) or convert to safetensors"
+                ) from e
             kind = "a pickle, not a zip" if head[:1] == b"\x80" else "not a valid zip archive"
             raise InputError(
                 f"{self.path}: not a PyTorch zip checkpoint ({kind}; truncated or corrupt?): {e}"
@@ -432,8 +509,15 @@ class TorchBinFile:
             )
         prefix = pkl[0].filename[: -len("data.pkl")]
         by_name = {i.filename: i for i in infos}
-
         byteorder = by_name.get(prefix + "byteorder")
+        metadata = [i for i in (pkl[0], byteorder) if i is not None]
+        for info in metadata:  # before any of their bytes is fetched
+            self._check_declared(info, MAX_PICKLE_BYTES if info is pkl[0] else MAX_BYTEORDER_BYTES)
+        if isinstance(fileobj, _RangedIO):  # both records in one read when they lie close
+            offsets = sorted({i.header_offset for i in infos} | {zf.start_dir})
+            spans = [_record_span(i, offsets) for i in metadata]
+            fileobj.prefetch(merge(spans, max_gap=64 << 10, overfetch=1.0))
+
         if byteorder is not None:
             order = self._read_member(zf, byteorder, MAX_BYTEORDER_BYTES).strip()
             if order != b"little":
@@ -465,7 +549,11 @@ class TorchBinFile:
             info = by_name.get(name)
             if info is None:
                 raise InputError(f"{self.path}: storage record '{name}' is missing from the archive")
-            self._members[key] = self._locate(info, fsize)
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise InputError(
+                    f"{self.path}: record '{info.filename}' is compressed; torch stores records uncompressed"
+                )
+            self._infos[key] = info
 
     def _flatten(self, obj: dict) -> None:
         """Record the tensors of a state dict, nested dicts joined by dots, depth-first in order.
@@ -518,40 +606,61 @@ class TorchBinFile:
         except (ValueError, OverflowError) as e:  # what genops raises for malformed opcodes
             raise InputError(f"{self.path}: cannot parse {member}: {e}") from e
 
+    def _check_declared(self, info: zipfile.ZipInfo, limit: int) -> None:
+        """Refuse a metadata record from what the zip declares of it: more than ``limit`` bytes
+        (inflated or not), or a compression whose inflating ``zipfile`` does not bound."""
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise InputError(
+                f"{self.path}: record '{info.filename}' uses zip compression method {info.compress_type}; "
+                "PyTorch stores records uncompressed"
+            )
+        if max(info.file_size, info.compress_size) > limit:
+            raise InputError(
+                f"{self.path}: record '{info.filename}' declares {info.file_size} bytes; more than "
+                f"{limit} is not a PyTorch checkpoint's metadata (refused without inflating it)"
+            )
+
     def _read_member(self, zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
         """A small member's bytes; refused before inflating when it declares more than ``limit``.
 
         ``zipfile`` stops at the declared size and then checks the CRC, so a member whose
         compressed data inflates beyond what it declares is read only up to that size; it
         bounds each inflate step only for deflate, so other methods are refused."""
-        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise InputError(
-                f"{self.path}: record '{info.filename}' uses zip compression method {info.compress_type}; "
-                "PyTorch stores records uncompressed"
-            )
-        if info.file_size > limit:
-            raise InputError(
-                f"{self.path}: record '{info.filename}' declares {info.file_size} bytes; more than "
-                f"{limit} is not a PyTorch checkpoint's metadata (refused without inflating it)"
-            )
+        self._check_declared(info, limit)
         try:
             with zf.open(info) as member:
                 return member.read(info.file_size)
         except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error) as e:
             raise InputError(f"{self.path}: cannot read record '{info.filename}': {e}") from e
 
-    def _locate(self, info: zipfile.ZipInfo, fsize: int) -> _Member:
-        if info.compress_type != zipfile.ZIP_STORED:
+    def locate(self, names: list[str]) -> None:
+        """Read the local headers of the storages of tensors ``names`` not located yet (at once)."""
+        keys = sorted({self._record(n).key for n in names} - set(self._members))
+        if not keys:
+            return
+        source = self._open_source()
+        infos = [self._infos[k] for k in keys]
+        spans = [(i.header_offset, i.header_offset + _LOCAL_HEADER.size + len(_raw_name(i))) for i in infos]
+        if any(b > source.size for _, b in spans):
+            bad = next(i for i, (_, b) in zip(infos, spans, strict=True) if b > source.size)
             raise InputError(
-                f"{self.path}: record '{info.filename}' is compressed; torch stores records uncompressed"
+                f"{self.path}: bad local header for record '{bad.filename}' (truncated or corrupt)"
             )
-        assert self._fh is not None
-        header = os.pread(self._fh.fileno(), _LOCAL_HEADER.size, info.header_offset)
-        if len(header) != _LOCAL_HEADER.size or header[:4] != _LOCAL_HEADER_SIG:
+        for key, info, header in zip(keys, infos, source.read_many(spans), strict=True):
+            self._members[key] = self._member(info, header, source.size)
+
+    def _member(self, info: zipfile.ZipInfo, header: bytes, fsize: int) -> _Member:
+        fields = (
+            _LOCAL_HEADER.unpack(header[: _LOCAL_HEADER.size]) if len(header) >= _LOCAL_HEADER.size else None
+        )
+        if (
+            fields is None
+            or fields[0] != _LOCAL_HEADER_SIG
+            or header[_LOCAL_HEADER.size :] != _raw_name(info)
+        ):
             raise InputError(
                 f"{self.path}: bad local header for record '{info.filename}' (truncated or corrupt)"
             )
-        fields = _LOCAL_HEADER.unpack(header)
         name_len, extra_len = fields[-2], fields[-1]
         data_offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
         if data_offset + info.file_size > fsize:
@@ -589,52 +698,59 @@ class TorchBinFile:
         rec = self._record(name)
         return f"{rec.key}@{rec.offset}:{rec.stride}"
 
-    def get(self, name: str, *, copy: bool = True) -> np.ndarray:
-        """The tensor `name`, bit-identical to ``torch.load``.
-
-        Only the bytes this tensor covers are mapped.  With ``copy`` (the default) the
-        result is a C-contiguous array and the mapping is released at once; without, a
-        read-only (possibly strided) view of the file mapping, valid after :meth:`close`.
-        """
+    def placement(self, name: str) -> Placement:
+        """Where tensor ``name``'s elements lie in the file (its storage located if need be)."""
         rec = self._record(name)
-        if self._fh is None:
-            raise InputError(f"{self.path}: file is closed")
-        if any(s == 0 for s in rec.shape):
-            empty = np.empty(rec.shape, rec.dtype)
-            empty.flags.writeable = copy
-            return empty
+        self.locate([name])
+        member = self._members[rec.key]
         item = rec.dtype.itemsize
         extent = 1 + sum((s - 1) * st for s, st in zip(rec.shape, rec.stride, strict=True))
-        member = self._members[rec.key]
         start, nbytes = rec.offset * item, extent * item
-        if start + nbytes > member.size:
+        if all(s > 0 for s in rec.shape) and start + nbytes > member.size:
             raise InputError(
                 f"{self.path}: tensor {name!r} (shape {rec.shape}, stride {rec.stride}, offset "
                 f"{rec.offset}, {rec.dtype}) needs bytes [{start}, {start + nbytes}) of record "
                 f"'{member.name}', which holds {member.size} bytes"
             )
-        flat = self._map(member.data_offset + start, extent, rec.dtype)
-        # as_strided goes through __array_interface__, which cannot name ml_dtypes types
-        # (bfloat16, float8): stride a void view of the same width, then view back.
-        view = np.lib.stride_tricks.as_strided(
-            flat.view(f"V{item}"),
-            shape=rec.shape,
-            strides=tuple(st * item for st in rec.stride),
-            writeable=False,
-        ).view(rec.dtype)
+        return Placement(rec.dtype, rec.shape, rec.stride, member.data_offset + start)
+
+    def get(self, name: str, *, copy: bool = True) -> np.ndarray:
+        """The tensor `name`, bit-identical to ``torch.load``.
+
+        Only the bytes this tensor covers are read (memory-mapped for a local file).  With
+        ``copy`` (the default) the result is a C-contiguous array and a mapping is released at
+        once; without, a read-only (possibly strided) view, valid after :meth:`close`.
+        """
+        self._open_source()
+        place = self.placement(name)
+        first, last = place.span(0, place.rows)
+        if last == first:
+            empty = np.empty(place.shape, place.dtype)
+            empty.flags.writeable = copy
+            return empty
+        buffer = (
+            self._map(first, last - first, np.dtype(np.uint8))
+            if self._local
+            else self._source.read(first, last)
+        )
+        view = place.view(0, place.rows, buffer, first)
         if copy:
             out = np.array(view, order="C", copy=True)
-            del view, flat  # unmaps
+            del view, buffer  # unmaps
             return out
         return view
 
+    def _open_source(self) -> ByteSource:
+        if self._source is None:
+            raise InputError(f"{self.path}: file is closed")
+        return self._source
+
     def _map(self, offset: int, count: int, dtype: np.dtype) -> np.ndarray:
         """A read-only array of `count` elements at absolute file `offset`, on its own mmap."""
-        assert self._fh is not None
         aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
         delta = offset - aligned
         mm = mmap.mmap(
-            self._fh.fileno(),
+            self._source.fileno(),
             delta + count * dtype.itemsize,
             access=mmap.ACCESS_READ,
             offset=aligned,
@@ -643,9 +759,10 @@ class TorchBinFile:
         return np.frombuffer(mm, dtype=dtype, count=count, offset=delta)
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        if self._source is not None:
+            if self._local:
+                self._source.close()
+            self._source = None
 
     def __enter__(self) -> TorchBinFile:
         return self
@@ -661,3 +778,16 @@ class TorchBinFile:
 
     def __repr__(self) -> str:
         return f"TorchBinFile({self.path!r}, {len(self._records)} tensors)"
+
+
+def _raw_name(info: zipfile.ZipInfo) -> bytes:
+    """The member name as stored in its headers (UTF-8 when flagged, else cp437, as zipfile reads it)."""
+    return info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
+
+
+def _record_span(info: zipfile.ZipInfo, offsets: list[int]) -> tuple[int, int]:
+    """The bytes that reading a metadata record takes: local header, a guess of its extra field,
+    data; not past the next record (``offsets``: where records and the central directory start)."""
+    start = info.header_offset
+    guess = start + _LOCAL_HEADER.size + len(_raw_name(info)) + _LOCAL_EXTRA_GUESS + info.compress_size
+    return start, min(guess, next((o for o in offsets if o > start), guess))

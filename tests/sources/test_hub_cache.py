@@ -12,7 +12,8 @@ others), ``.no_exist/<commit>/<file>`` marks files the revision lacks, as huggin
     main   model.safetensors, weights x4
 
 Every store value of a hub run must equal (exactly) the value of a run on a plain local copy
-of the same snapshot.
+of the same snapshot. With ``--download ranged`` (the default) weights files already in the
+cache are read from there; ``--download whole`` fetches them through ``hf_hub_download``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import spinjax.sources.hub
 from spinjax.errors import InputError
 from spinjax.run import pipeline
 from spinjax.run.options import RunOptions
+from spinjax.sources.hf import open_weights
 from spinjax.sources.hub import HubKind
 from spinjax.sources.known import KNOWN, KnownModel
 from spinjax.sources.torchbin import TorchBinFile
@@ -197,14 +199,21 @@ def hub(tmp_path, files, monkeypatch):
         return path
 
     monkeypatch.setattr(spinjax.sources.hub, "hf_hub_download", recording_download)
-    return cache, root, fetched
+    opened: list[Path] = []  # weights files read from the cache (--download ranged)
+
+    def recording_open(path):
+        opened.append(path)
+        return open_weights(path)
+
+    monkeypatch.setattr(spinjax.sources.hub, "open_weights", recording_open)
+    return cache, root, fetched, opened
 
 
 # ---- tests
 
 
 def test_cache_layout_is_the_one_huggingface_hub_reads(hub):
-    cache, root, _ = hub
+    cache, root, _, _ = hub
     info = scan_cache_dir(cache)
     assert info.warnings == []
     (repo,) = info.repos
@@ -235,11 +244,13 @@ def test_offered_revisions_follow_known_model(hub):
     assert [KNOWN[NAME].revision(s) for s in STEPS] == list(REVISIONS.values())
 
 
-def test_every_revision_from_the_cache_equals_a_local_run(hub, tmp_path, local_values):
-    cache, _, fetched = hub
+@pytest.mark.parametrize("download", ["ranged", "whole"])
+def test_every_revision_from_the_cache_equals_a_local_run(hub, tmp_path, local_values, download):
+    cache, _, fetched, opened = hub
     before = {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()}
     store_path = tmp_path / "store"
-    result = pipeline.run(NAME, RunOptions(steps="all", store=store_path, memory_budget=64 << 20))
+    options = RunOptions(steps="all", store=store_path, memory_budget=64 << 20, download=download)
+    result = pipeline.run(NAME, options)
     assert {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()} == before  # cache untouched
     assert result.computed == list(STEPS) and result.skipped == []
     group = zarr.open_group(str(store_path), mode="r")[NAME]
@@ -256,6 +267,10 @@ def test_every_revision_from_the_cache_equals_a_local_run(hub, tmp_path, local_v
     # only what the statistics need was asked of the hub: never shard 3, never the bogus shard
     found = {(rev, name) for rev, name, ok in fetched if ok}
     asked = {(rev, name) for rev, name, _ in fetched}
+    if download == "ranged":  # the weights come straight from the cache, json files through the hub
+        revision_of = {_commit(r): r for r in REVISIONS.values()}  # snapshots/<commit>/<file>
+        found |= {(revision_of[p.parent.name], p.name) for p in opened}
+        assert all(name.endswith(".json") for _, name in asked)
     assert {name for rev, name in found if rev == "step1"} == {
         "config.json", "pytorch_model.bin.index.json", SHARDS[0], SHARDS[1],
     }  # fmt: skip
@@ -265,14 +280,15 @@ def test_every_revision_from_the_cache_equals_a_local_run(hub, tmp_path, local_v
 
     # a rerun finds every step done and fetches nothing
     fetched.clear()
-    again = pipeline.run(NAME, RunOptions(steps="all", store=store_path))
+    opened.clear()
+    again = pipeline.run(NAME, RunOptions(steps="all", store=store_path, download=download))
     assert again.computed == [] and again.skipped == list(STEPS)
-    assert fetched == []
+    assert fetched == [] and opened == []
 
 
 @pytest.mark.slow
 def test_hub_id_in_a_subprocess_with_only_environment_variables(hub, tmp_path, local_values):
-    cache, _, _ = hub
+    cache, _, _, _ = hub
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_CACHE": str(cache),
            "HF_HUB_OFFLINE": "1"}  # fmt: skip
     env.pop("TRANSFORMERS_OFFLINE", None)
@@ -306,7 +322,7 @@ def test_revision_not_in_the_cache_names_repo_revision_and_file(hub, tmp_path, m
 
 
 def test_revision_with_only_its_config_cached(hub, tmp_path, files):
-    cache, _, _ = hub
+    cache, _, _, _ = hub
     build_cache(cache, {"step3": {"config.json": files["step0"]["config.json"]}})
     checkpoint = HubKind().open(NAME).open(3, "step3")  # weights are looked for on first use
     for use in (lambda: checkpoint.tensor("gpt_neox.embed_in.weight"), checkpoint.tensor_infos):
@@ -317,7 +333,7 @@ def test_revision_with_only_its_config_cached(hub, tmp_path, files):
 
 @pytest.mark.parametrize("shard", [0, 1])
 def test_missing_shard_blob_names_the_file(hub, tmp_path, shard):
-    _, root, _ = hub
+    _, root, _, _ = hub
     _blob_of(root, "step1", SHARDS[shard]).unlink()  # snapshot link now dangles
     store_path = tmp_path / "store"
     with pytest.raises(InputError) as err:
@@ -329,10 +345,11 @@ def test_missing_shard_blob_names_the_file(hub, tmp_path, shard):
 @pytest.mark.parametrize("keep", [False, True])
 def test_downloaded_files_of_finished_steps_are_evicted_unless_kept(hub, tmp_path, monkeypatch, keep):
     # Pretend nothing was cached before the run, so every file counts as downloaded by it.
-    cache, root, _ = hub
+    cache, root, _, _ = hub
     monkeypatch.setattr(spinjax.sources.hub, "try_to_load_from_cache", lambda *a, **k: None)
     blobs_before = {p.name for p in (root / "blobs").iterdir()}
-    result = pipeline.run(NAME, RunOptions(steps="0,2", store=tmp_path / "s.zarr", keep_downloads=keep))
+    options = RunOptions(steps="0,2", store=tmp_path / "s.zarr", download="whole", keep_downloads=keep)
+    result = pipeline.run(NAME, options)
     assert result.computed == [0, 2]
     for revision in ("step0", "step2"):
         left = [p.name for p in (root / "snapshots" / _commit(revision)).iterdir()]

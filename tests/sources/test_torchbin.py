@@ -339,3 +339,71 @@ def test_pickle_opcodes_and_memo_bounded(tmp_path, monkeypatch):
     many = hostile.torch_zip(tmp_path / "many.bin", b"\x80\x02}" + b"N0" * 1000 + b".", {})
     with pytest.raises(InputError, match=r"many\.bin: archive/data\.pkl has more than 1000 pickle opcodes"):
         TorchBinFile(many)
+
+
+# ---- the same reader on byte ranges (how hub files are read)
+
+
+class _Ranges:
+    """A file held in memory, read by byte ranges (a ByteSource), logging every read."""
+
+    def __init__(self, path: Path, data: bytes | None = None):
+        self.label, self.data = str(path), path.read_bytes() if data is None else data
+        self.size, self.reads = len(self.data), []
+
+    def read(self, start: int, stop: int) -> bytes:
+        assert 0 <= start <= stop <= self.size
+        self.reads.append((start, stop))
+        return self.data[start:stop]
+
+    def read_many(self, spans):
+        return [self.read(a, b) for a, b in spans]
+
+
+@pytest.mark.parametrize("fixture", ["basic.bin", "v3_dtypes.bin", "parameter.bin", "neox/pytorch_model.bin"])
+def test_ranges_read_what_the_file_holds_and_no_byte_twice(fixture):
+    source = _Ranges(FIX / fixture)
+    ranged = TorchBinFile(source)
+    assert len(source.reads) == 3  # the end records, the central directory, data.pkl (and byteorder)
+    with TorchBinFile(FIX / fixture) as local:
+        assert ranged.keys() == local.keys()
+        for name in local.keys():
+            same_bits(ranged.get(name), local.get(name))
+            assert ranged.placement(name) == local.placement(name)
+    opening = sorted(source.reads[:3])
+    assert all(a[1] <= b[0] for a, b in zip(opening[:-1], opening[1:], strict=True))
+
+
+@pytest.mark.parametrize(
+    "fixture, error",
+    [
+        ("malicious_os_system.bin", r"refusing to unpickle global 'posix.system'"),
+        ("malicious_exec.bin", r"refusing to unpickle global '__builtin__.exec'"),
+        ("malicious_persid.bin", r"refusing persistent record"),
+        ("legacy.bin", r"legacy \(non-zip\) PyTorch format"),
+        ("missing_record.bin", r"archive/data/7"),
+    ],
+)
+def test_ranges_refuse_what_the_file_reader_refuses(fixture, error):
+    SENTINEL.unlink(missing_ok=True)
+    with pytest.raises(InputError, match=rf"{fixture}.*{error}"):
+        TorchBinFile(_Ranges(FIX / fixture))
+    assert not SENTINEL.exists()
+
+
+def test_metadata_sizes_are_bounded_before_they_are_read(monkeypatch):
+    path = FIX / "neox" / "pytorch_model.bin"
+    data = bytearray(path.read_bytes())
+    entry = data.index(b"PK\x01\x02")  # the central directory entry of data.pkl, the first record
+    assert data[entry + 46 : entry + 46 + 22] == b"pytorch_model/data.pkl"
+    data[entry + 24 : entry + 28] = (1 << 31).to_bytes(4, "little")  # its size: 2 GiB
+    source = _Ranges(path, bytes(data))
+    with pytest.raises(
+        InputError, match=r"pytorch_model\.bin: record 'pytorch_model/data\.pkl' declares 2147483648"
+    ):
+        TorchBinFile(source)
+    assert all(b - a < 10_000 for a, b in source.reads)
+
+    monkeypatch.setattr(torchbin, "METADATA_BOUND", 1000)  # the central directory is ~2.4 kB
+    with pytest.raises(InputError, match=r"asks for \d+ bytes of metadata, more than the 1000 allowed"):
+        TorchBinFile(_Ranges(path))
