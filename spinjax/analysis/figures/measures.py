@@ -53,7 +53,7 @@ def fig_eig_plane(sel: Any) -> Figure:
     n_layers, n_heads = re.shape[:2]
     cols = min(n_layers, 6)
     rows = -(-n_layers // cols)
-    fig = _figure(2.9 * cols + 1.2, 2.7 * rows + 0.7)
+    fig = _figure(2.9 * cols + 1.2, 3.0 * rows + 1.0)  # room for the titles above square panels
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     colours, scale = _head_colours(n_heads)
     for layer, ax in enumerate(axes):
@@ -131,11 +131,12 @@ def fig_ks_normal(sel: Any) -> Figure:
     _need(sel.model(), ("ks_normal",), sel.key)
     values = sel.at["ks_normal"].sel(matrix=sel.matrix).transpose("layer", "head").values
     n_layers, n_heads = values.shape
-    fig = _figure(min(14, 3 + 0.45 * n_heads), min(12, 2.2 + 0.35 * n_layers))
+    fig = _figure(min(14, max(6.5, 3 + 0.45 * n_heads)), min(12, 2.6 + 0.35 * n_layers))  # the title fits
     ax = fig.subplots()
     finite = values[np.isfinite(values)]
     top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
     _heatmap(ax, values, cmap="viridis", norm=Normalize(0, top), label="sup |F_n − Φ|", fig=fig,
              annotate=".3f")  # fmt: skip
-    fig.suptitle(f"{sel.key}, step {sel.step}: {sel.matrix}'s KS distance from the normal (±5e-4)")
+    title = f"{sel.key}, step {sel.step}: {sel.matrix}'s KS distance from the normal"
+    fig.suptitle(f"{title}\n(exact within 5e-4)")
     return fig
