@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+# Compiled kernels are kept between test runs (and reach the CLI subprocesses through the
+# environment): most of a cold fast tier is XLA compiling the same shapes again. The key holds
+# the jax version, the backend and the flags, so a stale entry is never used.
+_JAX_CACHE = Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax-compilation"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_JAX_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 # Fixtures whose first use trains the embedded model (~1 min on 2 cores), runs whole
 # trajectories or compiles and draws a null ensemble: every test that needs one is in the slow

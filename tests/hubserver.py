@@ -188,7 +188,10 @@ class FakeHub:
             handler = type(f"{role.title()}Handler", (_Handler,), {"hub": self, "role": role})
             server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
             server.daemon_threads = True
-            threading.Thread(target=server.serve_forever, daemon=True, name=f"fakehub-{role}").start()
+            # A short poll so that shutdown() returns at once rather than after half a second.
+            serve = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True,
+                                     name=f"fakehub-{role}")  # fmt: skip
+            serve.start()
             self._servers.append(server)
         return self
 

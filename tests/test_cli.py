@@ -76,6 +76,7 @@ def test_console_script_run_then_show(tmp_path):
     assert "schema 1" in shown.stdout
 
 
+@pytest.mark.slow
 def test_console_script_bad_input_exits_2_without_traceback(tmp_path):
     done = _subprocess("steps", "pythya-70m", cwd=tmp_path)
     assert done.returncode == 2
@@ -86,6 +87,7 @@ def test_console_script_bad_input_exits_2_without_traceback(tmp_path):
 # ---- run, show, models, steps in process -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_run_prints_a_summary_and_quiet_prints_nothing(tmp_path):
     store = tmp_path / "s.zarr"
     result = invoke("run", "--model", str(NEOX), "--store", str(store), "--quiet")
@@ -198,6 +200,7 @@ def test_models_table_and_json():
     assert rows["tiny-pythia"]["steps"] == "14"
 
 
+@pytest.mark.slow
 def test_null_added_to_finished_steps_says_what_it_added_and_show_lists_the_null(store_copy):
     result = invoke("run", "--model", str(NEOX), "--store", str(store_copy), "--null", "--null-samples", "8")
     assert result.exit_code == 0, result.output
@@ -396,6 +399,7 @@ def test_store_that_is_not_a_store_exits_2(tmp_path, snapshot):
 # ---- internal failure: exit 1 ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_internal_failure_exits_1(monkeypatch, store_copy, snapshot):
     import spinjax.run.pipeline
 
@@ -595,6 +599,7 @@ def _orbax_trajectory(root: Path, steps: list[int]) -> None:
     shutil.copy(NEOX / "config.json", root / "config.json")
 
 
+@pytest.mark.slow
 def test_relative_orbax_path(tmp_path, monkeypatch, neox_store):
     """orbax accepts absolute paths only: a relative --model is made absolute first, and the
     store holds what the same weights give from safetensors."""
@@ -659,6 +664,7 @@ def test_coordinator_address_forms():
 
 
 @pytest.mark.parametrize("process", ["0", "1"])
+@pytest.mark.slow
 def test_coordinator_timeout_names_the_coordinator(process, tmp_path):
     """Process 0 waits for a process 1 that never comes, process 1 for a coordinator that never
     answers: both give up after --join-timeout with exit 2 (JAX itself would abort, SIGABRT)."""

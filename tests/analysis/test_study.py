@@ -29,6 +29,7 @@ def test_marchenko_pastur_moments(ratio):
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5])
+@pytest.mark.slow
 def test_free_product_of_marchenko_pastur(ratio):
     x = np.linspace(1e-4, 4.5, 4001)
     # one factor: the quadratic of the S-transform gives back the closed form

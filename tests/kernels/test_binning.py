@@ -74,6 +74,7 @@ def test_coinciding_edges_of_both_grids_split_consistently():
     assert int(acc.n[0]) == v.size
 
 
+@pytest.mark.slow
 def test_a_collapsed_z_grid_still_splits_exactly():
     # scale so small that every z edge rounds onto the shift: all z mass goes to the two tails
     x = np.array([[0.4, 0.5, 0.6, 0.7] * 8], np.float32).reshape(1, 4, 8)

@@ -48,6 +48,7 @@ def _gqa_layer(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return wq, wk
 
 
+@pytest.mark.slow
 def test_eigenvalues_match_numpy_on_the_explicit_matrix_under_gqa():
     wq, wk = _gqa_layer(0)
     wk[1] += 0.5 * wq[3]  # head 3 leans towards matching directions with themselves
@@ -58,6 +59,7 @@ def test_eigenvalues_match_numpy_on_the_explicit_matrix_under_gqa():
     assert out["eig_positivity"][3] > 0.5 > abs(out["eig_positivity"][0])
 
 
+@pytest.mark.slow
 def test_symmetric_heads_have_real_eigenvalues_and_sym_fraction_one():
     rng = np.random.default_rng(1)
     wq = rng.normal(0, 1, (2, D_HEAD, D)).astype(np.float32)
@@ -151,6 +153,7 @@ def _ks_of(x: np.ndarray) -> float:
 @pytest.mark.parametrize(
     "kind", ["gaussian", "student_t", "uniform", "half_zeros", "lognormal", "two_point", "few"]
 )
+@pytest.mark.slow
 def test_ks_normal_within_the_derived_bound_of_scipy(kind):
     rng = np.random.default_rng(sum(map(ord, kind)))
     shape = (4, 16) if kind == "few" else (256, 512)

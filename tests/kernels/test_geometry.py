@@ -111,6 +111,7 @@ def test_symmetric_zero_diagonal_and_related_heads():
     assert n[4] == pytest.approx(4.0 * n[0], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_zero_head_has_nan_cosine_and_norm_distance():
     wq, wk = _factors(np.random.default_rng(4), n_layers=1, n_heads=3, n_kv=3)
     wq[0, 2] = 0.0
@@ -154,6 +155,7 @@ def test_pairwise_js_blocks_symmetric():
 
 
 @pytest.mark.parametrize("block_rows", [24, 7])  # whole blocks, and padded last block (masked pass)
+@pytest.mark.slow
 def test_inner_products_from_the_element_pass_equal_float64(block_rows):
     rng = np.random.default_rng(5)
     wq, wk = _factors(rng, n_layers=1)

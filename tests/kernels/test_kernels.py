@@ -118,6 +118,7 @@ def test_nonfinite_entries_are_counted_and_excluded():
         _check_head(out, h, wq[h], wk[h // 3])
 
 
+@pytest.mark.slow
 def test_constant_and_zero_matrices():
     d_head, d = 4, 24
     wq = np.full((2, d_head, d), 0.25, np.float32)
@@ -149,6 +150,7 @@ def test_block_size_does_not_change_results():
 
 
 @pytest.mark.parametrize("block_rows", [96, 7])  # whole rows, and a padded last block (masked)
+@pytest.mark.slow
 def test_heads_per_block_does_not_change_sums(block_rows):
     # one head at a time (CPUs), two, and all heads in one batched product (GPUs, inner products)
     from spinjax.kernels.bins import fine_zbin_edges
@@ -193,6 +195,7 @@ def test_heads_per_block_does_not_change_sums(block_rows):
         qk_sums(wq, wk, shift, scale, group=2, inner=True, **rows)
 
 
+@pytest.mark.slow
 def test_binning_guess_from_fp16_factors_needs_no_second_pass(monkeypatch):
     # fp16 weights (Pythia's) make exact products whose running sums in a GEMM drift: the Gram
     # diagonal then lost ~1.5e-6 of ||W_QK||^2, the guessed std failed the 1e-6 check and every
@@ -256,6 +259,7 @@ def test_spectral_summaries_hand_computed():
     assert got["condition_number"] == np.inf
 
 
+@pytest.mark.slow
 def test_overflow_to_inf_in_w_qk_is_caught_by_the_fast_pass():
     # finite factors whose product overflows float32: the unmasked pass must notice and redo
     wq = np.full((1, 2, 8), 1e20, np.float32)

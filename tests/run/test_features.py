@@ -152,6 +152,7 @@ def test_a_null_without_ks_normal_leaves_its_z_score_nan_and_says_so(neox_store,
     assert np.isnan(ds.ks_normal_z.values).all() and np.isfinite(ds.kurt_z.values).all()
 
 
+@pytest.mark.slow
 def test_pairs_none_writes_no_geometry(tmp_path):
     path = tmp_path / "s.zarr"
     run(str(NEOX), RunOptions(steps="all", store=path, pairs="none"))
@@ -214,6 +215,7 @@ def test_bias_variant_is_the_augmented_form_in_its_own_group(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_variant_and_ov_errors_leave_the_store_unchanged(tmp_path, snapshot):
     from spinjax.errors import InputError
 
@@ -227,6 +229,7 @@ def test_variant_and_ov_errors_leave_the_store_unchanged(tmp_path, snapshot):
     assert snapshot(path) == before
 
 
+@pytest.mark.slow
 def test_cli_options_reach_the_store_and_bad_variant_exits_2(tmp_path, snapshot):
     from click.testing import CliRunner
 

@@ -3,7 +3,7 @@
 A killed or interrupted run leaves a store that opens; rerunning the same command computes
 exactly the missing steps, and the result equals an uninterrupted run value for value. The
 trajectory is a tiny orbax one with the gpt_neox fixture's shapes (kernels compile once per
-session); child processes share a persistent JAX compilation cache (about 3 s each, not 8).
+session); child processes share the persistent JAX compilation cache set in conftest.py.
 """
 
 from __future__ import annotations
@@ -76,11 +76,8 @@ def reference(trajectory, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def child_env(tmp_path_factory) -> dict[str, str]:
-    cache = tmp_path_factory.mktemp("jax-cache")
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1",
-            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}  # fmt: skip
+def child_env() -> dict[str, str]:
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
 
 
 def _args(trajectory: Path, path: Path, steps: str = "all") -> list[str]:
@@ -230,6 +227,7 @@ def _interrupt_while_writing(monkeypatch, step: int, times: int) -> None:
     monkeypatch.setattr(store_mod.ModelGroup, "write_step", interrupted)
 
 
+@pytest.mark.slow
 def test_ctrl_c_finishes_the_current_step_then_stops(
     trajectory, reference, tmp_path, monkeypatch, default_sigint
 ):
@@ -252,6 +250,7 @@ def test_ctrl_c_finishes_the_current_step_then_stops(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_stops_at_once_leaving_the_step_undone(
     trajectory, reference, tmp_path, monkeypatch, default_sigint
 ):
@@ -458,6 +457,7 @@ def test_a_lock_left_by_a_killed_run_is_removed_by_the_next_run_with_nothing_to_
     assert leftover_files(path) == []
 
 
+@pytest.mark.slow
 def test_a_second_model_goes_into_an_existing_store(reference, tmp_path):
     path = tmp_path / "two.zarr"
     shutil.copytree(reference, path)
@@ -472,6 +472,7 @@ def test_a_second_model_goes_into_an_existing_store(reference, tmp_path):
 QKV1 = "gpt_neox.layers.1.attention.query_key_value.weight"
 
 
+@pytest.mark.slow
 def test_nonfinite_weights_are_counted_excluded_and_warned_about(tmp_path, neox_store):
     model = tmp_path / "poisoned"
     shutil.copytree(NEOX, model)
@@ -565,6 +566,7 @@ def _failing_writes(monkeypatch, fails, code: int) -> list[str]:
     return refused
 
 
+@pytest.mark.slow
 def test_full_disk_while_writing_a_step_exits_2_keeping_finished_steps(
     trajectory, reference, tmp_path, monkeypatch
 ):

@@ -109,6 +109,7 @@ def _make_old(store, key: str) -> None:
         consolidate(root, key)
 
 
+@pytest.mark.slow
 def test_an_old_store_resumes_and_gains_the_new_variables(tmp_path):
     traj = tmp_path / "traj"
     _trajectory(traj, [0, 100])

@@ -7,6 +7,7 @@ import math
 import shutil
 
 import numpy as np
+import pytest
 import xarray as xr
 from conftest import NEOX
 from safetensors.numpy import load_file, save_file
@@ -17,6 +18,7 @@ from spinjax.run.pipeline import run
 SCALE_FREE = ("skew", "kurt", "kl_gauss_mm", "ks_normal", "stable_rank", "participation_ratio", "zhist")
 
 
+@pytest.mark.slow
 def test_fp16_weights_near_their_maximum_give_the_statistics_of_the_fixture(neox_store, tmp_path):
     big = tmp_path / "gpt_neox"
     shutil.copytree(NEOX, big)

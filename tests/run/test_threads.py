@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from threadpoolctl import threadpool_info
 
 from spinjax.run.threads import one_blas_thread_under_lapack
@@ -27,6 +28,7 @@ def test_the_blas_under_jaxs_lapack_runs_one_thread():
     assert _scipy_blas_threads() == [1] * len(_scipy_blas_threads())
 
 
+@pytest.mark.slow
 def test_importing_the_packages_changes_no_thread_setting():
     code = (
         "import scipy.linalg, threadpoolctl\n"

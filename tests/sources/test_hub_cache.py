@@ -245,6 +245,7 @@ def test_offered_revisions_follow_known_model(hub):
 
 
 @pytest.mark.parametrize("download", ["ranged", "whole"])
+@pytest.mark.slow
 def test_every_revision_from_the_cache_equals_a_local_run(hub, tmp_path, local_values, download):
     cache, _, fetched, opened = hub
     before = {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()}
@@ -343,6 +344,7 @@ def test_missing_shard_blob_names_the_file(hub, tmp_path, shard):
 
 
 @pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.slow
 def test_downloaded_files_of_finished_steps_are_evicted_unless_kept(hub, tmp_path, monkeypatch, keep):
     # Pretend nothing was cached before the run, so every file counts as downloaded by it.
     cache, root, _, _ = hub

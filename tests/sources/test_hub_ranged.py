@@ -151,6 +151,7 @@ def _assert_same_factors(got: list, want: list) -> None:
 
 
 @pytest.mark.parametrize("name", [*FORMATS, "gpt2"])
+@pytest.mark.slow
 def test_ranged_run_equals_a_local_run_and_reads_only_the_qk_bytes(hub, checkpoints, local, tmp_path, name):
     files = checkpoints[name]
     repo = f"org/{name}"
@@ -264,6 +265,7 @@ def test_offline_without_the_rows_is_the_clear_error_and_asks_nothing(hub, traje
     assert hub.log[start:] == []
 
 
+@pytest.mark.slow
 def test_a_file_in_the_hugging_face_cache_is_read_from_there(hub, checkpoints, local, tmp_path):
     hub.add("org/bin", "main", checkpoints["bin"])
     whole = RunOptions(store=tmp_path / "a.zarr", memory_budget=BUDGET, download="whole", keep_downloads=True)
@@ -287,6 +289,7 @@ def test_a_file_in_the_hugging_face_cache_is_read_from_there(hub, checkpoints, l
         pytest.param(lambda hub: hub.fail("pytorch_model.bin", 403), id="expired location"),
     ],
 )
+@pytest.mark.slow
 def test_faults_end_in_the_same_values_and_bytes(hub, checkpoints, tmp_path, fault):
     hub.add("org/bin", "main", checkpoints["bin"])
     want = _factors(str(write_dir(checkpoints["bin"], tmp_path / "local")))
@@ -311,6 +314,7 @@ def test_a_stalled_server_is_an_error_naming_the_file_and_revision(hub, checkpoi
         _factors("org/bin", fetch_options=FetchOptions(cache_size=0))
 
 
+@pytest.mark.slow
 def test_a_failing_step_stops_the_run_and_keeps_the_finished_ones(hub, trajectory, tmp_path):
     hub.fail("pytorch_model.bin", *[503] * 50, revision="step1")
     store_path = tmp_path / "s.zarr"
@@ -326,6 +330,7 @@ def test_a_failing_step_stops_the_run_and_keeps_the_finished_ones(hub, trajector
 
 
 @pytest.mark.parametrize("after", [2, 14])  # while reading the zip's headers; before the last layer
+@pytest.mark.slow
 def test_a_file_that_changes_is_read_again_from_the_start(hub, checkpoints, local, tmp_path, after):
     hub.add("org/bin", "main", checkpoints["bin"])
     hub.change("org/bin", "main", "pytorch_model.bin", after, checkpoints["changed"]["pytorch_model.bin"])

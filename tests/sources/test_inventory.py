@@ -266,6 +266,7 @@ def test_categories_of_flax_and_hf_names():
 
 @pytest.mark.parametrize("arch, tensor", [("gpt2", "transformer.wpe.weight"),
                                           ("bert", "embeddings.position_embeddings.weight")])
+@pytest.mark.slow
 def test_embeddings_numbers_equal_numpy_and_figures_are_written(arch, tensor, tmp_path):
     p = load_file(str(FIXTURES / arch / "model.safetensors"))[tensor].astype(np.float64)
     out = CliRunner().invoke(main, ["embeddings", str(FIXTURES / arch), "--out", str(tmp_path), "--json",

@@ -268,6 +268,7 @@ def _open_under_1gib(path: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("declared", ["honest", "lying"])
+@pytest.mark.slow
 def test_zip_bomb_refused_without_inflating(tmp_path, declared):
     """A 2 MB data.pkl deflating to 2 GiB: refused from its declared size, or (when the header
     lies) read only up to what it declares, in a process limited to 1 GiB."""

@@ -28,6 +28,7 @@ def damaged(neox_store, tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_an_intact_store_has_no_damage(neox_store):
     assert find_damage(neox_store) is None
 
@@ -51,6 +52,7 @@ def test_an_unreadable_chunk_is_named_with_its_repair(damaged, tmp_path, how):
     assert invoke("report", str(damaged), "--out", str(tmp_path / "r2")).exit_code == 0
 
 
+@pytest.mark.slow
 def test_a_damaged_done_chunk_is_named_by_show(damaged):
     (damaged / KEY / "done" / "c" / "0").write_bytes(b"\x00garbage")
     result = invoke("show", str(damaged))
@@ -68,6 +70,7 @@ def test_broken_array_metadata_is_named_by_run(damaged, snapshot):
     assert snapshot(damaged) == before
 
 
+@pytest.mark.slow
 def test_metadata_that_disagree_with_the_commit_are_named(damaged):
     meta_path = damaged / KEY / "zarr.json"
     meta = json.loads(meta_path.read_text())

@@ -260,6 +260,7 @@ def test_recompute_recomputes(store_copy, neox_store):
     assert len(runs) == 2 and all(r["finished"] for r in runs)
 
 
+@pytest.mark.slow
 def test_interrupted_write_leaves_step_not_done_and_rerun_completes(tmp_path, neox_store, monkeypatch):
     path = tmp_path / "crash.zarr"
     real_setitem = zarr.Array.__setitem__
@@ -372,6 +373,7 @@ def test_store_path_that_is_a_file_is_refused(tmp_path):
     assert path.read_text() == "x"
 
 
+@pytest.mark.slow
 def test_empty_directory_becomes_a_store(tmp_path):
     path = tmp_path / "empty.zarr"
     path.mkdir()

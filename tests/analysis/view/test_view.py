@@ -37,7 +37,7 @@ TP, NEOX = "tiny-pythia", "gpt_neox"
 def serving(store: Path):
     """The viewer of ``store`` on a free loopback port, in a thread of this process."""
     server = make_server(store, port=0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
         yield server
