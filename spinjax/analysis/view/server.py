@@ -4,8 +4,8 @@ Built on the standard library's ``ThreadingHTTPServer`` (no dependency beyond th
 side). Routes, all ``GET``:
 
 - ``/`` (the page), ``/static/app.js``, ``/static/app.css``, ``/static/plotly.min.js`` (the
-  plotting library's JavaScript, served from the installed ``plotly`` Python package: no
-  network, the page works offline);
+  plotting library's JavaScript: a partial plotly.js bundle that ships with spinjax, built by
+  ``static/plotly-bundle``; no network, the page works offline);
 - ``/api/meta`` (re-reads the store's committed state) and ``/api/layer``, ``/api/step``,
   ``/api/trajectory``, ``/api/head``, ``/api/pairs``, ``/api/null`` (see
   :class:`~spinjax.analysis.view.data.StoreView`), JSON.
@@ -19,7 +19,6 @@ DNS rebinding).
 
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
 import json
 import socket
@@ -44,23 +43,12 @@ ASSETS = {  # URL path -> (file name in static/, content type)
     "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/static/app.css": ("app.css", "text/css; charset=utf-8"),
 }
-PLOTLY_URL = "/static/plotly.min.js"
+PLOTLY_URL = "/static/plotly.min.js"  # versioned by its banner; the browser may keep it a day
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )  # plotly sets inline styles on its elements
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-
-
-def plotly_js() -> Path:
-    """The ``plotly.min.js`` shipped inside the ``plotly`` Python package (not imported)."""
-    spec = importlib.util.find_spec("plotly")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for folder in locations:
-        path = Path(folder) / "package_data" / "plotly.min.js"
-        if path.is_file():
-            return path
-    raise InputError("the viewer needs the plotly package's JavaScript: pip install plotly")
 
 
 def is_loopback(host: str) -> bool:
@@ -80,7 +68,6 @@ class ViewServer(ThreadingHTTPServer):
     def __init__(self, store: StoreView, host: str, port: int, *, debug: bool = False):
         self.store = store
         self.debug = debug
-        self.plotly = plotly_js()
         self.routes: dict[str, Callable[[dict[str, str]], dict[str, Any]]] = {
             "/api/layer": store.layer_overview,
             "/api/step": store.step_overview,
@@ -145,8 +132,8 @@ class Handler(BaseHTTPRequestHandler):
             name, kind = ASSETS[path]
             self._send((STATIC / name).read_bytes(), kind, cache="no-cache")
         elif path == PLOTLY_URL:
-            js = self.server.plotly.read_bytes()
-            self._send(js, "text/javascript; charset=utf-8", cache="max-age=86400")
+            self._send((STATIC / "plotly.min.js").read_bytes(), "text/javascript; charset=utf-8",
+                       cache="max-age=86400")
         elif path == "/api/meta":
             self._json(self.server.store.meta())
         elif path in self.server.routes:
@@ -190,8 +177,8 @@ def make_server(store_path: str | Path, host: str = "127.0.0.1", port: int = 800
                 debug: bool = False) -> ViewServer:  # fmt: skip
     """A server of ``store_path`` bound to ``host:port`` (``port=0``: any free port), not yet serving.
 
-    Raises :class:`~spinjax.errors.InputError` for what is not a spinjax store, a missing
-    plotly package, or an address that cannot be bound.
+    Raises :class:`~spinjax.errors.InputError` for what is not a spinjax store or an address
+    that cannot be bound.
     """
     return ViewServer(StoreView(store_path), host, port, debug=debug)
 

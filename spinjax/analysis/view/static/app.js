@@ -296,15 +296,16 @@ async function plotOverview(d) {
     ? `${d.stat} of ${d.matrix}, layer ${d.layer}: every head at every finished step (click a cell)`
     : `${d.stat} of ${d.matrix}, step ${d.step}: every head of every layer (click a cell)`;
   const layout = baseLayout(title, {
-    xaxis: { title: { text: byLayer ? "training step" : "head" }, type: "category", tickangle: byLayer ? -45 : 0, automargin: true },
+    // A fixed margin that fits six-digit steps at -45 degrees: automargin would lay the plot
+    // out twice, which is most of the first paint's drawing time.
+    xaxis: { title: { text: byLayer ? "training step" : "head" }, type: "category", tickangle: byLayer ? -45 : 0 },
     yaxis: { title: { text: byLayer ? "head" : "layer" }, autorange: "reversed", dtick: y.length > 24 ? 4 : 1 },
-    margin: { l: 56, r: 12, t: 30, b: 50 },
-    shapes: [],
+    margin: { l: 56, r: 12, t: 30, b: byLayer ? 78 : 44 },
   });
   DATA.overview = { ...d, x, y, byLayer, model: S.model };
+  layout.shapes = overviewMarks();  // drawn with the heatmap, not by a second layout pass
   const div = document.getElementById("overview");
   await Plotly.react(div, [trace], layout, PLOT_CONFIG);
-  markOverview();
   document.body.dataset.overviewDrawn = `${d.matrix}/${d.stat}/` + (byLayer ? `layer${d.layer}` : `step${d.step}`);
   if (!div.dataset.bound) {
     div.dataset.bound = "1";
@@ -326,18 +327,22 @@ function onOverviewClick([row, col]) {
 }
 
 function markOverview() {
+  if (DATA.overview) Plotly.relayout("overview", { shapes: overviewMarks() });
+}
+
+// The selected cell of the overview, and thin guides along its row and column.
+function overviewMarks() {
   const o = DATA.overview;
-  if (!o) return;
   const col = o.byLayer ? o.steps.indexOf(S.step) : S.head;
   const row = o.byLayer ? S.head : S.layer;
-  // the cell, and thin guides along its row and column (a cell of 154 steps is a few pixels wide)
+  // a cell of 154 steps is a few pixels wide: the guides find it
   const guide = { line: { color: COLORS.mark, width: 1, dash: "dot" }, xref: "x", yref: "y", layer: "above" };
   const shapes = [
     { type: "line", x0: -0.5, x1: o.x.length - 0.5, y0: row, y1: row, ...guide },
     { type: "line", x0: col, x1: col, y0: -0.5, y1: o.y.length - 0.5, ...guide },
     { type: "rect", x0: col - 0.5, x1: col + 0.5, y0: row - 0.5, y1: row + 0.5, line: { color: COLORS.mark, width: 2.5 }, xref: "x", yref: "y" },
   ];
-  Plotly.relayout("overview", { shapes: col < 0 ? [] : shapes });
+  return col < 0 ? [] : shapes;
 }
 
 // ---- one head: histograms and spectrum ------------------------------------------------------------
