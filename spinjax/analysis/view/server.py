@@ -183,6 +183,15 @@ def make_server(store_path: str | Path, host: str = "127.0.0.1", port: int = 800
     return ViewServer(StoreView(store_path), host, port, debug=debug)
 
 
+def _warm(server: ViewServer) -> None:
+    """Read ahead for the first visit; a failure here is met again, and reported, by the request."""
+    try:
+        server.store.warm()
+    except Exception as exc:  # noqa: BLE001 - best effort, in a thread of its own
+        if server.debug:
+            print(f"spinjax view: reading ahead failed: {exc}", file=sys.stderr)
+
+
 def serve(store_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *, open_browser: bool = False,
           debug: bool = False, echo: Callable[[str], None] = print) -> None:  # fmt: skip
     """Serve the viewer of ``store_path`` until Ctrl-C."""
@@ -191,6 +200,7 @@ def serve(store_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *, 
         echo(f"warning: listening on {host}: anyone who can reach port {server.server_address[1]} "
              "can read the store")  # fmt: skip
     echo(f"spinjax view: {store_path} at {server.url} (Ctrl-C to stop)")
+    threading.Thread(target=_warm, args=(server,), daemon=True).start()
     if open_browser:
         threading.Timer(0.3, webbrowser.open, args=(server.url,)).start()
     try:

@@ -26,7 +26,7 @@ from conftest import NEOX as NEOX_DIR
 
 import spinjax
 from spinjax.analysis.view import make_server
-from spinjax.analysis.view.data import HEAD_STATS, NULL_QUANTILES
+from spinjax.analysis.view.data import HEAD_STATS, NULL_QUANTILES, StoreView, _Cache
 from spinjax.cli import main
 from spinjax.sources.tinypythia import STEPS
 
@@ -161,6 +161,42 @@ def test_overviews_of_a_trajectory(trajectory_store):
             equal_float32(d["values"], stored.sel(step=512).transpose("layer", "head").values)
             d = get_json(server, "/api/trajectory", {**q, "layer": layer, "head": 1})
             equal_float32(d["values"], stored.sel(layer=layer, head=1).values)
+
+
+def test_read_ahead_serves_the_first_overview(neox_store, ds):
+    """`serve` reads the page's default statistic ahead: the first overview finds it cached."""
+    view = StoreView(neox_store)
+    view.warm()
+    view.snapshot.cache.get(("scalar", NEOX, "std"), lambda: pytest.fail("std was not read ahead"))
+    d = view.layer_overview({"model": NEOX, "matrix": "W_QK", "stat": "std", "layer": "1"})
+    equal_float32(d["values"], ds["std"].sel(matrix="W_QK", layer=1).transpose("head", "step").values)
+
+
+def test_cache_computes_a_key_once_for_concurrent_askers():
+    cache, calls, started, release = _Cache(1 << 20), [], threading.Event(), threading.Event()
+
+    def slow():
+        calls.append(1)
+        started.set()
+        release.wait(10)
+        return np.arange(4)
+
+    results = []
+    first = threading.Thread(target=lambda: results.append(cache.get(("k",), slow)))
+    first.start()
+    started.wait(10)
+    second = threading.Thread(target=lambda: results.append(cache.get(("k",), slow)))
+    second.start()
+    release.set()
+    first.join(10), second.join(10)
+    assert len(calls) == 1 and len(results) == 2 and all((r == np.arange(4)).all() for r in results)
+
+    def broken():
+        raise OSError("chunk gone")
+
+    with pytest.raises(OSError, match="chunk gone"):
+        cache.get(("bad",), broken)
+    assert cache.get(("bad",), lambda: np.zeros(1)).tolist() == [0.0]  # an error is not kept
 
 
 def test_head_equals_the_store(served, ds):
