@@ -96,8 +96,7 @@ class StoreView:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._coords: dict[str, tuple[tuple, list[int], list[str]]] = {}  # see _steps
-        self._done: dict[str, tuple[tuple, np.ndarray]] = {}  # see _finished
+        self._stamped: dict[tuple[str, str], tuple[tuple, Any]] = {}  # see _read_unless_same
         # a head's reads (two histogram chunks, its statistics, its vectors) side by side: zarr
         # decodes without the GIL, and a click waits for the slowest read, not for their sum
         self._reads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spinjax-view-read")
@@ -116,6 +115,16 @@ class StoreView:
         keep = previous is not None and previous.fingerprint == fingerprint
         return Snapshot(reader, models, fingerprint, previous.cache if keep else _Cache(CACHE_BYTES))
 
+    def _read_unless_same(self, what: tuple[str, str], stamp: tuple | None, read: Callable[[], Any]) -> Any:
+        """``read()``, or what it gave last time for ``what`` if ``stamp`` is unchanged (a stamp of
+        None, a file that could not be listed, is never trusted)."""
+        cached = self._stamped.get(what)
+        if stamp is not None and cached is not None and cached[0] == stamp:
+            return cached[1]
+        value = read()
+        self._stamped[what] = (stamp, value)
+        return value
+
     def _steps(self, reader: StoreReader, key: str) -> tuple[list[int], list[str]]:
         """The group's ``step`` and ``revision`` values: one chunk per step, so read again only
         when the committed length or the group's metadata file changed (a commit)."""
@@ -124,13 +133,10 @@ class StoreView:
             stamp = (group["step"].shape, (self.path / key / "zarr.json").stat().st_mtime_ns)
         except OSError:
             stamp = None
-        cached = self._coords.get(key)
-        if stamp is not None and cached is not None and cached[0] == stamp:
-            return cached[1], cached[2]
-        steps = [int(s) for s in group["step"][:]]
-        revisions = [str(r) for r in group["revision"][:]]
-        self._coords[key] = (stamp, steps, revisions)
-        return steps, revisions
+        return self._read_unless_same(
+            ("steps", key), stamp,
+            lambda: ([int(s) for s in group["step"][:]], [str(r) for r in group["revision"][:]]),
+        )  # fmt: skip
 
     def _finished(self, reader: StoreReader, key: str) -> np.ndarray:
         """The group's ``done`` flags. A commit rewrites one chunk file of ``done`` (one per
@@ -141,16 +147,11 @@ class StoreView:
         group = reader.root[key]
         try:
             with os.scandir(self.path / key / "done" / "c") as entries:
-                files = sorted((e.name, e.inode(), e.stat().st_mtime_ns, e.stat().st_size) for e in entries)
+                files = sorted((e.name, e.inode(), (st := e.stat()).st_mtime_ns, st.st_size) for e in entries)
             stamp = (group["done"].shape, tuple(files))
         except OSError:
             stamp = None
-        cached = self._done.get(key)
-        if stamp is not None and cached is not None and cached[0] == stamp:
-            return cached[1]
-        done = np.asarray(group["done"][:], dtype=bool)
-        self._done[key] = (stamp, done)
-        return done
+        return self._read_unless_same(("done", key), stamp, lambda: np.asarray(group["done"][:], dtype=bool))
 
     def refresh(self) -> Snapshot:
         """Read the committed state again (new finished steps, new variables)."""

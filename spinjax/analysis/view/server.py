@@ -37,13 +37,14 @@ from ...errors import InputError
 from .data import BadRequest, StoreView
 
 STATIC = Path(__file__).parent / "static"
-ASSETS = {  # URL path -> (file name in static/, content type)
-    "/": ("index.html", "text/html; charset=utf-8"),
-    "/index.html": ("index.html", "text/html; charset=utf-8"),
-    "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
-    "/static/app.css": ("app.css", "text/css; charset=utf-8"),
+ASSETS = {  # URL path -> (file name in static/, content type, Cache-Control)
+    "/": ("index.html", "text/html; charset=utf-8", "no-cache"),
+    "/index.html": ("index.html", "text/html; charset=utf-8", "no-cache"),
+    "/static/app.js": ("app.js", "text/javascript; charset=utf-8", "no-cache"),
+    "/static/app.css": ("app.css", "text/css; charset=utf-8", "no-cache"),
+    # versioned by its banner and large: the browser may keep it a day
+    "/static/plotly.min.js": ("plotly.min.js", "text/javascript; charset=utf-8", "max-age=86400"),
 }
-PLOTLY_URL = "/static/plotly.min.js"  # versioned by its banner; the browser may keep it a day
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -129,11 +130,8 @@ class Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         path = parts.path
         if path in ASSETS:
-            name, kind = ASSETS[path]
-            self._send((STATIC / name).read_bytes(), kind, cache="no-cache")
-        elif path == PLOTLY_URL:
-            self._send((STATIC / "plotly.min.js").read_bytes(), "text/javascript; charset=utf-8",
-                       cache="max-age=86400")
+            name, kind, cache = ASSETS[path]
+            self._send((STATIC / name).read_bytes(), kind, cache=cache)
         elif path == "/api/meta":
             self._json(self.server.store.meta())
         elif path in self.server.routes:

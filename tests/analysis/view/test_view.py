@@ -296,9 +296,11 @@ def test_assets_headers_and_refusals(served):
     status, headers, body = get(served, "/static/plotly.min.js")
     assert status == 200 and headers["Content-Type"].startswith("text/javascript")
     assert body.startswith(b"/*! plotly.js v4.1.1 (core and heatmap only") and len(body) > 1_000_000
+    assert headers["Cache-Control"] == "max-age=86400"
     for asset in ("/static/app.js", "/static/app.css"):
-        status, _, body = get(served, asset)
+        status, headers, body = get(served, asset)
         assert status == 200 and b"https://" not in body and b"http://" not in body
+        assert headers["Cache-Control"] == "no-cache"  # edited pages are seen on reload
     # DNS rebinding: a loopback server answers only requests addressed to a loopback name
     status, _, body = get(served, "/api/meta", host="evil.example:80")
     assert status == 403 and b"localhost only" in body
