@@ -115,9 +115,6 @@ def n_merged(subbins: int = bins.SUBBINS) -> int:
     return bins.NB + (bins.NZ - 2) * subbins + 1
 
 
-N_MERGED = n_merged()
-
-
 def _subbins(acc: Sums) -> int:
     """The z grid's ``subbins`` of a pass, from the size of its counts (see :func:`n_merged`)."""
     return (acc.counts.shape[1] - bins.NB - 1) // (bins.NZ - 2)
