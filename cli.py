@@ -45,7 +45,7 @@ def _errors(debug: bool, store: Path | None = None):
         sys.stderr.close()
         sys.exit(0)
     except KeyboardInterrupt as exc:  # Interrupted says where the run stopped
-        _interrupted(str(exc))
+        interrupt.exit_interrupted(str(exc))
     except Exception as exc:  # noqa: BLE001 - the CLI boundary
         if debug:
             traceback.print_exc()
@@ -134,20 +134,15 @@ class _Commands(click.Group):
             try:
                 code = super().main(*args, standalone_mode=False, **kwargs)  # ctx.exit(n) returns n
             except click.exceptions.Abort:
-                _interrupted()
+                interrupt.exit_interrupted()
             except click.exceptions.Exit as exc:
                 sys.exit(exc.exit_code)
             except click.ClickException as exc:
                 exc.show()
                 sys.exit(exc.exit_code)
             if interrupt.requested():  # a Ctrl-C whose KeyboardInterrupt was swallowed somewhere
-                _interrupted()
+                interrupt.exit_interrupted()
         sys.exit(code if isinstance(code, int) else 0)
-
-
-def _interrupted(detail: str = "") -> None:
-    click.echo(f"interrupted{': ' + detail if detail else ''}", err=True)
-    sys.exit(130)
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})

@@ -6,8 +6,6 @@ arrives while Python is still importing them also ends with "interrupted" and ex
 
 from __future__ import annotations
 
-import sys
-
 from spinjax.run import interrupt
 
 
@@ -16,8 +14,7 @@ def main() -> None:
         try:
             from spinjax.cli import main as commands  # after the handler, deliberately
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
+            interrupt.exit_interrupted()
         commands()
 
 

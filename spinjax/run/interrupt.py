@@ -14,8 +14,10 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 _requested = threading.Event()
+_depth = 0  # how many remembered() blocks are open: `python -m spinjax` opens one, the command line another
 
 
 def _remember_and_raise(signum, frame) -> None:
@@ -27,7 +29,16 @@ def _remember_and_raise(signum, frame) -> None:
 def remembered() -> Iterator[None]:
     """Handle Ctrl-C within the block: Python's KeyboardInterrupt, and :func:`requested` true
     from then on until the block ends (a SIGINT ignored by the shell, as for ``nohup``, stays
-    ignored). The command line runs each command inside it."""
+    ignored). The command line runs each command inside it. Nested, only the outermost block
+    acts: a Ctrl-C remembered while the command line was being imported is not forgotten."""
+    global _depth
+    _depth += 1
+    if _depth > 1:
+        try:
+            yield
+        finally:
+            _depth -= 1
+        return
     previous, report = None, sys.unraisablehook
     if threading.current_thread() is threading.main_thread():
         if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
@@ -42,10 +53,17 @@ def remembered() -> Iterator[None]:
     try:
         yield
     finally:
+        _depth -= 1
         _requested.clear()
         sys.unraisablehook = report
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def exit_interrupted(detail: str = "") -> NoReturn:
+    """Say "interrupted" (and why) on stderr and exit 130, as a shell does for SIGINT."""
+    print(f"interrupted{': ' + detail if detail else ''}", file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 def requested() -> bool:

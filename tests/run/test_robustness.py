@@ -34,6 +34,7 @@ from safetensors.numpy import load_file, save_file
 from spinjax import store as store_mod
 from spinjax.cli import main
 from spinjax.errors import InputError
+from spinjax.run import interrupt
 from spinjax.run.options import RunOptions
 from spinjax.run.pipeline import run
 from spinjax.store.locking import LockFile
@@ -225,6 +226,18 @@ def _interrupt_while_writing(monkeypatch, step: int, times: int) -> None:
         write_step(self, index, results)
 
     monkeypatch.setattr(store_mod.ModelGroup, "write_step", interrupted)
+
+
+def test_a_ctrl_c_remembered_before_the_command_line_is_not_forgotten():
+    """`python -m spinjax` remembers Ctrl-C before it imports the command line, which opens a
+    second block: a Ctrl-C swallowed in between (a GC callback) still stops the command."""
+    with interrupt.remembered():
+        handler = signal.getsignal(signal.SIGINT)
+        interrupt._requested.set()  # what the handler does when its KeyboardInterrupt is swallowed
+        with interrupt.remembered():
+            assert interrupt.requested() and signal.getsignal(signal.SIGINT) is handler
+        assert interrupt.requested() and signal.getsignal(signal.SIGINT) is handler
+    assert not interrupt.requested()
 
 
 @pytest.mark.slow
