@@ -24,22 +24,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
-import ml_dtypes
+import ml_dtypes  # noqa: F401 - numpy knows bfloat16 and float8 by name once it is imported
 import numpy as np
 from huggingface_hub import constants
 
 from ..errors import InputError
 from .fetch import Fetcher, RemoteFile
+from .hf import SAFETENSORS_DTYPES
 from .qkcache import QKCache, RowSet
 from .ranges import ByteSource, Placement, Span, covers, merge, row_runs, split
 from .torchbin import TorchBinFile
-
-SAFETENSORS_DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-}  # fmt: skip
 
 
 def safetensors_placements(source: ByteSource) -> dict[str, Placement]:
@@ -58,7 +52,7 @@ def safetensors_placements(source: ByteSource) -> dict[str, Placement]:
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])  # ml_dtypes names bfloat16, float8
             shape = tuple(int(s) for s in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
             stride = tuple(int(np.prod(shape[i + 1 :], dtype=np.int64)) for i in range(len(shape)))

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import struct
+
 import ml_dtypes
 import numpy as np
 import pytest
 from conftest import FIXTURES_ROOT
 
 from spinjax.errors import InputError
-from spinjax.sources.hf import HFCheckpoint
+from spinjax.sources.hf import SAFETENSORS_DTYPES, HFCheckpoint
 from spinjax.sources.layouts import VARIANTS, layout_for
-from spinjax.sources.ranges import Placement, merge, row_runs, split, union
+from spinjax.sources.ranges import LocalFile, Placement, merge, row_runs, split, union
+from spinjax.sources.remote import safetensors_placements
 
 
 def test_merge_joins_the_smallest_gaps_within_the_budget():
@@ -103,3 +107,21 @@ def test_reads_name_exactly_the_rows_extract_indexes(arch, variant, ov):
         for key, name in keys.items():
             rows = checkpoint.tensor(name).shape[0]
             assert row_runs(seen[key], rows) == row_runs(reads[name], rows), (key, seen[key], reads[name])
+
+
+def test_ranged_header_reads_every_dtype_the_local_reader_lists(tmp_path):
+    """The byte-range reader of a safetensors header knows every dtype the local reader does
+    (one table: a U32 tensor was "not a readable safetensors header" when it had its own copy)."""
+    header, offset = {}, 0
+    for i, code in enumerate(sorted(SAFETENSORS_DTYPES)):
+        size = np.dtype(SAFETENSORS_DTYPES[code]).itemsize * 6
+        header[f"t{i}"] = {"dtype": code, "shape": [2, 3], "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    path = tmp_path / "all.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(offset))
+    placements = safetensors_placements(LocalFile(path))
+    assert sorted(placements) == sorted(header)
+    for name, info in header.items():
+        assert placements[name].dtype == np.dtype(SAFETENSORS_DTYPES[info["dtype"]]), info["dtype"]
+        assert placements[name].shape == (2, 3)
