@@ -169,6 +169,10 @@ class WeightsFile(Protocol):
         """A handle on tensor ``name`` (a key of the file)."""
         ...
 
+    def infos(self) -> list[TensorInfo]:
+        """Every tensor as the file's header describes it; no data read."""
+        ...
+
     def prefetch(self, requests: Mapping[str, Sequence[slice]], priority: tuple = (0,)) -> None:
         """These rows of these tensors will be read soon (lowest ``priority`` first)."""
         ...

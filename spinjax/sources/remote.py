@@ -29,6 +29,7 @@ import numpy as np
 from huggingface_hub import constants
 
 from ..errors import InputError
+from .base import TensorInfo
 from .fetch import Fetcher, RemoteFile
 from .hf import SAFETENSORS_DTYPES
 from .qkcache import QKCache, RowSet
@@ -182,6 +183,16 @@ class RangedWeights:
     def tensor(self, name: str) -> RangedTensor:
         dtype, shape = self._table[name]
         return RangedTensor(self, name, dtype, shape)
+
+    def infos(self) -> list[TensorInfo]:
+        """Every tensor from the header; for a ``.bin`` the storage it lies on too, which tells
+        tied tensors apart (its pickle is read by ranges for that when the table came from the
+        Q/K cache; offline such a table lists no storages)."""
+        if self.fmt == "bin" and self._torchbin is None and self.remote is not None:
+            self._parse()
+        tb = self._torchbin
+        return [TensorInfo(name, shape, dtype, None if tb is None else f"{self.path}/{tb.storage(name)}")
+                for name, (dtype, shape) in self._table.items()]  # fmt: skip
 
     def prefetch(self, requests: Mapping[str, Sequence[slice]], priority: tuple = (0,)) -> None:
         """Start fetching these rows of these tensors (those not held, cached or on their way)."""

@@ -24,7 +24,7 @@ import pytest
 import zarr
 from hubfixtures import gpt2_config, gpt2_state, hf_files, neox_config, neox_state, write_dir
 from hubserver import FakeHub
-from huggingface_hub import constants
+from huggingface_hub import constants, hf_api
 
 from spinjax.errors import InputError
 from spinjax.run import pipeline, reader
@@ -412,3 +412,18 @@ def test_rows_are_dropped_from_memory_once_handed_out(hub, checkpoints):
         (weights,) = opened.checkpoint._files.values()
         assert weights._rows == {}
     assert len(_cdn(hub)) > 0 and all(s.of("main") for s in _cdn(hub))
+
+
+@pytest.mark.parametrize("name", ["bin", "bin-sharded", "st-sharded"])
+def test_tensors_listed_over_the_hub_are_those_of_the_files(hub, checkpoints, tmp_path, monkeypatch, name):
+    """`spinjax inventory` of a hub repo: a repo of ``.bin`` files only is listed from their
+    pickles read by ranges (no weight file downloaded), as a local copy of the files is."""
+    monkeypatch.setattr(hf_api.api, "endpoint", hub.endpoint)  # set when huggingface_hub was imported
+    hub.add("org/m", "main", checkpoints[name])
+    over_hub = reader.open_step(reader.variant_source("org/m"), -1).checkpoint.tensor_infos()
+    directory = write_dir(checkpoints[name], tmp_path / "local")
+    on_disk = reader.open_step(reader.variant_source(str(directory)), -1).checkpoint.tensor_infos()
+    key = lambda info: (info.name, info.shape, info.dtype)  # noqa: E731
+    assert sorted(map(key, over_hub)) == sorted(map(key, on_disk)) and len(on_disk) > 3 * LAYERS
+    if name.startswith("bin"):  # each tensor on its own storage: none is taken for a tied one
+        assert len({i.storage for i in over_hub}) == len(over_hub)
