@@ -14,6 +14,7 @@ from pathlib import Path
 
 import zarr
 
+from .root import committed_shapes
 from .schema import BASELINE_GROUP, META_DIR
 
 
@@ -39,7 +40,7 @@ def find_damage(path: str | Path) -> str | None:
     for group_path, _ in found:
         # each array's own metadata, not the group's consolidated copy of it
         group = zarr.open_group(str(path), path=group_path, mode="r", zarr_format=3, use_consolidated=False)
-        committed = _committed_shapes(path / group_path)
+        committed = committed_shapes(path / group_path)
         for name, array in group.arrays():
             where = f"{group_path}/{name}"
             if name in committed and tuple(committed[name]) != array.shape:
@@ -48,12 +49,13 @@ def find_damage(path: str | Path) -> str | None:
                     f"{group_path} says {tuple(committed[name])}; "
                     f"{_repair_hint(path, Path(where))}"
                 )
-            for index in range(array.shape[0] if array.ndim else 1):
+            rows = array.chunks[0] if array.ndim else 1  # one read a row of chunks: each decoded once
+            for start in range(0, array.shape[0] if array.ndim else 1, rows):
                 try:
-                    array[index] if array.ndim else array[()]
+                    array[start : start + rows] if array.ndim else array[()]
                 except Exception as exc:  # noqa: BLE001 - any codec or I/O failure is the damage
-                    chunk = path / where / "c" / str(index)
-                    step = _step_at(group, array, index)
+                    chunk = path / where / "c" / str(start // rows)
+                    step = _step_at(group, array, start) if rows == 1 else None
                     return (
                         f"{chunk}: chunk of {where} cannot be read ({exc}); "
                         f"{_repair_hint(path, Path(where), group.attrs.get('source'), step)}"
@@ -69,14 +71,6 @@ def _groups(root: zarr.Group):
                 yield f"{key}/{name}", null
         else:
             yield key, group
-
-
-def _committed_shapes(group_dir: Path) -> dict[str, list[int]]:
-    try:
-        meta = json.loads((group_dir / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    return {name: m["shape"] for name, m in meta.items() if isinstance(m, dict) and "shape" in m}
 
 
 def _step_at(group: zarr.Group, array: zarr.Array, index: int) -> int | None:

@@ -10,7 +10,6 @@ outside the store's lock (each step is its own chunks); everything else under it
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,7 +21,17 @@ import zarr
 from ..errors import InputError
 from ..kernels import bins
 from ..version import __version__
-from .root import COMPRESSORS, build_aside, commit_group, consolidate, model_keys, open_store, reopen, store_path
+from .root import (
+    COMPRESSORS,
+    build_aside,
+    commit_group,
+    committed_shapes,
+    consolidate,
+    model_keys,
+    open_store,
+    reopen,
+    store_path,
+)
 from .schema import BASE_DIMS, BASELINE_GROUP, MATRICES, VARIABLES, VariableSpec, check_group_key
 
 SHAPE_ATTRS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head")
@@ -47,9 +56,8 @@ def step_done(path: str | Path, key: str, step: int) -> bool:
 def _committed_length(root: zarr.Group, key: str) -> int | None:
     """Steps of ``key`` in its group's consolidated metadata (the last commit), if recorded."""
     try:
-        meta = json.loads((store_path(root) / key / "zarr.json").read_text())
-        return int(meta["consolidated_metadata"]["metadata"]["step"]["shape"][0])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(committed_shapes(store_path(root) / key)["step"][0])
+    except (KeyError, IndexError, TypeError, ValueError):
         return None
 
 

@@ -11,6 +11,7 @@ metadata (xarray's default) always see a consistent store.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -119,6 +120,17 @@ def open_store(
 def store_path(root: zarr.Group) -> Path:
     """The directory of an opened store."""
     return Path(str(root.store.root))
+
+
+def committed_shapes(group_dir: Path) -> dict[str, list[int]]:
+    """Each array's shape in a group's consolidated metadata (its last commit); {} if unreadable."""
+    try:
+        meta = json.loads((group_dir / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if not isinstance(meta, dict):
+        return {}
+    return {name: m["shape"] for name, m in meta.items() if isinstance(m, dict) and "shape" in m}
 
 
 def reopen(root: zarr.Group) -> zarr.Group:

@@ -8,10 +8,12 @@ import json
 import shutil
 
 import pytest
+import zarr
 from click.testing import CliRunner
 from conftest import NEOX
 
 from spinjax.cli import main
+from spinjax.run import run_baseline
 from spinjax.store.check import find_damage
 
 KEY = "gpt_neox"
@@ -78,3 +80,30 @@ def test_metadata_that_disagree_with_the_commit_are_named(damaged):
     meta_path.write_text(json.dumps(meta))
     damage = find_damage(damaged)
     assert damage is not None and str(damaged / KEY / "kurt") in damage and "(3," in damage
+
+
+def test_a_damaged_null_chunk_is_named_and_each_chunk_read_once(tmp_path, monkeypatch):
+    """A null ensemble's arrays hold many samples a chunk: the scan reads each chunk once and
+    names the chunk file, with the null's own repair."""
+    path = tmp_path / "null.zarr"
+    run_baseline(8, 2, store_path=path, samples=12)
+    kurt = zarr.open_group(str(path), mode="r")["baseline/8x2/kurt"]
+    assert kurt.chunks[0] == 12  # one chunk of all the samples
+    reads = []
+    monkeypatch.setattr(zarr.Array, "__getitem__", _counting(zarr.Array.__getitem__, reads))
+    assert find_damage(path) is None
+    assert reads.count("baseline/8x2/kurt") == 1
+    monkeypatch.undo()
+    (chunk,) = [p for p in (path / "baseline" / "8x2" / "kurt" / "c").rglob("*") if p.is_file()]
+    chunk.write_bytes(b"")
+    damage = find_damage(path)
+    assert damage.startswith(f"{path / 'baseline' / '8x2' / 'kurt' / 'c' / '0'}: chunk of baseline/8x2/kurt")
+    assert f"spinjax baseline --d 8 --d-head 2 --store {path} --recompute" in damage
+
+
+def _counting(getitem, reads):
+    def counted(self, selection):
+        reads.append(self.path)
+        return getitem(self, selection)
+
+    return counted
