@@ -88,7 +88,9 @@ def write_baseline(
     n_sv = stats["singular_values"].shape[-1]
     with locked(store_path) as root:
         if BASELINE_GROUP in root and "step" in root[BASELINE_GROUP]:
-            raise InputError(f"{store_path}: group {BASELINE_GROUP!r} is a model's, not a baseline store group")
+            raise InputError(
+                f"{store_path}: group {BASELINE_GROUP!r} is a model's, not a baseline store group"
+            )
         existing = dict(root[key].attrs) if key in root else None
         if holds_same(existing, want, key, recompute):
             return False

@@ -366,4 +366,6 @@ def summary(path: str | Path) -> dict[str, Any]:
             size = sum(f.stat().st_size for f in (Path(path) / key).rglob("*") if f.is_file())
             baselines[key] = {k: null.attrs.get(k) for k in ("d", "d_head", "sigma", "samples", "seed")}
             baselines[key]["bytes"] = size
-    return {"schema": meta["schema"], "version": meta.get("version"), "models": models, "baselines": baselines}
+    return {
+        "schema": meta["schema"], "version": meta.get("version"), "models": models, "baselines": baselines,
+    }  # fmt: skip

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
+from conftest import FIXTURES_ROOT
 from safetensors.numpy import load_file
 
 import spinjax
-from conftest import FIXTURES_ROOT
 from spinjax import store as store_mod
 from spinjax.errors import InputError
 from spinjax.kernels import block_entries_cap, block_rows_for_budget, layer_statistics
@@ -111,8 +111,8 @@ def test_model_group_attributes(neox_store):
 
 def test_every_variable_has_spec_dims_dtype_chunks_and_compression(neox_store):
     g = _group(neox_store)
-    sizes = {"step": 1, "layer": N_LAYERS, "head": N_HEADS, "matrix": 3, "sv": D_HEAD, "eig": D_HEAD, "zbin": NZ,
-             "bin": g["bin"].shape[0]}  # fmt: skip
+    sizes = {"step": 1, "layer": N_LAYERS, "head": N_HEADS, "matrix": 3, "sv": D_HEAD, "eig": D_HEAD,
+             "zbin": NZ, "bin": g["bin"].shape[0]}  # fmt: skip
     for name, (dims, dtype) in DATA.items():
         arr = g[name]
         assert arr.metadata.zarr_format == 3, name
