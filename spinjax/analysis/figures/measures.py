@@ -7,18 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import matplotlib
 import numpy as np
 import xarray as xr
-from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from ...errors import InputError
-
-
-def _figure(width: float, height: float) -> Figure:
-    return Figure(figsize=(width, height), layout="constrained")
+from .common import cmap, mappable, new_figure
 
 
 def _need(ds: xr.Dataset, names: tuple[str, ...], key: str) -> None:
@@ -37,11 +32,11 @@ def _circuit(sel: Any) -> str:
 
 
 def _head_colours(n_heads: int):
-    cmap = matplotlib.colormaps["tab10" if n_heads <= 10 else "tab20" if n_heads <= 20 else "viridis"]
+    colours = cmap("tab10" if n_heads <= 10 else "tab20" if n_heads <= 20 else "viridis")
     if n_heads <= 20:
-        return [cmap(h % cmap.N) for h in range(n_heads)], None
+        return [colours(h % colours.N) for h in range(n_heads)], None
     norm = Normalize(0, n_heads - 1)
-    return [cmap(norm(h)) for h in range(n_heads)], (cmap, norm)
+    return [colours(norm(h)) for h in range(n_heads)], (colours, norm)
 
 
 def fig_eig_plane(sel: Any) -> Figure:
@@ -53,7 +48,7 @@ def fig_eig_plane(sel: Any) -> Figure:
     n_layers, n_heads = re.shape[:2]
     cols = min(n_layers, 6)
     rows = -(-n_layers // cols)
-    fig = _figure(2.9 * cols + 1.2, 3.0 * rows + 1.0)  # room for the titles above square panels
+    fig = new_figure(2.9 * cols + 1.2, 3.0 * rows + 1.0)  # room for the titles above square panels
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     colours, scale = _head_colours(n_heads)
     for layer, ax in enumerate(axes):
@@ -80,7 +75,7 @@ def fig_eig_plane(sel: Any) -> Figure:
     if scale is None:
         fig.legend(loc="outside right center", fontsize="x-small", markerscale=1.5)
     else:
-        fig.colorbar(ScalarMappable(norm=scale[1], cmap=scale[0]), ax=axes.tolist(), label="head", shrink=0.6)
+        fig.colorbar(mappable(scale[0], scale[1]), ax=axes.tolist(), label="head", shrink=0.6)
     matrix = "W_OV" if circuit == "ov" else "W_QK"
     fig.suptitle(f"{sel.key}, step {sel.step}: eigenvalues of {matrix}")
     caption = "Re λ > 0: a direction matched with itself; Im λ ≠ 0: a rotation in a plane"
@@ -88,9 +83,9 @@ def fig_eig_plane(sel: Any) -> Figure:
     return fig
 
 
-def _heatmap(ax, values: np.ndarray, *, cmap: str, norm, label: str, fig: Figure, annotate: str) -> None:
+def _heatmap(ax, values: np.ndarray, *, scale: str, norm, label: str, fig: Figure, annotate: str) -> None:
     n_layers, n_heads = values.shape
-    colours = matplotlib.colormaps[cmap]
+    colours = cmap(scale)
     im = ax.imshow(values, aspect="auto", interpolation="nearest", cmap=colours, norm=norm)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
@@ -113,11 +108,11 @@ def fig_eig_positivity(sel: Any) -> Figure:
     _need(sel.model(), names, sel.key)
     d = sel.at.transpose("layer", "head", ...)
     n_layers, n_heads = d.sizes["layer"], d.sizes["head"]
-    fig = _figure(min(18, 2 * (3 + 0.45 * n_heads)), min(12, 2.2 + 0.35 * n_layers))
+    fig = new_figure(min(18, 2 * (3 + 0.45 * n_heads)), min(12, 2.2 + 0.35 * n_layers))
     ax0, ax1 = fig.subplots(1, 2)
-    _heatmap(ax0, d[names[0]].values, cmap="RdBu_r", norm=Normalize(-1, 1),
+    _heatmap(ax0, d[names[0]].values, scale="RdBu_r", norm=Normalize(-1, 1),
              label="sum Re λ / sum |λ|", fig=fig, annotate=".2f")  # fmt: skip
-    _heatmap(ax1, d[names[1]].values, cmap="magma", norm=Normalize(0, 1),
+    _heatmap(ax1, d[names[1]].values, scale="magma", norm=Normalize(0, 1),
              label="‖(W + Wᵀ)/2‖² / ‖W‖²", fig=fig, annotate=".2f")  # fmt: skip
     matrix = "W_OV" if circuit == "ov" else "W_QK"
     ax0.set_title(f"eigenvalue positivity of {matrix}")
@@ -131,11 +126,11 @@ def fig_ks_normal(sel: Any) -> Figure:
     _need(sel.model(), ("ks_normal",), sel.key)
     values = sel.at["ks_normal"].sel(matrix=sel.matrix).transpose("layer", "head").values
     n_layers, n_heads = values.shape
-    fig = _figure(min(14, max(6.5, 3 + 0.45 * n_heads)), min(12, 2.6 + 0.35 * n_layers))  # the title fits
+    fig = new_figure(min(14, max(6.5, 3 + 0.45 * n_heads)), min(12, 2.6 + 0.35 * n_layers))  # the title fits
     ax = fig.subplots()
     finite = values[np.isfinite(values)]
     top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-    _heatmap(ax, values, cmap="viridis", norm=Normalize(0, top), label="sup |F_n − Φ|", fig=fig,
+    _heatmap(ax, values, scale="viridis", norm=Normalize(0, top), label="sup |F_n − Φ|", fig=fig,
              annotate=".3f")  # fmt: skip
     title = f"{sel.key}, step {sel.step}: {sel.matrix}'s KS distance from the normal"
     fig.suptitle(f"{title}\n(exact within 5e-4)")
