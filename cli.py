@@ -731,6 +731,7 @@ def baseline(
     --sigma describes every scale (the figures and `run --null` rescale)."""
     with _errors(debug, store_path):
         from spinjax.run import run_baseline
+        from spinjax.run.baseline import check_args
         from spinjax.run.features import rescore_dependents
 
         try:
@@ -740,8 +741,7 @@ def baseline(
         if not d_heads or min(d_heads) < 1:
             raise InputError(f"--d-head values must be at least 1, got {d_head!r}")
         for dh in d_heads:  # every value checked before anything is computed
-            if dh > d_model:
-                raise InputError(f"need 1 <= d_head <= d, got d={d_model}, d_head={dh}")
+            check_args(d_model, dh, sigma, samples, seed)
         for dh in d_heads:
             result = run_baseline(d_model, dh, store_path=store_path, sigma=sigma, samples=samples,
                                   seed=seed, recompute=recompute, memory_budget=memory_budget)  # fmt: skip
