@@ -48,7 +48,6 @@ class Interrupted(KeyboardInterrupt):
 def _existing_group(options: RunOptions, key: str) -> ModelGroup | None:
     """The model group ``key`` of an existing store (its schema checked), or None."""
     if not (options.store / "zarr.json").exists():
-        check_can_hold(options.store)  # a file or a foreign folder is refused before any work
         return None
     root = open_store(options.store)
     return ModelGroup(root, key) if key in root else None
