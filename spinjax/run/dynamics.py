@@ -194,8 +194,10 @@ def _overlap_pass(source, variant, group: store.ModelGroup, result: DynamicsResu
     progress.on_plan(len(reads), int(group.group.attrs["n_layers"]))
     previous: tuple[int, list] | None = None
 
+    revisions = group.group["revision"][:]  # what the run read: the source's list may have changed since
+
     def open_checked(step: int):
-        opened = open_step(source, step, variant)
+        opened = open_step(source, step, variant, revision=str(revisions[index[step]]))
         group.check_holds(opened.geometry.attrs(), opened.layout.architecture, group.matrices)
         return opened
 

@@ -103,20 +103,22 @@ def variant_source(model: str, variant: str = "raw", fetch: FetchOptions | None 
     return source
 
 
-def open_step(source: Source, step: int, variant: str = "raw", ov: bool = False) -> OpenedStep:
+def open_step(
+    source: Source, step: int, variant: str = "raw", ov: bool = False, revision: str | None = None
+) -> OpenedStep:
     """Open one step with every tensor its layers will read (for hub sources: the files'
     headers read, or the files downloaded), so a missing tensor is reported before any compute;
-    the first layers' rows are asked for. A hub file that changes meanwhile is opened again."""
+    the first layers' rows are asked for. A hub file that changes meanwhile is opened again.
+    ``revision``: the one a store recorded for the step (default: the source's for it now)."""
     for attempt in itertools.count():
         try:
-            return _open_step(source, step, variant, ov)
+            return _open_step(source, step, variant, ov, revision or source.revision(step))
         except FileChanged:
             if attempt >= RESTARTS:
                 raise
 
 
-def _open_step(source: Source, step: int, variant: str, ov: bool) -> OpenedStep:
-    revision = source.revision(step)
+def _open_step(source: Source, step: int, variant: str, ov: bool, revision: str) -> OpenedStep:
     checkpoint = source.open(step, revision)
     where = f"{source.source} ({revision})"
     layout = layout_for(checkpoint.config, where)

@@ -404,3 +404,26 @@ def test_dynamics_of_a_variant_group_with_ov(tiny_pythia, tmp_path):
     assert np.isfinite(overlap).all() and (overlap <= 1 + 1e-5).all() and overlap.max() > 0.5
     with pytest.raises(InputError, match="no group 'tiny-pythia'"):
         compute_dynamics("tiny-pythia", path)
+
+
+@pytest.mark.slow
+def test_dynamics_reads_the_revisions_the_run_recorded(tiny_pythia, tmp_path, monkeypatch):
+    """A step's overlaps come from the checkpoint the run read (the group's ``revision``), not
+    from what the source offers for that step now (a hub branch may have moved since)."""
+    from spinjax.run import dynamics
+    from spinjax.run.options import RunOptions
+    from spinjax.run.pipeline import run
+
+    path = tmp_path / "s.zarr"
+    run("tiny-pythia", RunOptions(steps="0,4", store=path, pairs="none"))
+    group = zarr.open_group(str(path), mode="r")["tiny-pythia"]
+    recorded = {int(s): str(r) for s, r in zip(group["step"][:], group["revision"][:], strict=True)}
+    asked, opener = [], dynamics.open_step
+
+    def spy(source, step, variant="raw", ov=False, revision=None):
+        asked.append((step, revision))
+        return opener(source, step, variant, ov, revision)
+
+    monkeypatch.setattr(dynamics, "open_step", spy)
+    dynamics.compute_dynamics("tiny-pythia", path, top_k=4)
+    assert asked == [(0, recorded[0]), (4, recorded[4])]
