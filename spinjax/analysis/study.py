@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,9 +34,9 @@ import xarray as xr
 import zarr
 
 from ..errors import InputError
+from ..store.schema import BASELINE_GROUP
 from .rmt import study_scale
 
-BASELINE_GROUP = "baseline"
 DERIVED = ("entropy_residual_mm", "kl_fit_mm", "fit_excess", "lambda_1")
 """Statistics :func:`statistic` derives from stored ones (besides the stored variables)."""
 ESTIMATORS = ("mm", "plugin")
@@ -122,10 +123,30 @@ def stat_label(name: str, estimator: str = "mm") -> str:
 
 
 def open_baselines(store: str | Path) -> dict[str, xr.Dataset]:
-    """Every ``baseline/<d>x<dh>`` group of a store, keyed ``"<d>x<dh>"``, by (d, d_head)."""
+    """Every ``baseline/<d>x<dh>`` group of a store, keyed ``"<d>x<dh>"``, by (d, d_head).
+
+    Opened once while the groups stay the same (a figure, a report and their checks ask many
+    times; opening them costs ~0.2 s): a null written or recomputed since is a new group, with
+    a new ``zarr.json``, and is opened afresh."""
     path = Path(store)
     if not (path / "zarr.json").is_file():
         raise InputError(f"{path}: not a Zarr store (no zarr.json)")
+    try:
+        groups = [(m.parent.name, (st := m.stat()).st_ino, st.st_mtime_ns)
+                  for m in (path / BASELINE_GROUP).glob("*/zarr.json")]  # fmt: skip
+    except OSError:
+        groups = None  # changing under us: no reuse
+    if groups is None:
+        return _open_baselines(path)
+    return dict(_open_baselines_at(str(path.resolve()), tuple(sorted(groups))))
+
+
+@functools.lru_cache(maxsize=8)
+def _open_baselines_at(path: str, groups: tuple) -> dict[str, xr.Dataset]:
+    return _open_baselines(Path(path))
+
+
+def _open_baselines(path: Path) -> dict[str, xr.Dataset]:
     root = zarr.open_group(str(path), mode="r", zarr_format=3)
     if BASELINE_GROUP not in root:
         return {}

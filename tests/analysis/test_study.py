@@ -13,6 +13,7 @@ from scipy import integrate
 
 from spinjax.analysis import headmaps, rmt, study
 from spinjax.errors import InputError
+from spinjax.run import run_baseline
 
 TP = "tiny-pythia"
 
@@ -309,3 +310,16 @@ def test_trajectory_map(study_ds):
     np.testing.assert_array_equal(np.sort(nb, 1), np.sort(np.argsort(dist, 1)[:, :5], 1))
     b = headmaps.trajectory_map(study_ds)
     np.testing.assert_array_equal(a[["x", "y"]].values, b[["x", "y"]].values)  # reproducible
+
+
+def test_null_ensembles_are_opened_again_only_when_they_change(tmp_path):
+    path = tmp_path / "nulls.zarr"
+    run_baseline(8, 2, store_path=path, samples=4)
+    first = study.open_baselines(path)
+    assert list(first) == ["8x2"] and study.open_baselines(path)["8x2"] is first["8x2"]  # reused
+    run_baseline(8, 4, store_path=path, samples=4)
+    assert list(study.open_baselines(path)) == ["8x2", "8x4"]  # a new group is seen
+    std = first["8x2"]["std"].values
+    run_baseline(8, 2, store_path=path, samples=4, seed=1, recompute=True)
+    again = study.open_baselines(path)["8x2"]
+    assert again is not first["8x2"] and not np.array_equal(again["std"].values, std)  # a recomputed one too
