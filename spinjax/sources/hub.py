@@ -161,7 +161,7 @@ class HubFiles:
             folder = session.cache.latest(self.repo, self._commit(), name) if session.cache else None
             if folder is None:
                 raise FileNotFoundError(session.unreachable(name))
-            return RangedWeights(label, fmt, None, None, session.cache, folder)
+            return RangedWeights(label, fmt, None, session.cache, folder)
         meta = self._meta(name)
         if meta is None:
             raise FileNotFoundError(f"file {name!r} is not on the hub")
@@ -169,7 +169,7 @@ class HubFiles:
         remote = RemoteFile(url, meta, build_hf_headers(**_LIBRARY), label, session.fetcher)
         cache = session.cache
         folder = cache.folder(self.repo, self._commit(), name, remote.etag) if cache is not None else None
-        return RangedWeights(label, fmt, remote, session.fetcher, cache, folder)
+        return RangedWeights(label, fmt, remote, cache, folder)
 
     def _commit(self) -> str:
         return self.commit or self.revision

@@ -30,7 +30,7 @@ from huggingface_hub import constants
 
 from ..errors import InputError
 from .base import TensorInfo
-from .fetch import Fetcher, RemoteFile
+from .fetch import RemoteFile
 from .hf import SAFETENSORS_DTYPES
 from .qkcache import QKCache, RowSet
 from .ranges import ByteSource, Placement, Span, covers, merge, row_runs, split
@@ -134,10 +134,9 @@ class RangedWeights:
     """
 
     def __init__(
-        self, label: str, fmt: str, remote: RemoteFile | None, fetcher: Fetcher | None,
-        cache: QKCache | None, folder: Path | None,
+        self, label: str, fmt: str, remote: RemoteFile | None, cache: QKCache | None, folder: Path | None,
     ):  # fmt: skip
-        self.path, self.fmt, self.remote, self.fetcher = label, fmt, remote, fetcher
+        self.path, self.fmt, self.remote = label, fmt, remote
         self.cache, self.folder = cache, folder
         self._lock = threading.Lock()
         self._rows: dict[str, _Pending] = {}
@@ -223,7 +222,7 @@ class RangedWeights:
                 buffer = bytearray(span[1] - span[0])
                 view = memoryview(buffer)
                 parts = [
-                    self.fetcher.submit(self.remote, a, b, view[a - span[0] : b - span[0]], priority)
+                    self.remote.fetcher.submit(self.remote, a, b, view[a - span[0] : b - span[0]], priority)
                     for a, b in split(span)
                 ]
                 reads.append(_Read(span, buffer, parts))
@@ -235,11 +234,10 @@ class RangedWeights:
     def rows(self, name: str, rows: slice) -> np.ndarray:
         """Rows ``rows`` of tensor ``name`` (fetched now if nothing asked for them before)."""
         dtype, shape = self._table[name]
-        start, stop, step = rows.indices(shape[0] if shape else 1)
-        if step != 1:
-            raise InputError(f"{self.path}: {name}: rows {rows} are not consecutive")
-        if stop <= start:
+        runs = row_runs([rows], shape[0] if shape else 1, f"{self.path}: {name}")
+        if not runs:
             return np.empty((0, *shape[1:]), np.dtype(dtype))
+        ((start, stop),) = runs
         with self._lock:
             pending = self._rows.get(name)
         if pending is None or not pending.covers([(start, stop)]):
